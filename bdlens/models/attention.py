@@ -42,30 +42,30 @@ def bias_table_rows(window: tuple[int, int, int]) -> int:
     return wz**2 * wh**2 * (2 * ww - 1)
 
 
-def shift_mask(
-    padded: tuple[int, int],
-    window: tuple[int, int, int],
-    device: torch.device | str | None = None,
-) -> Tensor:
-    """Additive mask of a shifted block, shape (nTypes, N, N): 0 for allowed pairs, −100 for masked.
+def shift_regions(padded: tuple[int, int], window: tuple[int, int, int], device: torch.device | str | None = None) -> Tensor:
+    """Region label 0..8 of every rolled (pressure, latitude) token of a shifted block, shape (Zp, Hp).
 
     ``padded`` is the (pressure, latitude) token count after padding to whole windows. The input was
     rolled by −(wz//2, wh//2) there, so the last window of each axis holds tokens from both ends;
-    the plane splits into 3×3 regions and pairs from different regions are masked. Longitude does
-    not enter: tokens rolled across the dateline are true neighbours, so the mask is the same for
-    every longitude window.
+    each axis splits into 3 parts (untouched windows, the tail of the last window, the part that
+    wrapped around from the start) and the plane into 3×3 regions.
+    """
+    labels = []
+    for size, win in zip(padded, window[:2], strict=True):
+        position = torch.arange(size, device=device)
+        labels.append((position >= size - win).long() + (position >= size - win // 2).long())
+    return labels[0][:, None] * 3 + labels[1][None, :]
+
+
+def shift_mask(padded: tuple[int, int], window: tuple[int, int, int], device: torch.device | str | None = None) -> Tensor:
+    """Additive mask of a shifted block, shape (nTypes, N, N): 0 for allowed pairs, −100 for pairs
+    from different :func:`shift_regions`.
+
+    Longitude does not enter: tokens rolled across the dateline are true neighbours, so the mask is
+    the same for every longitude window (they share the batch axis).
     """
     (zp, hp), (wz, wh, ww) = padded, window
-    labels = []
-    for size, win in ((zp, wz), (hp, wh)):
-        shift = win // 2
-        # Region 0: windows never touched by the roll; 1: the tail of the last window; 2: the part
-        # that wrapped around from the start of the axis.
-        axis = torch.zeros(size, dtype=torch.long, device=device)
-        axis = torch.where(torch.arange(size, device=device) >= size - win, 1, axis)
-        axis = torch.where(torch.arange(size, device=device) >= size - shift, 2, axis)
-        labels.append(axis)
-    region = labels[0][:, None] * 3 + labels[1][None, :]  # (zp, hp)
+    region = shift_regions(padded, window, device)
     region = region.reshape(zp // wz, wz, hp // wh, wh).permute(0, 2, 1, 3).reshape(-1, wz * wh)
     region = region[:, :, None].expand(-1, -1, ww).reshape(region.shape[0], -1)  # (nTypes, N)
     different = region[:, :, None] != region[:, None, :]

@@ -1,0 +1,198 @@
+"""The 3DEST end to end: shapes, padding/cropping, longitude equivariance, vmap, autocast, checkpointing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call, stack_module_state, vmap
+
+from bdlens.errors import BdlensError
+from bdlens.models import EarthSpecificTransformer, ModelConfig, count_parameters
+from bdlens.models.layers import PatchMerging, PatchRecovery, PatchUpsample
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def tiny_config(**overrides) -> ModelConfig:
+    """A few-thousand-parameter 3DEST on a 32×12 grid with 4 levels (padding in pressure)."""
+    settings = dict(
+        upper_variables=["geopotential", "temperature"],
+        levels=[250, 500, 850, 925],
+        surface_variables=["mean_sea_level_pressure", "2m_temperature", "10m_u_component_of_wind"],
+        nlat=12, nlon=32, n_input_times=2, embed_dim=8, depths=[2, 2, 2, 2], heads=[2, 2, 2, 2],
+        window=[2, 2, 4], patch=[2, 2, 2], mlp_ratio=2.0,
+    )
+    return ModelConfig.from_dict(settings | overrides)
+
+
+def inputs(config: ModelConfig, batch: int = 1, dtype=torch.float32, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    upper = torch.randn(batch, config.n_input_times, config.n_upper, config.n_levels, config.nlat, config.nlon, generator=g, dtype=dtype)
+    surface = torch.randn(batch, config.n_input_times, config.n_surface, config.nlat, config.nlon, generator=g, dtype=dtype)
+    constants = torch.randn(len(config.constants), config.nlat, config.nlon, generator=g, dtype=dtype) if config.constants else None
+    return upper, surface, constants
+
+
+def test_demo_config_output_shapes():
+    config = ModelConfig.from_yaml(CONFIGS / "model_demo.yaml")
+    assert (config.nlon, config.nlat, config.n_levels, config.n_input_times) == (64, 32, 8, 2)
+    torch.manual_seed(0)
+    model = EarthSpecificTransformer(config).eval()
+    with torch.no_grad():
+        upper, surface = model(*inputs(config, batch=2)[:2])
+    assert upper.shape == (2, 4, 8, 32, 64) and surface.shape == (2, 4, 32, 64)
+    assert torch.isfinite(upper).all() and torch.isfinite(surface).all()
+
+
+def test_pangu_configuration_on_meta_device():
+    config = ModelConfig.from_yaml(CONFIGS / "model_pangu.yaml")
+    assert (config.embed_dim, config.depths, config.heads) == (192, (2, 6, 6, 2), (6, 12, 12, 6))
+    assert (config.window, config.patch, config.n_input_times) == ((2, 6, 12), (2, 4, 4), 1)
+    assert config.token_shape(1) == (8, 181, 360) and config.token_shape(2) == (8, 91, 180)
+    with torch.device("meta"):
+        model = EarthSpecificTransformer(config)
+        upper, surface = model(*inputs(config))
+    assert upper.shape == (1, 5, 13, 721, 1440) and surface.shape == (1, 4, 721, 1440)
+    # Pangu-Weather's published size is about 64.2 M parameters, most in the Earth-specific bias.
+    assert 64.0e6 < count_parameters(model) < 64.4e6
+    bias = sum(block.attn.earth_bias.numel() for block in model.modules() if hasattr(block, "attn"))
+    assert bias > count_parameters(model) / 2
+
+
+@pytest.mark.parametrize("odd", [{}, {"nlat": 9, "levels": [250, 500, 850]}])
+def test_rolling_by_a_stage2_longitude_window_rolls_the_output(odd):
+    config = tiny_config(constants=["land_sea_mask"], **odd)
+    torch.manual_seed(1)
+    model = EarthSpecificTransformer(config).double().eval()
+    upper, surface, constants = inputs(config, dtype=torch.float64)
+    shift = config.window[2] * 2 * config.patch[2]  # grid points of one stage-2 window
+    with torch.no_grad():
+        ref = model(upper, surface, constants)
+        rolled = model(upper.roll(shift, -1), surface.roll(shift, -1), constants.roll(shift, -1))
+        half = model(upper.roll(shift // 2, -1), surface.roll(shift // 2, -1), constants.roll(shift // 2, -1))
+    for out, expected in zip(rolled, ref, strict=True):
+        torch.testing.assert_close(out, expected.roll(shift, -1))
+    # Half a stage-2 window shifts the stage-2 windows themselves: not an exact symmetry.
+    assert not torch.allclose(half[0], ref[0].roll(shift // 2, -1))
+
+
+def test_odd_latitudes_and_levels_pad_at_the_end_and_crop():
+    config = tiny_config(nlat=9, levels=[250, 500, 850], window=[2, 2, 4])
+    assert config.token_shape(1) == (3, 5, 16) and config.token_shape(2) == (3, 3, 8)
+    torch.manual_seed(2)
+    model = EarthSpecificTransformer(config).eval()
+    upper, surface, _ = inputs(config)
+    with torch.no_grad():
+        out_upper, out_surface = model(upper, surface)
+        # Padding goes at the end: the south-most rows of the embedding do not see it.
+        stacked_upper, stacked_surface = upper.reshape(1, 4, 3, 9, 32), surface.reshape(1, 6, 9, 32)
+        tokens = model.embed(stacked_upper, stacked_surface)
+        padded_upper = F.pad(stacked_upper, (0, 0, 0, 1, 0, 1))
+        padded_surface = F.pad(stacked_surface, (0, 0, 0, 1))
+        torch.testing.assert_close(tokens[:, 1:].permute(0, 4, 1, 2, 3), model.embed.upper(padded_upper))
+        torch.testing.assert_close(tokens[:, 0].permute(0, 3, 1, 2), model.embed.surface(padded_surface))
+    assert out_upper.shape == (1, 2, 3, 9, 32) and out_surface.shape == (1, 3, 9, 32)
+
+
+def test_patch_recovery_crops_the_end():
+    torch.manual_seed(3)
+    recovery = PatchRecovery(4, 2, 3, (2, 2, 2), (3, 9))
+    tokens = torch.randn(1, 3, 5, 4, 4)
+    upper, surface = recovery(tokens)
+    full = recovery.upper(tokens[:, 1:].permute(0, 4, 1, 2, 3))
+    torch.testing.assert_close(upper, full[:, :, :3, :9])
+    torch.testing.assert_close(surface, recovery.surface(tokens[:, 0].permute(0, 3, 1, 2))[:, :, :9])
+
+
+def test_patch_merging_and_upsample_against_explicit_gathering():
+    torch.manual_seed(4)
+    x = torch.randn(1, 2, 5, 4, 3)  # odd latitude count: merging pads one row at the end
+    merge = PatchMerging(3)
+    padded = F.pad(x, (0, 0, 0, 0, 0, 1))
+    gathered = torch.cat([padded[:, :, dh::2, dw::2] for dh in (0, 1) for dw in (0, 1)], dim=-1)
+    torch.testing.assert_close(merge(x), merge.reduction(merge.norm(gathered)))
+    up = PatchUpsample(3, nlat=5)
+    y = torch.randn(1, 2, 3, 2, 6)
+    expanded = up.expand(y)
+    shuffled = torch.empty(1, 2, 6, 4, 3)
+    for dh in (0, 1):
+        for dw in (0, 1):
+            shuffled[:, :, dh::2, dw::2] = expanded[..., (2 * dh + dw) * 3 : (2 * dh + dw + 1) * 3]
+    torch.testing.assert_close(up(y), up.linear(up.norm(shuffled[:, :, :5])))
+
+
+def test_vmap_over_stacked_parameters_equals_separate_calls():
+    config = tiny_config(n_input_times=1, residual=True)
+    models = []
+    for seed in range(3):
+        torch.manual_seed(seed)
+        models.append(EarthSpecificTransformer(config).eval())
+    params, _ = stack_module_state(models)
+    buffers = dict(models[0].named_buffers())
+    upper, surface, _ = inputs(config, batch=2)
+
+    def member(p, u, s):
+        return functional_call(models[0], (p, buffers), (u, s))
+
+    with torch.no_grad():
+        batched = vmap(member, in_dims=(0, None, None))(params, upper, surface)
+        for k, model in enumerate(models):
+            separate = model(upper, surface)
+            torch.testing.assert_close(batched[0][k], separate[0], rtol=1e-5, atol=1e-5)
+            torch.testing.assert_close(batched[1][k], separate[1], rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(batched[0][0], batched[0][1])
+
+
+def test_bf16_autocast_tracks_float32():
+    config = tiny_config()
+    torch.manual_seed(5)
+    model = EarthSpecificTransformer(config).eval()
+    upper, surface, _ = inputs(config)
+    with torch.no_grad():
+        ref = model(upper, surface)[0]
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(upper, surface)[0]
+    assert torch.isfinite(low).all()
+    assert torch.corrcoef(torch.stack([ref.flatten(), low.float().flatten()]))[0, 1] > 0.99
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    grads = []
+    for use in (False, True):
+        torch.manual_seed(6)
+        model = EarthSpecificTransformer(tiny_config(checkpoint=use)).train()
+        upper, surface, _ = inputs(model.config)
+        out = model(upper, surface)
+        (out[0].square().mean() + out[1].abs().mean()).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1])
+
+
+def test_residual_step_adds_the_increment_to_the_latest_state():
+    config = tiny_config()
+    torch.manual_seed(7)
+    plain = EarthSpecificTransformer(config).eval()
+    residual = EarthSpecificTransformer(tiny_config(residual=True)).eval()
+    residual.load_state_dict(plain.state_dict())
+    upper, surface, _ = inputs(config)
+    previous, current = (upper[:, 0], surface[:, 0]), (upper[:, 1], surface[:, 1])
+    with torch.no_grad():
+        increment = plain(upper, surface)
+        stepped = residual.step(previous, current)
+    torch.testing.assert_close(stepped[0], current[0] + increment[0])
+    torch.testing.assert_close(stepped[1], current[1] + increment[1])
+    with pytest.raises(BdlensError, match="two input times"):
+        residual.step(None, current)
+
+
+def test_wrong_input_shapes_are_clear_errors():
+    config = tiny_config()
+    model = EarthSpecificTransformer(config)
+    upper, surface, _ = inputs(config)
+    with pytest.raises(BdlensError, match="upper-air input"):
+        model(upper[:, :1], surface)
+    with pytest.raises(BdlensError, match="constants"):
+        model(upper, surface, torch.zeros(1, 12, 32))
