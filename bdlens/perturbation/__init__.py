@@ -1,2 +1,39 @@
-"""Aleatoric perturbations (SPEC §5): random patterns on the sphere, SPPT on the network tendency,
-initial-condition perturbations."""
+"""Aleatoric perturbations (SPEC §5): random patterns on the sphere (:mod:`.patterns`), SPPT on the
+network's tendency with physical constraints (:mod:`.sppt`) and initial-condition perturbations
+(:mod:`.initial`)."""
+
+from bdlens.perturbation.initial import (
+    BredVectors,
+    bred_vectors,
+    gaussian_perturbation,
+    random_field_perturbation,
+    rms_norm,
+)
+from bdlens.perturbation.patterns import (
+    SPPT_SCALES,
+    PatternScale,
+    PatternState,
+    SphericalPattern,
+    UnresolvedScaleWarning,
+    member_generator,
+)
+from bdlens.perturbation.sppt import SPPT, SPPTConfig, VerticalTaper, apply_sppt, load_sppt_config
+
+__all__ = [
+    "SPPT",
+    "SPPT_SCALES",
+    "BredVectors",
+    "PatternScale",
+    "PatternState",
+    "SPPTConfig",
+    "SphericalPattern",
+    "UnresolvedScaleWarning",
+    "VerticalTaper",
+    "apply_sppt",
+    "bred_vectors",
+    "gaussian_perturbation",
+    "load_sppt_config",
+    "member_generator",
+    "random_field_perturbation",
+    "rms_norm",
+]
