@@ -15,7 +15,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bdlens.errors import BdlensError
+from bdlens.errors import BdlensError, validation_error
 from bdlens.grid import GRIDS, SURFACE_VARIABLES, UPPER_AIR_VARIABLES, WB2_LEVELS
 
 
@@ -132,10 +132,7 @@ class ModelConfig(BaseModel):
         try:
             return cls.model_validate(data)
         except ValidationError as err:
-            problems = "; ".join(
-                f"{'.'.join(str(p) for p in e['loc']) or 'config'}: {e['msg']}" for e in err.errors()
-            )
-            raise BdlensError(f"{source}: {problems}") from None
+            raise validation_error(source, err) from None
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
