@@ -29,6 +29,26 @@ SURFACE_VARIABLES: tuple[str, ...] = (
 
 EARTH_RADIUS_M = 6_371_000.0
 
+# CF attributes of the WB2 variables (SI units), for every writer of canonical datasets.
+VARIABLE_ATTRS: dict[str, dict[str, str]] = {
+    "geopotential": {"units": "m2 s-2", "standard_name": "geopotential", "long_name": "Geopotential"},
+    "temperature": {"units": "K", "standard_name": "air_temperature", "long_name": "Temperature"},
+    "u_component_of_wind": {"units": "m s-1", "standard_name": "eastward_wind", "long_name": "U component of wind"},
+    "v_component_of_wind": {"units": "m s-1", "standard_name": "northward_wind", "long_name": "V component of wind"},
+    "specific_humidity": {"units": "kg kg-1", "standard_name": "specific_humidity", "long_name": "Specific humidity"},
+    "2m_temperature": {"units": "K", "standard_name": "air_temperature", "long_name": "2 metre temperature"},
+    "10m_u_component_of_wind": {"units": "m s-1", "standard_name": "eastward_wind", "long_name": "10 metre U wind component"},
+    "10m_v_component_of_wind": {"units": "m s-1", "standard_name": "northward_wind", "long_name": "10 metre V wind component"},
+    "mean_sea_level_pressure": {
+        "units": "Pa",
+        "standard_name": "air_pressure_at_mean_sea_level",
+        "long_name": "Mean sea level pressure",
+    },
+    "surface_pressure": {"units": "Pa", "standard_name": "surface_air_pressure", "long_name": "Surface pressure"},
+    "land_sea_mask": {"units": "1", "standard_name": "land_binary_mask", "long_name": "Land-sea mask"},
+    "geopotential_at_surface": {"units": "m2 s-2", "standard_name": "surface_geopotential", "long_name": "Geopotential at surface"},
+}
+
 
 @dataclass(frozen=True)
 class Grid:

@@ -13,11 +13,10 @@
 from bdlens.data.normalization import NormStats, compute_stats, default_stats_path, load_or_compute_stats, stats_key
 from bdlens.data.reader import check_finite, missing_times, open_dataset, time_step
 from bdlens.data.splits import DataConfig, TimeRange, load_data_config
-from bdlens.data.tensors import VARIABLE_ATTRS, FieldLayout, Fields, NormTensors
+from bdlens.data.tensors import FieldLayout, Fields, NormTensors
 from bdlens.data.torch_dataset import WeatherDataset, make_datasets
 
 __all__ = [
-    "VARIABLE_ATTRS",
     "DataConfig",
     "FieldLayout",
     "Fields",

@@ -214,16 +214,17 @@ def _canonical_time(ds: xr.Dataset, path: Path) -> xr.Dataset:
 
 
 def time_step(times: np.ndarray, source: str | Path = "dataset") -> np.timedelta64 | None:
-    """The regular step of an ascending datetime64 axis (its smallest spacing); None for one time.
+    """The regular step of an ascending datetime64 axis: its most common spacing (the smallest on a tie).
 
-    Raises :class:`BdlensError` if some spacing is not a whole multiple of that step (an irregular
-    axis); whole multiples are gaps, found by :func:`missing_times`.
+    None for a single time. Raises :class:`BdlensError` if some spacing is not a whole multiple of
+    that step (a time off the regular lattice); whole multiples are gaps, see :func:`missing_times`.
     """
     times = np.asarray(times, "datetime64[ns]")
     if times.size < 2:
         return None
     diffs = np.diff(times)
-    step = diffs.min()
+    values, counts = np.unique(diffs, return_counts=True)  # sorted ascending, so argmax takes the smallest on ties
+    step = values[np.argmax(counts)]
     bad = diffs % step != np.timedelta64(0)
     if np.any(bad):
         where = times[1:][bad][:3]

@@ -24,7 +24,7 @@ import pandas as pd
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, ValidationInfo, field_validator, model_validator
 
-from bdlens.errors import BdlensError
+from bdlens.errors import BdlensError, validation_error
 
 
 def _parse_time(value: Any, end_of_day: bool) -> dt.datetime:
@@ -135,12 +135,11 @@ def load_data_config(path: str | Path) -> DataConfig:
         raw = yaml.safe_load(path.read_text())
     except FileNotFoundError as err:
         raise BdlensError(f"{path}: no such config file; see configs/data_demo.yaml for an example") from err
-    except yaml.YAMLError as err:
+    except (yaml.YAMLError, ValueError) as err:  # PyYAML raises ValueError for impossible dates such as 2000-13-01
         raise BdlensError(f"{path}: not valid YAML ({' '.join(str(err).split())})") from err
     if not isinstance(raw, dict):
         raise BdlensError(f"{path}: expected a mapping of settings at the top level; see configs/data_demo.yaml")
     try:
         return DataConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
-        raise BdlensError(f"{path}: invalid data config: {problems}") from err
+        raise validation_error(f"{path}: invalid data config", err) from err

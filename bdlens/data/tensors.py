@@ -26,28 +26,7 @@ import xarray as xr
 from bdlens.data.normalization import NormStats
 from bdlens.data.reader import CANONICAL_DIMS
 from bdlens.errors import BdlensError
-from bdlens.grid import SURFACE_VARIABLES, UPPER_AIR_VARIABLES, Grid, grid_from_coords
-
-#: CF attributes of the WB2 variables (SI units), written by :meth:`FieldLayout.from_tensors`.
-VARIABLE_ATTRS: dict[str, dict[str, str]] = {
-    "geopotential": {"units": "m2 s-2", "standard_name": "geopotential", "long_name": "Geopotential"},
-    "temperature": {"units": "K", "standard_name": "air_temperature", "long_name": "Temperature"},
-    "u_component_of_wind": {"units": "m s-1", "standard_name": "eastward_wind", "long_name": "U component of wind"},
-    "v_component_of_wind": {"units": "m s-1", "standard_name": "northward_wind", "long_name": "V component of wind"},
-    "specific_humidity": {"units": "kg kg-1", "standard_name": "specific_humidity", "long_name": "Specific humidity"},
-    "2m_temperature": {"units": "K", "standard_name": "air_temperature", "long_name": "2 metre temperature"},
-    "10m_u_component_of_wind": {"units": "m s-1", "standard_name": "eastward_wind", "long_name": "10 metre U wind component"},
-    "10m_v_component_of_wind": {"units": "m s-1", "standard_name": "northward_wind", "long_name": "10 metre V wind component"},
-    "mean_sea_level_pressure": {
-        "units": "Pa",
-        "standard_name": "air_pressure_at_mean_sea_level",
-        "long_name": "Mean sea level pressure",
-    },
-    "surface_pressure": {"units": "Pa", "standard_name": "surface_air_pressure", "long_name": "Surface pressure"},
-    "land_sea_mask": {"units": "1", "standard_name": "land_binary_mask", "long_name": "Land-sea mask"},
-    "geopotential_at_surface": {"units": "m2 s-2", "standard_name": "surface_geopotential", "long_name": "Geopotential at surface"},
-}
-
+from bdlens.grid import SURFACE_VARIABLES, UPPER_AIR_VARIABLES, VARIABLE_ATTRS, Grid, grid_from_coords
 
 class Fields(NamedTuple):
     """A model state: ``upper`` (..., V_upper, Z, H, W) and ``surface`` (..., V_surface, H, W) tensors."""
@@ -207,7 +186,7 @@ class FieldLayout:
         ``coords``: the batch dimensions and their values, in order (e.g. ``{"time": times}`` or
         ``{"number": members, "time": inits}``); their sizes must multiply to B. Without ``coords``,
         B must be 1 and the result has no batch dim. With ``stats`` the tensors are de-normalised
-        first. ``attrs`` override the CF attributes of :data:`VARIABLE_ATTRS` per variable.
+        first. ``attrs`` override the CF attributes of :data:`bdlens.grid.VARIABLE_ATTRS` per variable.
         """
         if stats is not None:
             fields = self.denormalise(fields, stats)
