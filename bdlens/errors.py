@@ -13,14 +13,6 @@ class BdlensError(Exception):
 
 
 def validation_error(source: str, err: ValidationError) -> BdlensError:
-    """One-line :class:`BdlensError` from a pydantic ``ValidationError``: ``source: key.path: message; ...``."""
-    problems = "; ".join(
-        f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg'].removeprefix('Value error, ')}" for e in err.errors()
-    )
-    return BdlensError(f"{source}: {problems}")
-
-
-def validation_error(source: str, err: ValidationError) -> BdlensError:
     """A :class:`BdlensError` listing every problem of a pydantic ``ValidationError`` on one line.
 
     Each problem reads ``field.path: message``; ``source`` (a file or "model config") leads the line.
