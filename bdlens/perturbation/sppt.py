@@ -122,9 +122,11 @@ def load_sppt_config(name_or_path: str | Path = "perturbation_sppt") -> SPPTConf
     path = config_path(name_or_path)
     try:
         return SPPTConfig.model_validate(yaml.safe_load(path.read_text()) or {})
-    except (pydantic.ValidationError, yaml.YAMLError) as err:
-        first = str(err).replace("\n", " ")
-        raise BdlensError(f"invalid SPPT config {path}: {first[:300]}") from err
+    except yaml.YAMLError as err:
+        raise BdlensError(f"invalid SPPT config {path}: not valid YAML ({str(err).splitlines()[0]})") from err
+    except pydantic.ValidationError as err:
+        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
+        raise BdlensError(f"invalid SPPT config {path}: {problems}") from err
 
 
 def _index(names: Sequence[str], name: str) -> int | None:
@@ -162,13 +164,15 @@ def apply_sppt(
         )
     if pattern.shape != (batch, height, width):
         raise BdlensError(f"pattern shape {tuple(pattern.shape)} must be (B, H, W) = {(batch, height, width)}")
+    if len(latitude) != height:
+        raise BdlensError(f"{len(latitude)} latitudes given for states with {height} latitude rows")
     if levels.size > 1 and not np.all(np.diff(levels) > 0):
         raise BdlensError(f"levels must be ascending in hPa, got {levels.tolist()}")
     kw = {"dtype": x_upper.dtype, "device": x_upper.device}
 
     mu_upper = torch.as_tensor(config.taper(levels), **kw)
     mu_surface = float(config.taper(config.surface_taper_pressure_hpa))
-    factor_upper = mu_upper[:, None, None] * pattern[:, None]  # (B, Z, H, W)
+    factor_upper = mu_upper[:, None, None] * pattern.to(x_upper.dtype)[:, None]  # (B, Z, H, W)
     tendency_upper = f_upper - x_upper
     tendency_surface = f_surface - x_surface
     upper = f_upper + factor_upper[:, None] * tendency_upper
