@@ -1,0 +1,95 @@
+"""Writing WB2-layout zarr stores atomically and with CF metadata."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+# CF metadata for every field the demo world writes.
+VARIABLE_ATTRS: dict[str, dict[str, str]] = {
+    "geopotential": {"units": "m2 s-2", "standard_name": "geopotential", "long_name": "Geopotential"},
+    "temperature": {"units": "K", "standard_name": "air_temperature", "long_name": "Temperature"},
+    "u_component_of_wind": {"units": "m s-1", "standard_name": "eastward_wind", "long_name": "U component of wind"},
+    "v_component_of_wind": {"units": "m s-1", "standard_name": "northward_wind", "long_name": "V component of wind"},
+    "mean_sea_level_pressure": {
+        "units": "Pa",
+        "standard_name": "air_pressure_at_mean_sea_level",
+        "long_name": "Mean sea level pressure",
+        "comment": "the demo world is flat, so this is also the surface pressure",
+    },
+    "2m_temperature": {
+        "units": "K",
+        "standard_name": "air_temperature",
+        "long_name": "2 metre temperature (stand-in)",
+        "comment": "demo world: temperature of the lowest sigma layer",
+    },
+    "10m_u_component_of_wind": {
+        "units": "m s-1",
+        "standard_name": "eastward_wind",
+        "long_name": "10 metre U wind component (stand-in)",
+        "comment": "demo world: wind of the lowest sigma layer",
+    },
+    "10m_v_component_of_wind": {
+        "units": "m s-1",
+        "standard_name": "northward_wind",
+        "long_name": "10 metre V wind component (stand-in)",
+        "comment": "demo world: wind of the lowest sigma layer",
+    },
+}
+
+
+def coordinate_attrs(ds: xr.Dataset) -> xr.Dataset:
+    """Attach CF attributes to the standard coordinates present in ``ds``."""
+    attrs = {
+        "latitude": {"units": "degrees_north", "standard_name": "latitude", "long_name": "latitude"},
+        "longitude": {"units": "degrees_east", "standard_name": "longitude", "long_name": "longitude"},
+        "level": {"units": "hPa", "standard_name": "air_pressure", "long_name": "pressure level", "positive": "down"},
+        "time": {"standard_name": "time", "long_name": "initialisation or valid time"},
+        "prediction_timedelta": {"long_name": "forecast lead time"},
+        "number": {"long_name": "ensemble member number"},
+    }
+    for name, values in attrs.items():
+        if name in ds.coords:
+            ds[name].attrs.update(values)
+    for name in ds.data_vars:
+        ds[name].attrs.update(VARIABLE_ATTRS.get(str(name), {}))
+    return ds
+
+
+@contextmanager
+def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary sibling directory that replaces ``target`` only if the block succeeds.
+
+    Nothing is left behind on failure, and an existing ``target`` is kept unless ``overwrite``.
+    """
+    target = Path(target)
+    if target.exists() and not overwrite:
+        from bdlens.errors import BdlensError
+
+        raise BdlensError(f"{target} already exists; choose another path or pass --overwrite to replace it")
+    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if target.exists():
+        shutil.rmtree(target)
+    tmp.rename(target)
+
+
+def fields_dataset(fields: dict[str, np.ndarray], coords: dict[str, np.ndarray], leading: tuple[str, ...]) -> xr.Dataset:
+    """A Dataset from field arrays whose leading dims are ``leading`` then (level,) lat, lon."""
+    data_vars = {}
+    for name, values in fields.items():
+        spatial = ("level", "latitude", "longitude") if values.ndim == len(leading) + 3 else ("latitude", "longitude")
+        data_vars[name] = (leading + spatial, values)
+    return coordinate_attrs(xr.Dataset(data_vars, coords=coords))
