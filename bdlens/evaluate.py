@@ -1,0 +1,276 @@
+"""The evaluation engine behind ``bdlens evaluate``: every metric of SPEC §7 per variable, level and lead.
+
+Forecasts (dims ``number, time, prediction_timedelta, [level,] latitude, longitude``; ``time`` is the
+initialisation) are matched to the truth at valid time = time + prediction_timedelta. Init/lead
+pairs whose valid time the truth lacks are NaN and drop out of the averages (the reduction policy of
+:mod:`bdlens.metrics.weighting`). All scalar metrics are averaged over initialisation time and space
+(cell-area weighted) and kept per lead and level. Everything stays lazy (dask) until one compute per
+forecast and variable, so forecasts larger than memory stream through chunk by chunk.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+
+from bdlens import metrics
+from bdlens.errors import BdlensError
+from bdlens.progress import bar
+from bdlens.uncertainty import decompose, has_design, mixture_crps_check
+
+log = logging.getLogger(__name__)
+
+#: Averaged over these (init) time and space dims; every metric is kept per lead and level.
+REDUCE_DIMS: tuple[str, ...] = ("time", "latitude", "longitude")
+LEAD_DIM = "prediction_timedelta"
+DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
+_BIN_DIMS: tuple[str, ...] = ("quantile", "probability_bin", "rank", "zonal_wavenumber")
+
+DESCRIPTIONS: dict[str, str] = {
+    "crps": "fair CRPS (WB2), mean over init time and area",
+    "crps_standard": "standard (empirical-CDF) CRPS",
+    "rmse": "ensemble-mean RMSE, sqrt after averaging the MSE",
+    "rmse_debiased": "sqrt of (MSE - s^2/M), clipped at 0",
+    "spread": "sqrt of mean unbiased ensemble variance",
+    "spread_skill_raw": "spread / RMSE, no correction",
+    "spread_skill_corrected": "spread / RMSE times sqrt((M+1)/M)",
+    "acc": "ACC of the ensemble mean against the climatology",
+    "energy_score": "fair energy score over the latitude x longitude field (area-weighted norm)",
+    "epistemic_variance": "random-effects ANOVA epistemic variance (unclipped), mean over init time and area",
+    "aleatoric_variance": "random-effects ANOVA aleatoric variance, mean over init time and area",
+    "mixture_crps_gap": "mean per-weight-sample standard CRPS minus mixture standard CRPS (>= 0)",
+}
+
+
+def open_data(path: str | Path) -> xr.Dataset:
+    """Open a forecast or truth store lazily in the canonical layout (:func:`bdlens.data.open_dataset`)."""
+    from bdlens.data import open_dataset
+
+    return open_dataset(path)
+
+
+def align_truth(forecast: xr.DataArray, truth: xr.DataArray) -> xr.DataArray:
+    """The truth at each forecast's valid time, dims like the forecast without the member dim.
+
+    Returns NaN where the truth lacks the valid time; the valid times are kept as coordinate
+    ``valid_time`` (time, prediction_timedelta). Lazy on dask: one reindex per lead.
+    """
+    if LEAD_DIM not in forecast.dims:
+        return truth.reindex(time=forecast["time"].values)
+    inits = forecast["time"].values
+    pieces = [
+        truth.reindex(time=inits + lead).assign_coords(time=inits, valid_time=("time", inits + lead))
+        for lead in forecast[LEAD_DIM].values
+    ]
+    return xr.concat(pieces, dim=forecast[LEAD_DIM], coords="different", compat="equals")
+
+
+def check_inputs(name: str, forecast: xr.Dataset, truth: xr.Dataset, member_dim: str, variables: Sequence[str]) -> None:
+    """Raise :class:`BdlensError` for the bad inputs that would make the scores meaningless."""
+    if member_dim not in forecast.dims:
+        raise BdlensError(
+            f"forecast {name}: no member dimension {member_dim!r} (dims {tuple(forecast.dims)}); "
+            "pass its name with --member-dim, or score a deterministic forecast with another tool"
+        )
+    if forecast.sizes[member_dim] < 2:
+        raise BdlensError(f"forecast {name}: only one member along {member_dim!r}; ensemble metrics need at least 2")
+    missing = [v for v in variables if v not in truth.data_vars]
+    if missing:
+        raise BdlensError(f"truth lacks variable(s) {', '.join(missing)} of forecast {name}; pass --variables to choose others")
+    absent = [v for v in variables if v not in forecast.data_vars]
+    if absent:
+        raise BdlensError(f"forecast {name} lacks variable(s) {', '.join(absent)}; pass --variables to choose others")
+    for coord in ("latitude", "longitude"):
+        f, t = forecast[coord].values, truth[coord].values
+        if f.shape != t.shape or not np.allclose(f, t):
+            raise BdlensError(
+                f"forecast {name} is on a {forecast.sizes['longitude']}x{forecast.sizes['latitude']} grid but the truth on "
+                f"{truth.sizes['longitude']}x{truth.sizes['latitude']} ({coord} differs); regrid one of them"
+            )
+    if "level" in forecast.dims:
+        missing_levels = sorted(set(forecast["level"].values.tolist()) - set(truth["level"].values.tolist()) if "level" in truth.dims else [])
+        if missing_levels or "level" not in truth.dims:
+            raise BdlensError(f"truth lacks level(s) {missing_levels or 'all'} hPa of forecast {name}; use a truth store with them")
+    valid = forecast["time"].values[:, None] + (forecast[LEAD_DIM].values[None, :] if LEAD_DIM in forecast.dims else np.timedelta64(0))
+    if not np.isin(valid, truth["time"].values).any():
+        raise BdlensError(
+            f"forecast {name}: no valid time (init {forecast['time'].values.min()}..{forecast['time'].values.max()} plus leads) "
+            f"is in the truth ({truth['time'].values.min()}..{truth['time'].values.max()}); use overlapping periods"
+        )
+
+
+def _restrict_to_verifiable(forecast: xr.Dataset, truth_times: np.ndarray) -> xr.Dataset:
+    """Drop initialisations none of whose valid times the truth has (they would only cost I/O)."""
+    leads = forecast[LEAD_DIM].values if LEAD_DIM in forecast.dims else np.array([np.timedelta64(0, "ns")])
+    valid = forecast["time"].values[:, None] + leads[None, :]
+    return forecast.isel(time=np.isin(valid, truth_times).any(axis=1))
+
+
+def variable_metrics(
+    forecast: xr.DataArray,
+    truth: xr.DataArray,
+    climatology: xr.DataArray,
+    thresholds: xr.DataArray,
+    member_dim: str = "number",
+    seed: int = 0,
+) -> xr.Dataset:
+    """All metrics of one variable, lazily: ``scores`` (metric, lead, [level]) plus the diagnostics.
+
+    ``truth`` is already aligned (see :func:`align_truth`); ``thresholds`` has a ``quantile`` dim.
+    """
+    dims = [d for d in REDUCE_DIMS if d in forecast.dims]
+    scalar = {
+        "crps": metrics.crps(forecast, truth, member_dim, dims),
+        "crps_standard": metrics.crps(forecast, truth, member_dim, dims, fair=False),
+        "rmse": metrics.ensemble_mean_rmse(forecast, truth, member_dim, dims),
+        "rmse_debiased": metrics.ensemble_mean_rmse(forecast, truth, member_dim, dims, debiased=True),
+        "spread": metrics.spread(forecast, member_dim, dims),
+        "spread_skill_raw": metrics.spread_skill_ratio(forecast, truth, member_dim, dims, corrected=False),
+        "spread_skill_corrected": metrics.spread_skill_ratio(forecast, truth, member_dim, dims),
+        "acc": metrics.acc(forecast, truth, climatology, member_dim, dims),
+        "energy_score": metrics.energy_score(forecast, truth, member_dim, dims=[d for d in dims if d == "time"]),
+    }
+    for fair, prefix in ((False, "brier"), (True, "fair_brier")):
+        brier = metrics.brier_score(forecast, truth, thresholds, member_dim, dims, fair=fair)
+        for q in brier["quantile"].values:
+            scalar[f"{prefix}_q{q:g}"] = brier.sel(quantile=q, drop=True)
+    if has_design(forecast, member_dim):
+        parts = decompose(forecast, member_dim, dims)
+        scalar["epistemic_variance"] = parts["epistemic"]
+        scalar["aleatoric_variance"] = parts["aleatoric"]
+        scalar["mixture_crps_gap"] = mixture_crps_check(forecast, truth, member_dim, dims)["gap"]
+    names = list(scalar)
+    scores = xr.concat([scalar[n].drop_attrs() for n in names], dim=pd.Index(names, name="metric"), coords="minimal")
+    reliability = metrics.reliability(forecast, truth, thresholds, member_dim, dims)
+    spectra = metrics.zonal_spectra(forecast, truth, member_dim, [d for d in dims if d != "longitude"])
+    return xr.Dataset(
+        {
+            "scores": scores,
+            "rank_histogram": metrics.rank_histogram(forecast, truth, member_dim, dims, seed=seed).drop_attrs(),
+            "reliability_observed_frequency": reliability["observed_frequency"].drop_attrs(),
+            "reliability_bin_fraction": reliability["bin_fraction"].drop_attrs(),
+            "spectrum_forecast": spectra["forecast"].drop_attrs(),
+            "spectrum_truth": spectra["truth"].drop_attrs(),
+        }
+    ).drop_vars(["forecast_probability", "valid_time"], errors="ignore")
+
+
+def evaluate(
+    forecasts: Mapping[str, xr.Dataset],
+    truth: xr.Dataset,
+    member_dim: str = "number",
+    variables: Sequence[str] | None = None,
+    climatology: xr.Dataset | None = None,
+    quantiles: Sequence[float] = DEFAULT_QUANTILES,
+    seed: int = 0,
+) -> xr.Dataset:
+    """Score each named forecast against the truth; returns the computed metrics Dataset.
+
+    Output variables, for each forecast variable V: ``V`` (forecast, metric, prediction_timedelta,
+    [level]) with the scalar metrics of :data:`DESCRIPTIONS` and ``brier_q*``/``fair_brier_q*`` at
+    the climatological quantiles; ``V_rank_histogram`` (…, rank); ``V_reliability_*`` (…, quantile,
+    probability_bin); ``V_spectrum_forecast`` / ``V_spectrum_truth`` (…, zonal_wavenumber).
+    ``climatology`` defaults to the truth's time mean (right for the seasonless demo world); Brier
+    thresholds are per-point quantiles of the truth over its whole period.
+    """
+    if not forecasts:
+        raise BdlensError("no forecasts to evaluate; pass at least one forecast store")
+    quantiles = tuple(float(q) for q in quantiles)
+    if not all(0.0 < q < 1.0 for q in quantiles):
+        raise BdlensError(f"quantiles must lie strictly between 0 and 1, got {quantiles}")
+    jobs = []
+    for name, forecast in forecasts.items():
+        names = list(variables) if variables else [str(v) for v in forecast.data_vars]
+        check_inputs(name, forecast, truth, member_dim, names)
+        jobs.extend((name, variable) for variable in names)
+    results: dict[str, dict[str, xr.Dataset]] = {}
+    for name, variable in bar(jobs, desc="evaluate", unit="field"):
+        forecast = _restrict_to_verifiable(forecasts[name], truth["time"].values)[variable]
+        observed = truth[variable]
+        if "level" in forecast.dims:
+            observed = observed.sel(level=forecast["level"].values)
+        clim = (climatology[variable] if climatology is not None else observed.mean("time")).astype(np.float64)
+        series = observed.chunk({"time": -1, "latitude": "auto", "longitude": "auto"}) if observed.chunks else observed
+        thresholds = series.quantile(list(quantiles), dim="time")
+        aligned = align_truth(forecast, observed)
+        log.info("evaluating %s / %s (%s members)", name, variable, forecast.sizes[member_dim])
+        results.setdefault(variable, {})[name] = variable_metrics(forecast, aligned, clim, thresholds, member_dim, seed).compute()
+    return _assemble(results, quantiles, climatology is not None)
+
+
+def _assemble(results: dict[str, dict[str, xr.Dataset]], quantiles: Sequence[float], given_climatology: bool) -> xr.Dataset:
+    """Concatenate per-forecast results along ``forecast`` and flatten to one variable per diagnostic."""
+    out = xr.Dataset()
+    for variable, per_forecast in results.items():
+        combined = xr.concat(list(per_forecast.values()), dim=pd.Index(list(per_forecast), name="forecast"), join="outer")
+        out[variable] = combined["scores"].assign_attrs(variable=variable, diagnostic="scores")
+        for diagnostic in combined.data_vars:
+            if diagnostic != "scores":
+                out[f"{variable}_{diagnostic}"] = combined[diagnostic].assign_attrs(variable=variable, diagnostic=diagnostic)
+    metric_names = out["metric"].values.tolist()
+    out = out.assign_coords(
+        metric_description=("metric", [DESCRIPTIONS.get(m, "Brier score of value > climatological quantile" + (" (fair)" if m.startswith("fair") else "")) for m in metric_names])
+    )
+    out.attrs.update(
+        reduced_over="initialisation time, latitude (cell-area weighted), longitude; per lead and level; NaN points skipped",
+        valid_time="truth taken at time + prediction_timedelta; init/lead pairs without truth are left out",
+        climatology="given by the user" if given_climatology else "time mean of the truth",
+        brier_thresholds=f"per-point quantiles {list(quantiles)} of the truth over its whole period; event value > threshold",
+        rank_histogram="M+1 bins, cell-area weighted frequencies, ties broken at random (seeded)",
+    )
+    return out
+
+
+def to_table(result: xr.Dataset) -> pd.DataFrame:
+    """The result as one long table: forecast, variable, level, lead_hours, metric, bin, value.
+
+    Scalar metrics have an empty ``bin``; diagnostics put their extra coordinates there (e.g. the
+    rank, or "quantile/probability_bin").
+    """
+    frames = []
+    for da in result.data_vars.values():
+        frame = da.drop_vars([c for c in da.coords if c not in da.dims]).to_dataframe(name="value").reset_index()
+        frame["variable"] = da.attrs["variable"]
+        if "metric" not in frame:
+            frame["metric"] = da.attrs["diagnostic"]
+        bin_dims = [d for d in da.dims if d in _BIN_DIMS]
+        frame["bin"] = frame[bin_dims].astype(str).agg("/".join, axis=1) if bin_dims else ""
+        frames.append(frame.drop(columns=bin_dims))
+    table = pd.concat(frames, ignore_index=True)
+    table["lead_hours"] = table.pop(LEAD_DIM) / pd.Timedelta(hours=1) if LEAD_DIM in table else np.nan
+    if "level" not in table:
+        table["level"] = np.nan
+    return table[["forecast", "variable", "level", "lead_hours", "metric", "bin", "value"]]
+
+
+def write(result: xr.Dataset, path: str | Path, overwrite: bool = False) -> Path:
+    """Write to ``.nc`` or ``.csv`` atomically: a temporary file in the same folder, then a rename."""
+    path = Path(path)
+    check_output_path(path, overwrite)
+    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    try:
+        if path.suffix == ".nc":
+            result.to_netcdf(tmp)
+        else:
+            to_table(result).to_csv(tmp, index=False)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def check_output_path(path: str | Path, overwrite: bool) -> None:
+    """Fail early for an output we could not or should not write."""
+    path = Path(path)
+    if path.suffix not in (".nc", ".csv"):
+        raise BdlensError(f"output {path} must end in .nc (netCDF) or .csv (long table)")
+    if path.exists() and not overwrite:
+        raise BdlensError(f"output {path} exists; pass --overwrite to replace it or choose another --out")
+    if not path.parent.exists():
+        raise BdlensError(f"output folder {path.parent} does not exist; create it first")
