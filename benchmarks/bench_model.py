@@ -5,6 +5,7 @@ AdamW step) and their ratio, with gradient checkpointing and bf16 autocast side 
 parameter count of configs/model_pangu.yaml built on the meta device (no memory, no compute).
 
     OMP_NUM_THREADS=2 python benchmarks/bench_model.py [--config configs/model_demo.yaml] [--batch 4]
+        [--embed-dim 48 64]   # other widths, same head dimension, for sizing the demo model
 """
 
 from __future__ import annotations
@@ -96,8 +97,13 @@ def main() -> None:
     parser.add_argument("--pangu", type=Path, default=ROOT / "configs" / "model_pangu.yaml")
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--embed-dim", type=int, nargs="*", default=[], help="also time these widths")
     args = parser.parse_args()
-    bench_demo(ModelConfig.from_yaml(args.config), args.batch, args.repeats)
+    config = ModelConfig.from_yaml(args.config)
+    bench_demo(config, args.batch, args.repeats)
+    for dim in args.embed_dim:
+        heads = tuple(h * dim // config.embed_dim for h in config.heads)
+        bench_demo(ModelConfig.from_dict(config.model_dump() | {"embed_dim": dim, "heads": heads}), args.batch, args.repeats)
     bench_pangu(args.pangu)
 
 

@@ -30,9 +30,10 @@ def tiny_config(**overrides) -> ModelConfig:
 
 def inputs(config: ModelConfig, batch: int = 1, dtype=torch.float32, seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    upper = torch.randn(batch, config.n_input_times, config.n_upper, config.n_levels, config.nlat, config.nlon, generator=g, dtype=dtype)
-    surface = torch.randn(batch, config.n_input_times, config.n_surface, config.nlat, config.nlon, generator=g, dtype=dtype)
-    constants = torch.randn(len(config.constants), config.nlat, config.nlon, generator=g, dtype=dtype) if config.constants else None
+    t, h, w = config.n_input_times, config.nlat, config.nlon
+    upper = torch.randn(batch, t, config.n_upper, config.n_levels, h, w, generator=g, dtype=dtype)
+    surface = torch.randn(batch, t, config.n_surface, h, w, generator=g, dtype=dtype)
+    constants = torch.randn(len(config.constants), h, w, generator=g, dtype=dtype) if config.constants else None
     return upper, surface, constants
 
 
@@ -144,6 +145,12 @@ def test_vmap_over_stacked_parameters_equals_separate_calls():
             torch.testing.assert_close(batched[0][k], separate[0], rtol=1e-5, atol=1e-5)
             torch.testing.assert_close(batched[1][k], separate[1], rtol=1e-5, atol=1e-5)
     assert not torch.allclose(batched[0][0], batched[0][1])
+    # Gradients with respect to the stacked weights are the members' own gradients.
+    vmap(member, in_dims=(0, None, None))(params, upper, surface)[0].square().sum().backward()
+    for k, model in enumerate(models):
+        model(upper, surface)[0].square().sum().backward()
+        name = "decoder2.blocks.1.attn.earth_bias"
+        torch.testing.assert_close(params[name].grad[k], model.get_parameter(name).grad, rtol=1e-4, atol=1e-6)
 
 
 def test_bf16_autocast_tracks_float32():

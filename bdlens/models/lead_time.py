@@ -119,7 +119,9 @@ def rollout(
     needed = {0} | {c.previous for c in plan if c.previous is not None and c.previous <= 0}
     missing = sorted(needed - set(history))
     if missing:
-        raise BdlensError(f"the rollout needs analysis states at {missing} h relative to the initial time; add them to history")
+        raise BdlensError(
+            f"the rollout needs analysis states at {missing} h relative to the initial time; add them to history"
+        )
     last_use: dict[int, int] = {}
     for i, call in enumerate(plan):
         last_use[call.current] = i

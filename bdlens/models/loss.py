@@ -1,6 +1,7 @@
 """The Pangu-Weather training loss (SPEC §3): latitude- and variable-weighted L1 on normalised fields.
 
-loss = mean_{b,v,z,h,w}(w_v · w_lat(h) · |ŷ − y|)_upper + surface_factor · mean_{b,v,h,w}(w_v · w_lat(h) · |ŷ − y|)_surface
+loss = mean_{b,v,z,h,w}(w_v · w_lat(h) · |ŷ − y|)_upper
+       + surface_factor · mean_{b,v,h,w}(w_v · w_lat(h) · |ŷ − y|)_surface
 
 with cell-area latitude weights of mean 1 (:func:`bdlens.grid.lat_weights`), Pangu's variable
 weights and ``surface_factor`` = 0.25.

@@ -24,7 +24,16 @@ from torch.utils.checkpoint import checkpoint
 from bdlens.errors import BdlensError
 from bdlens.models.attention import EarthAttention3D, shift_mask, window_partition, window_reverse
 from bdlens.models.config import ModelConfig
-from bdlens.models.layers import DropPath, Mlp, PatchEmbedding, PatchMerging, PatchRecovery, PatchUpsample, ceil_to, pad_end
+from bdlens.models.layers import (
+    DropPath,
+    Mlp,
+    PatchEmbedding,
+    PatchMerging,
+    PatchRecovery,
+    PatchUpsample,
+    ceil_to,
+    pad_end,
+)
 
 
 class EarthSpecificBlock(nn.Module):
@@ -162,15 +171,22 @@ class EarthSpecificTransformer(nn.Module):
         want_upper = (c.n_input_times, c.n_upper, c.n_levels, c.nlat, c.nlon)
         want_surface = (c.n_input_times, c.n_surface, c.nlat, c.nlon)
         if upper.ndim != 6 or tuple(upper.shape[1:]) != want_upper:
-            raise BdlensError(f"upper-air input has shape {tuple(upper.shape)}; expected (B, T_in, V_u, Z, H, W) = (B, *{want_upper})")
+            raise BdlensError(
+                f"upper-air input has shape {tuple(upper.shape)}; expected (B, T_in, V_u, Z, H, W) = (B, *{want_upper})"
+            )
         if surface.ndim != 5 or tuple(surface.shape[1:]) != want_surface:
-            raise BdlensError(f"surface input has shape {tuple(surface.shape)}; expected (B, T_in, V_s, H, W) = (B, *{want_surface})")
+            raise BdlensError(
+                f"surface input has shape {tuple(surface.shape)}; expected (B, T_in, V_s, H, W) = (B, *{want_surface})"
+            )
         n_const = len(c.constants)
         if (constants is None) != (n_const == 0) or (
             constants is not None and tuple(constants.shape[-3:]) != (n_const, c.nlat, c.nlon)
         ):
             got = None if constants is None else tuple(constants.shape)
-            raise BdlensError(f"constants have shape {got}; the config expects {n_const} constant fields ({c.constants}) of shape ({c.nlat}, {c.nlon})")
+            raise BdlensError(
+                f"constants have shape {got}; the config expects {n_const} constant fields {c.constants} "
+                f"of shape ({c.nlat}, {c.nlon})"
+            )
 
 
 def _init_weights(module: nn.Module) -> None:
