@@ -159,13 +159,15 @@ def write_synthetic(
     rename: Mapping[str, str] | None = None,
     drop: Sequence[str] = (),
     nans: Mapping[str, Sequence[int]] | None = None,
+    time_chunk: int | None = 4,
     **dataset_kwargs,
 ) -> Path:
     """Write ``ds`` (default: ``synthetic_dataset(**dataset_kwargs)``) to ``path`` and return the path.
 
     ``fmt``: "zarr" (``zarr_format`` 2 or 3) or "netcdf". ``drop``: variables to leave out.
     ``nans``: {variable: [time indices]} set to NaN (the whole field at those times). The layout
-    options are those of :func:`non_canonical`; they are applied after the defects.
+    options are those of :func:`non_canonical`; they are applied after the defects. ``time_chunk``:
+    times per stored chunk (None: one chunk).
     """
     path = Path(path)
     ds = synthetic_dataset(**dataset_kwargs) if ds is None else ds
@@ -175,6 +177,8 @@ def write_synthetic(
         values[list(indices)] = np.nan
         ds[name] = ds[name].copy(data=values)
     ds = non_canonical(ds, flip_lat, lon_180, level_pa, descending_levels, rename)
+    if "time" in ds.dims and time_chunk:
+        ds = ds.chunk({"time": time_chunk})  # stored chunks of a few times, like real WB2/ERA5 stores
     if fmt == "zarr":
         ds.to_zarr(path, mode="w", zarr_format=zarr_format, consolidated=zarr_format == 2)
     elif fmt == "netcdf":

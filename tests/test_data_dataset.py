@@ -8,7 +8,7 @@ import torch
 import xarray as xr
 from synthetic import write_synthetic, synthetic_dataset
 
-from bdlens.data import FieldLayout, WeatherDataset, compute_stats, load_data_config, make_datasets, open_dataset
+from bdlens.data import FieldLayout, WeatherDataset, compute_stats, load_data_config, make_datasets, open_dataset, stack_times
 from bdlens.errors import BdlensError
 
 H = np.timedelta64(1, "h")
@@ -78,6 +78,10 @@ def test_dataloader_batches(ds, layout, stats):
     data = WeatherDataset(ds, layout, "6h", stats=stats, in_memory=True)
     (x0, x1), y = next(iter(torch.utils.data.DataLoader(data, batch_size=4, shuffle=True, generator=torch.Generator().manual_seed(0))))
     assert x0.upper.shape == (4, 2, 2, 32, 64) and x1.surface.shape == (4, 2, 32, 64) and y.upper.shape == (4, 2, 2, 32, 64)
+    model_input = stack_times((x0, x1))  # (B, T_in, V, Z, H, W), oldest first
+    assert model_input.upper.shape == (4, 2, 2, 2, 32, 64) and model_input.surface.shape == (4, 2, 2, 32, 64)
+    torch.testing.assert_close(model_input.upper[:, 0], x0.upper, rtol=0, atol=0)
+    torch.testing.assert_close(model_input.surface[:, 1], x1.surface, rtol=0, atol=0)
 
 
 def test_step_that_the_time_step_does_not_divide(ds, layout):

@@ -13,7 +13,7 @@
 from bdlens.data.normalization import NormStats, compute_stats, default_stats_path, load_or_compute_stats, stats_key
 from bdlens.data.reader import check_finite, missing_times, open_dataset, time_step
 from bdlens.data.splits import DataConfig, TimeRange, load_data_config
-from bdlens.data.tensors import FieldLayout, Fields, NormTensors
+from bdlens.data.tensors import FieldLayout, Fields, NormTensors, stack_times
 from bdlens.data.torch_dataset import WeatherDataset, make_datasets
 
 __all__ = [
@@ -32,6 +32,7 @@ __all__ = [
     "make_datasets",
     "missing_times",
     "open_dataset",
+    "stack_times",
     "stats_key",
     "time_step",
 ]

@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # Bumped when the way statistics are computed changes, so old files are recomputed.
 _STATS_VERSION = 1
 
-TimeRange = tuple[str | np.datetime64 | None, str | np.datetime64 | None]
+TimeBounds = tuple[str | np.datetime64 | None, str | np.datetime64 | None]
 
 
 @dataclass(frozen=True)
@@ -111,7 +111,7 @@ def default_stats_path(data_path: str | Path) -> Path:
     return data_path.with_name(data_path.name + ".normstats.json")
 
 
-def _training_subset(ds: xr.Dataset, time_range: TimeRange | None, variables: Sequence[str] | None) -> xr.Dataset:
+def _training_subset(ds: xr.Dataset, time_range: TimeBounds | None, variables: Sequence[str] | None) -> xr.Dataset:
     names = list(ds.data_vars) if variables is None else list(variables)
     sub = ds[names]
     if time_range is not None and "time" in sub.dims:
@@ -124,7 +124,7 @@ def _training_subset(ds: xr.Dataset, time_range: TimeRange | None, variables: Se
     return sub
 
 
-def stats_key(ds: xr.Dataset, time_range: TimeRange | None = None, variables: Sequence[str] | None = None) -> str:
+def stats_key(ds: xr.Dataset, time_range: TimeBounds | None = None, variables: Sequence[str] | None = None) -> str:
     """Cache key of the statistics of ``ds`` over ``time_range`` for ``variables`` (hex string).
 
     It hashes what the numbers depend on: the variables, levels, grid, the first/last/count of the
@@ -144,7 +144,7 @@ def stats_key(ds: xr.Dataset, time_range: TimeRange | None = None, variables: Se
 
 
 def compute_stats(
-    ds: xr.Dataset, time_range: TimeRange | None = None, variables: Sequence[str] | None = None
+    ds: xr.Dataset, time_range: TimeBounds | None = None, variables: Sequence[str] | None = None
 ) -> NormStats:
     """Latitude-weighted mean/std of each variable (per level) over ``time_range`` (inclusive), one dask pass.
 
@@ -179,7 +179,7 @@ def compute_stats(
 def load_or_compute_stats(
     ds: xr.Dataset,
     path: str | Path,
-    time_range: TimeRange | None = None,
+    time_range: TimeBounds | None = None,
     variables: Sequence[str] | None = None,
 ) -> NormStats:
     """The statistics at ``path`` if their cache key matches ``ds``/``time_range``/``variables``; else compute and save them."""
@@ -195,7 +195,8 @@ def load_or_compute_stats(
                 log.info("%s: reusing normalisation statistics", path)
                 return cached
             log.info("%s: statistics were made for other data, times or variables; recomputing", path)
-    log.info("computing normalisation statistics over %s … %s", *(time_range or ("start", "end")))
+    bounds = [str(np.datetime64(t, "m")) if t is not None else "…" for t in (time_range or (None, None))]
+    log.info("computing normalisation statistics over %s to %s", *bounds)
     stats = compute_stats(ds, time_range, variables)
     stats.save(path)
     return stats

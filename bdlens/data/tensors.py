@@ -35,6 +35,14 @@ class Fields(NamedTuple):
     surface: torch.Tensor
 
 
+def stack_times(states: Sequence[Fields]) -> Fields:
+    """Stack per-time states (oldest first) on a new axis 1: upper (B, T, V, Z, H, W), surface (B, T, V, H, W).
+
+    This turns the dataset's input tuple ``(X_{t−Δ}, X_t)`` (after batching) into the model's input.
+    """
+    return Fields(torch.stack([s.upper for s in states], dim=1), torch.stack([s.surface for s in states], dim=1))
+
+
 class NormTensors(NamedTuple):
     """Normalisation constants shaped to broadcast against :class:`Fields` (float64 → requested dtype).
 
@@ -239,17 +247,16 @@ class FieldLayout:
         )
 
     def normalise(self, fields: Fields, stats: NormStats) -> Fields:
-        """``(x − mean) / std`` per variable and level; works for any leading dims."""
-        n = self.norm_tensors(stats, torch.float64, fields.upper.device)
-        return Fields(
-            ((fields.upper.double() - n.upper_mean) / n.upper_std).to(fields.upper.dtype),
-            ((fields.surface.double() - n.surface_mean) / n.surface_std).to(fields.surface.dtype),
-        )
+        """``(x − mean) / std`` per variable and level, in the tensors' dtype; works for any leading dims.
+
+        float32 arithmetic costs at most ~1e-5 in normalised units (|mean|/std · 2⁻²⁴, worst for
+        upper-level geopotential), far below any forecast error, and is several times faster than a
+        float64 round trip; pass float64 tensors where exactness matters.
+        """
+        n = self.norm_tensors(stats, fields.upper.dtype, fields.upper.device)
+        return Fields((fields.upper - n.upper_mean) / n.upper_std, (fields.surface - n.surface_mean) / n.surface_std)
 
     def denormalise(self, fields: Fields, stats: NormStats) -> Fields:
-        """Inverse of :meth:`normalise`: ``x · std + mean``, in physical units."""
-        n = self.norm_tensors(stats, torch.float64, fields.upper.device)
-        return Fields(
-            (fields.upper.double() * n.upper_std + n.upper_mean).to(fields.upper.dtype),
-            (fields.surface.double() * n.surface_std + n.surface_mean).to(fields.surface.dtype),
-        )
+        """Inverse of :meth:`normalise`: ``x · std + mean``, in physical units and the tensors' dtype."""
+        n = self.norm_tensors(stats, fields.upper.dtype, fields.upper.device)
+        return Fields(fields.upper * n.upper_std + n.upper_mean, fields.surface * n.surface_std + n.surface_mean)

@@ -138,11 +138,16 @@ class WeatherDataset(torch.utils.data.Dataset):
     def __getitem__(self, index: int) -> Sample:
         positions = self._positions[index]
         if self._tensors is not None:
-            states = Fields(self._tensors.upper[positions], self._tensors.surface[positions])
+            # index_select, not tensor[positions]: advanced indexing is ~40x slower here on CPU.
+            index = torch.from_numpy(positions)
+            states = Fields(self._tensors.upper.index_select(0, index), self._tensors.surface.index_select(0, index))
         else:
             # Synchronous: DataLoader workers already run in parallel; a dask pool per worker only thrashes.
+            strides = np.diff(positions)
+            # A strided slice (always, unless gaps were skipped) avoids dask's costly fancy-index shuffle.
+            times = slice(positions[0], positions[-1] + 1, strides[0]) if np.all(strides == strides[0]) else positions
             with dask.config.set(scheduler="synchronous"):
-                states = self.layout.to_tensors(self._data.isel(time=positions), self.stats)
+                states = self.layout.to_tensors(self._data.isel(time=times), self.stats)
         per_time = [Fields(states.upper[i], states.surface[i]) for i in range(len(positions))]
         return tuple(per_time[:-1]), per_time[-1]
 
