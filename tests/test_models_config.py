@@ -40,6 +40,7 @@ def test_drop_path_rates_follow_pangu():
         ({"heads": [5, 6, 6, 3]}, "stage 1: 5 heads"),
         ({"upper_variables": ["vorticity"]}, "unknown upper-air variables"),
         ({"levels": [850, 500]}, "ascending"),
+        ({"upper_variables": ["temperature", "geopotential"]}, "canonical order"),
         ({"grid": "10x10"}, "unknown grid"),
         ({"nlat": 33}, "contradicts grid 64x32"),
         ({"depths": [2, 2, 2]}, "depths"),

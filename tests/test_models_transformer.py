@@ -21,7 +21,7 @@ def tiny_config(**overrides) -> ModelConfig:
     settings = dict(
         upper_variables=["geopotential", "temperature"],
         levels=[250, 500, 850, 925],
-        surface_variables=["mean_sea_level_pressure", "2m_temperature", "10m_u_component_of_wind"],
+        surface_variables=["2m_temperature", "10m_u_component_of_wind", "mean_sea_level_pressure"],
         nlat=12, nlon=32, n_input_times=2, embed_dim=8, depths=[2, 2, 2, 2], heads=[2, 2, 2, 2],
         window=[2, 2, 4], patch=[2, 2, 2], mlp_ratio=2.0,
     )

@@ -72,6 +72,10 @@ class ModelConfig(BaseModel):
         unknown = set(self.surface_variables) - set(SURFACE_VARIABLES)
         if unknown:
             raise ValueError(f"unknown surface variables {sorted(unknown)}; use names from {SURFACE_VARIABLES}")
+        for names, known in ((self.upper_variables, UPPER_AIR_VARIABLES), (self.surface_variables, SURFACE_VARIABLES)):
+            # bdlens.data lays channels out in this order; any other order would silently swap fields.
+            if list(names) != sorted(names, key=known.index):
+                raise ValueError(f"list {list(names)} in the canonical order of {known}")
         if not self.upper_variables or not self.surface_variables or not self.levels:
             raise ValueError("upper_variables, surface_variables and levels must not be empty")
         if list(self.levels) != sorted(set(self.levels)) or not set(self.levels) <= set(WB2_LEVELS):
