@@ -188,3 +188,13 @@ def test_make_datasets_end_to_end(tmp_path):
     assert not np.allclose(train.stats.std["temperature"], everything.std["temperature"], rtol=1e-6)
     (x0, x1), y = val[0]
     assert x0.upper.shape == (2, 2, 32, 64) and val.sample_times(0)[0] == np.datetime64("2000-01-07T00", "ns")
+
+
+def test_layout_picks_its_levels_and_variables_from_a_larger_dataset(ds):
+    layout = FieldLayout(("temperature",), (850,), ("2m_temperature",), grid=FieldLayout.from_dataset(ds).grid)
+    data = WeatherDataset(ds, layout, "6h", input_steps=1)
+    (x,), y = data[0]
+    assert x.upper.shape == (1, 1, 32, 64) and x.surface.shape == (1, 32, 64)
+    np.testing.assert_array_equal(y.upper[0, 0].numpy(), ds["temperature"].sel(time=data.sample_times(0)[1], level=850).values)
+    with pytest.raises(BdlensError, match="lacks variable\\(s\\) specific_humidity"):
+        WeatherDataset(ds, FieldLayout(("specific_humidity",), (850,), (), grid=layout.grid), "6h")

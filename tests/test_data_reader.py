@@ -50,7 +50,7 @@ def test_non_canonical_inputs_give_identical_canonical_dataset(tmp_path, truth, 
     if layout.get("flip_lat"):
         assert "latitude was descending" in messages
     if layout.get("lon_180"):
-        assert "rolled to 0..360" in messages
+        assert "longitude ran -180..174.375; rolled to start at 0" in messages
     if layout.get("rename"):
         assert "renamed" in messages
 

@@ -175,9 +175,9 @@ def _canonical_horizontal(ds: xr.Dataset, path: Path) -> xr.Dataset:
         log.info("%s: latitude was descending (north→south); flipped to ascending", path)
         ds = ds.isel(latitude=slice(None, None, -1))
     lon = ds["longitude"].values.astype(np.float64)
-    if lon.min() < 0.0:
-        start = int(np.argmin(np.mod(lon, 360.0)))
-        log.info("%s: longitude was in −180..180; rolled to 0..360", path)
+    start = int(np.argmin(np.mod(lon, 360.0)))
+    if lon.min() < 0.0 or start != 0:  # −180..180, or a 0..360 axis that starts elsewhere than 0°
+        log.info("%s: longitude ran %g..%g; rolled to start at 0 in [0, 360)", path, lon[0], lon[-1])
         ds = ds.roll(longitude=-start, roll_coords=True)
         ds = ds.assign_coords(longitude=np.mod(ds["longitude"].values.astype(np.float64), 360.0))
     grid = _match_grid(ds["latitude"].values, ds["longitude"].values, path)

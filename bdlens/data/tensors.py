@@ -112,11 +112,8 @@ class FieldLayout:
         Extra variables and levels in ``ds`` are ignored; missing ones raise :class:`BdlensError`.
         With ``stats`` the tensors are normalised.
         """
-        self._check_dataset(ds, self.variables, check_levels=bool(self.upper_variables))
-        batch_dims = self._batch_dims(ds)
-        sub = ds[list(self.variables)]
-        if self.upper_variables:
-            sub = sub.sel(level=list(self.levels))
+        sub = self.select(ds)
+        batch_dims = self._batch_dims(sub)
         sub = sub.transpose(*batch_dims, "level", "latitude", "longitude", missing_dims="ignore").compute()
         batch = int(np.prod([ds.sizes[d] for d in batch_dims], dtype=np.int64))
         fields = Fields(
@@ -124,6 +121,15 @@ class FieldLayout:
             self._stack(sub, self.surface_variables, batch, self.surface_shape[1:], dtype),
         )
         return self.normalise(fields, stats) if stats is not None else fields
+
+    def select(self, ds: xr.Dataset) -> xr.Dataset:
+        """The layout's variables (in layout order) at the layout's levels, from a canonical Dataset (still lazy).
+
+        Raises :class:`BdlensError` naming what is missing, or if the grid is not the layout's.
+        """
+        self._check_dataset(ds, self.variables, check_levels=bool(self.upper_variables))
+        sub = ds[list(self.variables)]
+        return sub.sel(level=list(self.levels)) if self.upper_variables else sub
 
     def constants_tensor(
         self, constants: xr.Dataset, stats: NormStats | None = None, dtype: torch.dtype = torch.float32
