@@ -46,6 +46,23 @@ def test_stats_match_brute_force(grid):
     assert stats.mean["2m_temperature"] - unweighted > 1.0
 
 
+def test_tendency_stats_match_brute_force():
+    ds = synthetic_dataset(times=12, levels=(500,))
+    ds = ds.drop_sel(time=ds["time"].values[6])  # a gap: pairs across it are skipped, not mismatched
+    stats = compute_stats(ds, TRAIN, ["temperature"], difference_step="12h")
+    times = ds["time"].sel(time=slice(*TRAIN)).values
+    pairs = [(t, t + np.timedelta64(12, "h")) for t in times if t + np.timedelta64(12, "h") in times]
+    assert len(pairs) == 3  # 06→18, 12→00, 18→06; the pair 00→12 on Jan 2 would need the dropped time
+    diffs = np.stack([ds["temperature"].sel(time=b, level=500).values - ds["temperature"].sel(time=a, level=500).values for a, b in pairs])
+    lat = np.deg2rad(ds["latitude"].values)
+    area = np.sin(lat + np.deg2rad(2.8125)) - np.sin(lat - np.deg2rad(2.8125))
+    w = np.broadcast_to(area[None, :, None], diffs.shape)
+    mean = np.average(diffs.astype(np.float64), weights=w)
+    std = np.sqrt(np.average((diffs.astype(np.float64) - mean) ** 2, weights=w))
+    np.testing.assert_allclose([stats.mean["temperature"][0], stats.std["temperature"][0]], [mean, std], rtol=1e-6)
+    assert stats.key != compute_stats(ds, TRAIN, ["temperature"]).key
+
+
 def test_constant_field_gets_unit_std_and_constants_reduce_over_space():
     ds = synthetic_dataset(times=4, levels=(500,), constant_variables=("land_sea_mask",))
     ds["calm"] = xr.full_like(ds["2m_temperature"], 5.0)

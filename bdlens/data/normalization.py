@@ -26,6 +26,7 @@ from pathlib import Path
 
 import dask
 import numpy as np
+import pandas as pd
 import xarray as xr
 
 from bdlens.errors import BdlensError
@@ -37,6 +38,7 @@ log = logging.getLogger(__name__)
 _STATS_VERSION = 1
 
 TimeBounds = tuple[str | np.datetime64 | None, str | np.datetime64 | None]
+Step = str | np.timedelta64
 
 
 @dataclass(frozen=True)
@@ -111,7 +113,9 @@ def default_stats_path(data_path: str | Path) -> Path:
     return data_path.with_name(data_path.name + ".normstats.json")
 
 
-def _training_subset(ds: xr.Dataset, time_range: TimeBounds | None, variables: Sequence[str] | None) -> xr.Dataset:
+def _training_subset(
+    ds: xr.Dataset, time_range: TimeBounds | None, variables: Sequence[str] | None, difference_step: Step | None = None
+) -> xr.Dataset:
     names = list(ds.data_vars) if variables is None else list(variables)
     sub = ds[names]
     if time_range is not None and "time" in sub.dims:
@@ -121,14 +125,31 @@ def _training_subset(ds: xr.Dataset, time_range: TimeBounds | None, variables: S
                 f"no data in the time range {time_range[0]} … {time_range[1]} "
                 f"(the data cover {ds['time'].values[0]} … {ds['time'].values[-1]}); fix the training split"
             )
-    return sub
+    return sub if difference_step is None else _differences(sub, difference_step)
 
 
-def stats_key(ds: xr.Dataset, time_range: TimeBounds | None = None, variables: Sequence[str] | None = None) -> str:
+def _differences(sub: xr.Dataset, step: Step) -> xr.Dataset:
+    """X(t + Δ) − X(t) in float64 for every t with both times in ``sub``, labelled by t + Δ."""
+    delta = pd.Timedelta(step).to_timedelta64().astype("timedelta64[ns]")
+    times = sub["time"].values if "time" in sub.dims else np.array([], "datetime64[ns]")
+    start = times[np.isin(times + delta, times)]
+    if start.size == 0:
+        raise BdlensError(f"no pair of times {step} apart in the training period; use a longer period or a shorter step")
+    later = sub.sel(time=start + delta).astype(np.float64)
+    return later - sub.sel(time=start).astype(np.float64).assign_coords(time=start + delta)
+
+
+def stats_key(
+    ds: xr.Dataset,
+    time_range: TimeBounds | None = None,
+    variables: Sequence[str] | None = None,
+    difference_step: Step | None = None,
+) -> str:
     """Cache key of the statistics of ``ds`` over ``time_range`` for ``variables`` (hex string).
 
     It hashes what the numbers depend on: the variables, levels, grid, the first/last/count of the
-    times actually used, and the dataset's attributes (where the demo world records its settings).
+    times actually used, the difference step if any, and the dataset's attributes (where the demo
+    world records its settings).
     """
     sub = _training_subset(ds, time_range, variables)
     times = sub["time"].values if "time" in sub.dims else np.array([], "datetime64[ns]")
@@ -139,20 +160,26 @@ def stats_key(ds: xr.Dataset, time_range: TimeBounds | None = None, variables: S
         "grid": [sub.sizes.get("latitude"), sub.sizes.get("longitude")],
         "times": [str(times[0]), str(times[-1]), int(times.size)] if times.size else [],
         "attrs": json.dumps(ds.attrs, sort_keys=True, default=str),
+        "difference_step": None if difference_step is None else str(pd.Timedelta(difference_step)),
     }
     return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def compute_stats(
-    ds: xr.Dataset, time_range: TimeBounds | None = None, variables: Sequence[str] | None = None
+    ds: xr.Dataset,
+    time_range: TimeBounds | None = None,
+    variables: Sequence[str] | None = None,
+    difference_step: Step | None = None,
 ) -> NormStats:
     """Latitude-weighted mean/std of each variable (per level) over ``time_range`` (inclusive), one dask pass.
 
     ``ds`` in canonical layout (see :func:`bdlens.data.open_dataset`); fields without a time
-    dimension (constants) are reduced over latitude/longitude only. A field with zero spread gets
+    dimension (constants) are reduced over latitude/longitude only. With ``difference_step`` Δ
+    (e.g. "6h") the statistics are those of the tendency X(t + Δ) − X(t) over the pairs inside the
+    range, the scale of a residual target (GraphCast, diffusion). A field with zero spread gets
     std 1 (a warning says which), so normalising it never divides by zero.
     """
-    sub = _training_subset(ds, time_range, variables)
+    sub = _training_subset(ds, time_range, variables, difference_step)
     # lat_weights has mean 1 over latitude, so mean(w·x) over every (time, lat, lon) is the area mean.
     weights = xr.DataArray(lat_weights(sub["latitude"].values), dims="latitude")
     moments = {}
@@ -173,7 +200,7 @@ def compute_stats(
             s = np.where(flat, 1.0, s)
         mean[str(name)], std[str(name)] = m1, s
     levels = tuple(int(lev) for lev in sub["level"].values) if "level" in sub.dims else ()
-    return NormStats(mean=mean, std=std, levels=levels, key=stats_key(ds, time_range, variables))
+    return NormStats(mean=mean, std=std, levels=levels, key=stats_key(ds, time_range, variables, difference_step))
 
 
 def load_or_compute_stats(
@@ -181,10 +208,11 @@ def load_or_compute_stats(
     path: str | Path,
     time_range: TimeBounds | None = None,
     variables: Sequence[str] | None = None,
+    difference_step: Step | None = None,
 ) -> NormStats:
-    """The statistics at ``path`` if their cache key matches ``ds``/``time_range``/``variables``; else compute and save them."""
+    """The statistics at ``path`` if their cache key matches the arguments of :func:`compute_stats`; else compute and save them."""
     path = Path(path)
-    key = stats_key(ds, time_range, variables)
+    key = stats_key(ds, time_range, variables, difference_step)
     if path.exists():
         try:
             cached = NormStats.load(path)
@@ -197,6 +225,6 @@ def load_or_compute_stats(
             log.info("%s: statistics were made for other data, times or variables; recomputing", path)
     bounds = [str(np.datetime64(t, "m")) if t is not None else "…" for t in (time_range or (None, None))]
     log.info("computing normalisation statistics over %s to %s", *bounds)
-    stats = compute_stats(ds, time_range, variables)
+    stats = compute_stats(ds, time_range, variables, difference_step)
     stats.save(path)
     return stats

@@ -28,6 +28,7 @@ from bdlens.data.reader import CANONICAL_DIMS
 from bdlens.errors import BdlensError
 from bdlens.grid import SURFACE_VARIABLES, UPPER_AIR_VARIABLES, VARIABLE_ATTRS, Grid, grid_from_coords
 
+
 class Fields(NamedTuple):
     """A model state: ``upper`` (..., V_upper, Z, H, W) and ``surface`` (..., V_surface, H, W) tensors."""
 
