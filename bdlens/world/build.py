@@ -206,9 +206,9 @@ def summarize(world: str | Path) -> dict[str, Any]:
         "levels_hpa": [int(v) for v in truth.level.values],
         "jet_u250_max_ms": {
             "north": round(float(north.max()), 1),
-            "north_lat": float(north.latitude[north.argmax()]),
+            "north_lat": float(north.latitude.values[int(np.argmax(north.values))]),
             "south": round(float(south.max()), 1),
-            "south_lat": float(south.latitude[south.argmax()]),
+            "south_lat": float(south.latitude.values[int(np.argmax(south.values))]),
         },
         "t850_k": {
             "mean": round(float(t850.weighted(weights).mean().compute()), 1),

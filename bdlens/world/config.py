@@ -11,7 +11,7 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from bdlens.errors import BdlensError
+from bdlens.errors import BdlensError, validation_error
 from bdlens.grid import WB2_LEVELS
 
 # Bumped whenever the world's on-disk layout or numerics change, so old caches are never reused.
@@ -102,5 +102,4 @@ def load_world_config(path: str | Path) -> WorldConfig:
     try:
         return WorldConfig.model_validate(raw)
     except ValidationError as err:
-        problems = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in err.errors())
-        raise BdlensError(f"world config {path} is invalid: {problems}") from err
+        raise validation_error(f"world config {path}", err) from err

@@ -1,0 +1,64 @@
+"""``bdlens world``: build the demo world, summarise it, run the physics ensemble."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bdlens world {build,summary,ensemble}``."""
+    world = subparsers.add_parser("world", help="the embedded demo world (Held-Suarez dynamical core)")
+    commands = world.add_subparsers(dest="world_command", metavar="COMMAND", required=True)
+
+    build = commands.add_parser("build", help="build (or reuse from the cache) a demo world and print its summary")
+    preset = build.add_mutually_exclusive_group()
+    preset.add_argument("--small", action="store_true", help="a few weeks, for tests and the quick start (<1 min)")
+    preset.add_argument("--config", help="world YAML (path or name in configs/); default: configs/world_demo.yaml")
+    build.add_argument("--cache-dir", type=Path, help="where worlds are cached (default $BDLENS_CACHE_DIR or ~/.cache/bdlens)")
+    build.add_argument("--force", action="store_true", help="rebuild even if a cached world with these settings exists")
+    build.set_defaults(func=_build)
+
+    summary = commands.add_parser("summary", help="print the summary of a built world")
+    summary.add_argument("world", type=Path, help="world directory printed by `bdlens world build`")
+    summary.set_defaults(func=_summary)
+
+    ens = commands.add_parser("ensemble", help="run the perfect-model physics ensemble from perturbed analyses")
+    ens.add_argument("--world", type=Path, required=True, help="world directory printed by `bdlens world build`")
+    ens.add_argument("--init", dest="init_times", action="append", required=True, metavar="TIME",
+                     help="init time, ISO (e.g. 2000-01-05T00); repeat for several")
+    ens.add_argument("--members", type=int, default=10, help="ensemble members (default 10)")
+    ens.add_argument("--lead-hours", type=int, default=120, help="forecast length in hours (default 120)")
+    ens.add_argument("--out", type=Path, required=True, help="output zarr (bdlens forecast layout)")
+    ens.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    ens.set_defaults(func=_ensemble)
+
+
+def _print_summary(world: Path) -> None:
+    from bdlens.world.build import read_manifest
+
+    manifest = read_manifest(world)
+    print(f"world: {world}")
+    print(f"built: {manifest['built_at']} in {manifest['build_seconds']} s (bdlens {manifest['bdlens_version']})")
+    print(json.dumps(manifest["summary"], indent=2))
+
+
+def _build(args: argparse.Namespace) -> int:
+    from bdlens.world.build import build
+
+    _print_summary(build(args.config, small=args.small, cache_dir=args.cache_dir, force=args.force))
+    return 0
+
+
+def _summary(args: argparse.Namespace) -> int:
+    _print_summary(args.world)
+    return 0
+
+
+def _ensemble(args: argparse.Namespace) -> int:
+    from bdlens.world.ensemble import physics_ensemble
+
+    out = physics_ensemble(args.world, args.init_times, args.members, args.lead_hours, args.out, overwrite=args.overwrite)
+    print(out)
+    return 0
