@@ -162,3 +162,15 @@ def test_unreadable_file(tmp_path):
     path.write_text("not a netCDF file")
     with pytest.raises(BdlensError, match=r"broken\.nc: cannot be read as a netCDF file"):
         open_dataset(path)
+
+
+def test_forecast_layout_is_accepted_in_canonical_dim_order(tmp_path, truth):
+    fc = xr.concat([truth.isel(time=slice(0, 2)) + k for k in range(3)], dim=xr.DataArray([0, 1, 2], dims="number", name="number"))
+    fc = fc.expand_dims(prediction_timedelta=np.array([6, 12], "timedelta64[h]").astype("timedelta64[ns]"))
+    fc = fc.transpose("latitude", "longitude", "prediction_timedelta", "time", "number", "level")
+    ds = open_dataset(write_synthetic(tmp_path / "fc.zarr", fc, flip_lat=True))
+    assert ds["temperature"].dims == ("number", "time", "prediction_timedelta", "level", "latitude", "longitude")
+    assert ds["2m_temperature"].dims == ("number", "time", "prediction_timedelta", "latitude", "longitude")
+    np.testing.assert_array_equal(
+        ds["temperature"].isel(number=2, prediction_timedelta=1).values, truth["temperature"].isel(time=slice(0, 2)).values + 2
+    )
