@@ -66,7 +66,11 @@ class TimeRange(BaseModel):
 
 
 class DataConfig(BaseModel):
-    """Which fields a model trains on, the step Δ, the number of input times and the time splits."""
+    """Which fields a model trains on, the step Δ, the number of input times and the time splits.
+
+    ``path`` (and ``constants_path``, for time-independent fields kept in another store) are read
+    relative to the working directory; ``constant_variables`` default to the data store itself.
+    """
 
     model_config = ConfigDict(extra="forbid")
 

@@ -66,7 +66,10 @@ class WeatherDataset(torch.utils.data.Dataset):
         self.input_steps = input_steps
         self.step = _as_timedelta(step)
         self._source = str(source)
-        sub = layout.select(ds)
+        try:
+            sub = layout.select(ds)
+        except BdlensError as err:
+            raise BdlensError(f"{source}: {err}") from err
         if time_range is not None:
             sub = sub.sel(time=slice(*time_range))
         if "time" not in sub.dims or sub.sizes["time"] == 0:
