@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -30,6 +32,12 @@ def test_layout_from_dataset_uses_canonical_order(ds, layout):
     assert layout.upper_variables == UPPER and layout.levels == LEVELS
     assert layout.surface_variables == ("2m_temperature", "10m_u_component_of_wind", "10m_v_component_of_wind", "mean_sea_level_pressure")
     assert layout.upper_shape == (4, 3, 32, 64) and layout.surface_shape == (4, 32, 64)
+
+
+def test_layout_serialises_and_compares_by_value(layout):
+    again = FieldLayout.from_dict(json.loads(json.dumps(layout.to_dict())))
+    assert again == layout and hash(again) == hash(layout)
+    assert FieldLayout(["temperature"], [500], [], grid=layout.grid) == FieldLayout(("temperature",), (500,), (), grid=layout.grid)
 
 
 def test_to_tensors_puts_each_field_in_its_slot(ds, layout):

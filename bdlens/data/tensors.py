@@ -26,7 +26,7 @@ import xarray as xr
 from bdlens.data.normalization import NormStats
 from bdlens.data.reader import CANONICAL_DIMS
 from bdlens.errors import BdlensError
-from bdlens.grid import SURFACE_VARIABLES, UPPER_AIR_VARIABLES, VARIABLE_ATTRS, Grid, grid_from_coords
+from bdlens.grid import GRIDS, SURFACE_VARIABLES, UPPER_AIR_VARIABLES, VARIABLE_ATTRS, Grid, grid_from_coords
 
 
 class Fields(NamedTuple):
@@ -72,6 +72,27 @@ class FieldLayout:
     surface_variables: tuple[str, ...]
     grid: Grid
     constant_variables: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # Accept lists (from YAML/JSON) but store tuples, so layouts compare and hash by value.
+        for name in ("upper_variables", "surface_variables", "constant_variables"):
+            object.__setattr__(self, name, tuple(str(v) for v in getattr(self, name)))
+        object.__setattr__(self, "levels", tuple(int(lev) for lev in self.levels))
+
+    def to_dict(self) -> dict:
+        """A JSON-serialisable form (for checkpoints); the grid is stored by name."""
+        return {
+            "upper_variables": list(self.upper_variables),
+            "levels": list(self.levels),
+            "surface_variables": list(self.surface_variables),
+            "grid": self.grid.name,
+            "constant_variables": list(self.constant_variables),
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> FieldLayout:
+        """Inverse of :meth:`to_dict`."""
+        return cls(**{**data, "grid": GRIDS[data["grid"]]})
 
     @classmethod
     def from_dataset(cls, ds: xr.Dataset, constants: xr.Dataset | None = None) -> FieldLayout:
