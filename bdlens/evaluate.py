@@ -30,6 +30,9 @@ log = logging.getLogger(__name__)
 REDUCE_DIMS: tuple[str, ...] = ("time", "latitude", "longitude")
 LEAD_DIM = "prediction_timedelta"
 DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
+#: Forecast bytes per dask chunk: a few large chunks keep the task graph (and a distributed
+#: scheduler's per-task overhead) small, while the O(M) intermediates per chunk stay a few times this.
+TARGET_CHUNK_BYTES = 16 * 2**20
 _BIN_DIMS: tuple[str, ...] = ("quantile", "probability_bin", "rank", "zonal_wavenumber")
 
 DESCRIPTIONS: dict[str, str] = {
@@ -71,6 +74,12 @@ def align_truth(forecast: xr.DataArray, truth: xr.DataArray) -> xr.DataArray:
     return xr.concat(pieces, dim=forecast[LEAD_DIM], coords="different", compat="equals")
 
 
+def valid_times(forecast: xr.Dataset | xr.DataArray) -> np.ndarray:
+    """Valid times, shape (init time, lead): time + prediction_timedelta (one column without leads)."""
+    leads = forecast[LEAD_DIM].values if LEAD_DIM in forecast.dims else np.array([np.timedelta64(0, "ns")])
+    return forecast["time"].values[:, None] + leads[None, :]
+
+
 def check_inputs(name: str, forecast: xr.Dataset, truth: xr.Dataset, member_dim: str, variables: Sequence[str]) -> None:
     """Raise :class:`BdlensError` for the bad inputs that would make the scores meaningless."""
     if member_dim not in forecast.dims:
@@ -94,11 +103,11 @@ def check_inputs(name: str, forecast: xr.Dataset, truth: xr.Dataset, member_dim:
                 f"{truth.sizes['longitude']}x{truth.sizes['latitude']} ({coord} differs); regrid one of them"
             )
     if "level" in forecast.dims:
-        missing_levels = sorted(set(forecast["level"].values.tolist()) - set(truth["level"].values.tolist()) if "level" in truth.dims else [])
-        if missing_levels or "level" not in truth.dims:
-            raise BdlensError(f"truth lacks level(s) {missing_levels or 'all'} hPa of forecast {name}; use a truth store with them")
-    valid = forecast["time"].values[:, None] + (forecast[LEAD_DIM].values[None, :] if LEAD_DIM in forecast.dims else np.timedelta64(0))
-    if not np.isin(valid, truth["time"].values).any():
+        truth_levels = set(truth["level"].values.tolist()) if "level" in truth.dims else set()
+        missing_levels = sorted(set(forecast["level"].values.tolist()) - truth_levels)
+        if missing_levels:
+            raise BdlensError(f"truth lacks level(s) {missing_levels} hPa of forecast {name}; use a truth store with them")
+    if not np.isin(valid_times(forecast), truth["time"].values).any():
         raise BdlensError(
             f"forecast {name}: no valid time (init {forecast['time'].values.min()}..{forecast['time'].values.max()} plus leads) "
             f"is in the truth ({truth['time'].values.min()}..{truth['time'].values.max()}); use overlapping periods"
@@ -107,9 +116,18 @@ def check_inputs(name: str, forecast: xr.Dataset, truth: xr.Dataset, member_dim:
 
 def _restrict_to_verifiable(forecast: xr.Dataset, truth_times: np.ndarray) -> xr.Dataset:
     """Drop initialisations none of whose valid times the truth has (they would only cost I/O)."""
-    leads = forecast[LEAD_DIM].values if LEAD_DIM in forecast.dims else np.array([np.timedelta64(0, "ns")])
-    valid = forecast["time"].values[:, None] + leads[None, :]
-    return forecast.isel(time=np.isin(valid, truth_times).any(axis=1))
+    return forecast.isel(time=np.isin(valid_times(forecast), truth_times).any(axis=1))
+
+
+def coarsen_chunks(forecast: xr.DataArray, member_dim: str, target_bytes: int = TARGET_CHUNK_BYTES) -> xr.DataArray:
+    """Merge stored chunks along init time up to about ``target_bytes``, members in one chunk."""
+    if not forecast.chunks:
+        return forecast
+    forecast = forecast.chunk({member_dim: -1})
+    largest = {dim: max(sizes) for dim, sizes in zip(forecast.dims, forecast.chunks, strict=True)}
+    chunk_bytes = int(np.prod(list(largest.values()))) * forecast.dtype.itemsize
+    factor = max(1, target_bytes // chunk_bytes)
+    return forecast.chunk({"time": min(forecast.sizes["time"], largest["time"] * factor)})
 
 
 def variable_metrics(
@@ -191,7 +209,7 @@ def evaluate(
         jobs.extend((name, variable) for variable in names)
     results: dict[str, dict[str, xr.Dataset]] = {}
     for name, variable in bar(jobs, desc="evaluate", unit="field"):
-        forecast = _restrict_to_verifiable(forecasts[name], truth["time"].values)[variable]
+        forecast = coarsen_chunks(_restrict_to_verifiable(forecasts[name], truth["time"].values)[variable], member_dim)
         observed = truth[variable]
         if "level" in forecast.dims:
             observed = observed.sel(level=forecast["level"].values)

@@ -178,3 +178,13 @@ def test_existing_output_needs_overwrite_and_failed_writes_leave_nothing(stores,
     with pytest.raises(RuntimeError, match="disk full"):
         write(xr.Dataset(), target)
     assert list(tmp_path.glob("*new.csv*")) == []
+
+
+def test_without_out_prints_a_summary_and_help_works(stores, capsys):
+    assert main(["-q", "evaluate", stores["forecast"], "--truth", stores["truth"], "--variables", "2m_temperature"]) == 0
+    printed = capsys.readouterr().out
+    assert "spread_skill_corrected" in printed and "surface" in printed
+    with pytest.raises(SystemExit) as exit_info:
+        main(["evaluate", "--help"])
+    assert exit_info.value.code == 0
+    assert "--scheduler" in capsys.readouterr().out

@@ -19,6 +19,7 @@ members are valid. Reductions then skip NaN points (see :mod:`bdlens.metrics.wei
 from __future__ import annotations
 
 from collections.abc import Hashable, Sequence
+from functools import partial
 
 import numpy as np
 import xarray as xr
@@ -38,6 +39,8 @@ def crps_ensemble_numpy(forecast: np.ndarray, truth: np.ndarray, fair: bool = Tr
     # Coefficients (2i − M − 1), i = 1..M; they sum to zero, which keeps the weighted sum well
     # conditioned for large offsets such as geopotential.
     coef = 2.0 * np.arange(1, m + 1, dtype=np.float64) - m - 1.0
+    # einsum, not `@`: no BLAS threads, which would oversubscribe the cores inside dask's own threads.
+    dot_coef = partial(np.einsum, "...i,i->...")
     with np.errstate(invalid="ignore", divide="ignore"):
         if skipna:
             nan = np.isnan(xs)
@@ -45,14 +48,14 @@ def crps_ensemble_numpy(forecast: np.ndarray, truth: np.ndarray, fair: bool = Tr
             n = m - n_missing
             xs[nan] = 0.0
             # For n valid members the coefficient of x_(i) is (2i − n − 1) = coef_i + (M − n).
-            pair_sum = xs @ coef + n_missing * xs.sum(axis=-1)
+            pair_sum = dot_coef(xs, coef) + n_missing * xs.sum(axis=-1)
             xs -= y[..., None]
             np.abs(xs, out=xs)
             # Each zeroed NaN slot contributed |0 − y|.
             abs_sum = xs.sum(axis=-1) - n_missing * np.abs(y)
         else:
             n = np.full(xs.shape[:-1], m)
-            pair_sum = xs @ coef
+            pair_sum = dot_coef(xs, coef)
             xs -= y[..., None]
             np.abs(xs, out=xs)
             abs_sum = xs.sum(axis=-1)

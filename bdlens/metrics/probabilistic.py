@@ -216,7 +216,8 @@ def energy_score_numpy(forecast: np.ndarray, truth: np.ndarray, weights: np.ndar
     m = x.shape[-2]
     skill = np.sqrt(((x - y[..., None, :]) ** 2).sum(axis=-1)).mean(axis=-1)
     xc = x - x.mean(axis=-2, keepdims=True)
-    gram = xc @ np.swapaxes(xc, -1, -2)
+    # einsum, not `@`: no BLAS threads, which would oversubscribe the cores inside dask's own threads.
+    gram = np.einsum("...id,...jd->...ij", xc, xc)
     norms = np.einsum("...ii->...i", gram)
     dist2 = norms[..., :, None] + norms[..., None, :] - 2.0 * gram
     pair_sum = np.sqrt(np.clip(dist2, 0.0, None)).sum(axis=(-1, -2))

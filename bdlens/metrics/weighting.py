@@ -66,24 +66,23 @@ def describe_reduction(dims: Sequence[Hashable]) -> str:
     return ", ".join(parts) + "; NaN points skipped, weights renormalised"
 
 
-def weighted_mean(obj: XArray, dims: Sequence[Hashable]) -> XArray:
-    """Mean over ``dims``: cell-area weighted along latitude, equal weights elsewhere, NaNs skipped."""
+def _reduce(obj: XArray, dims: Sequence[Hashable], how: str) -> XArray:
+    """``obj.mean`` or ``obj.sum`` over ``dims``, cell-area weighted when latitude is among them."""
     dims = tuple(dims)
     if not dims:
         return obj
-    if "latitude" in dims:
-        return obj.weighted(lat_weights(obj["latitude"])).mean(dims, skipna=True)
-    return obj.mean(dims, skipna=True)
+    source = obj.weighted(lat_weights(obj["latitude"])) if "latitude" in dims else obj
+    return getattr(source, how)(dims, skipna=True)
+
+
+def weighted_mean(obj: XArray, dims: Sequence[Hashable]) -> XArray:
+    """Mean over ``dims``: cell-area weighted along latitude, equal weights elsewhere, NaNs skipped."""
+    return _reduce(obj, dims, "mean")
 
 
 def weighted_sum(obj: XArray, dims: Sequence[Hashable]) -> XArray:
     """Sum over ``dims``, with latitude cell-area weights (mean 1) when latitude is among them."""
-    dims = tuple(dims)
-    if not dims:
-        return obj
-    if "latitude" in dims:
-        return obj.weighted(lat_weights(obj["latitude"])).sum(dims, skipna=True)
-    return obj.sum(dims, skipna=True)
+    return _reduce(obj, dims, "sum")
 
 
 def annotate(obj: XArray, dims: Sequence[Hashable], **attrs: object) -> XArray:
