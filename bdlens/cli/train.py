@@ -1,0 +1,39 @@
+"""``bdlens train``: deterministic 3DEST training (and the variational post-training, when present)."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+from pathlib import Path
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bdlens train {deterministic,…}``."""
+    train = subparsers.add_parser("train", help="train models on the demo world or WB2 data")
+    commands = train.add_subparsers(dest="train_command", metavar="COMMAND", required=True)
+    det = commands.add_parser(
+        "deterministic",
+        help="train the deterministic 3DEST for one step length (launch with torchrun for several processes)",
+    )
+    det.add_argument("--config", required=True, help="training YAML (path or name in configs/), e.g. train_det_6h")
+    det.add_argument("--out", type=Path, required=True, help="run directory (state, metrics log, final checkpoint/)")
+    mode = det.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    mode.add_argument("--overwrite", action="store_true", help="delete --out and start over")
+    det.set_defaults(func=_deterministic)
+    try:
+        from bdlens.bayes.cli import register_vi
+    except ImportError:  # the variational layer is optional until it lands
+        return
+    register_vi(commands)
+
+
+def _deterministic(args: argparse.Namespace) -> int:
+    from bdlens.training.config import load_train_config
+    from bdlens.training.deterministic import train
+
+    cfg, path = load_train_config(args.config)
+    command = shlex.join(["bdlens", *sys.argv[1:]])
+    print(train(cfg, args.out, config_file=path, resume=args.resume, overwrite=args.overwrite, command=command))
+    return 0
