@@ -19,9 +19,10 @@ def _demo() -> dict:
 
 def test_named_grid_fills_sizes_and_a_model_section_is_accepted(tmp_path):
     path = tmp_path / "m.yaml"
-    path.write_text(yaml.safe_dump({"model": _demo()}))
+    path.write_text(yaml.safe_dump({"model": _demo() | {"patch": [2, 2, 2]}}))
     config = ModelConfig.from_yaml(path)
-    assert (config.nlat, config.nlon) == (32, 64)
+    assert (config.nlat, config.nlon, config.n_levels) == (32, 64, 8)
+    # 8 levels / 2 + the surface token; 32 / 2 latitudes; 64 / 2 longitudes; stage 2 halves lat/lon.
     assert config.token_shape(1) == (5, 16, 32) and config.token_shape(2) == (5, 8, 16)
 
 
