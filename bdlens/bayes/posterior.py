@@ -1,0 +1,240 @@
+"""Mean-field Gaussian posterior over chosen 3DEST weights (SPEC §4), and its save/load format.
+
+q(θ) = N(μ, diag σ²), σ = softplus(ρ), over the parameters that a selection picks (all of them,
+attention + MLP only, the last stages only, or fnmatch patterns of parameter names); every other
+parameter stays at its pretrained value. Post-training starts from the deterministic weights:
+μ = θ_pre and σ = ``init_sigma_scale`` × RMS of each parameter tensor (1 for an all-zero tensor),
+so that the initial noise is the same small fraction of every layer's own scale. The prior is
+N(θ_pre, σ_p² I) (``prior_centre="pretrained"``, the default) or N(0, σ_p² I) (``"zero"``).
+
+The chosen parameters live in one flat vector of P entries (in ``named_parameters`` order), so one
+pyro sample site, one KL and one ``randn`` per weight sample cover the whole model.
+
+On disk a posterior is a directory: ``model.safetensors`` holds the deterministic model's state
+dict with μ in place of the Bayesian weights (so it loads as the posterior-mean model),
+``posterior.safetensors`` holds ``rho.<name>`` and, for a pretrained-centred prior, the prior mean
+``prior_mean.<name>``; ``manifest.json`` holds the model config, the posterior settings and the
+normalisation statistics it was trained with.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import pyro.distributions as dist
+import torch
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from bdlens.errors import BdlensError
+from bdlens.models import EarthSpecificTransformer, ModelConfig
+
+FORMAT_VERSION = 1
+
+# Named parameter selections of SPEC §4 as fnmatch patterns over `named_parameters` names.
+SELECTIONS: dict[str, tuple[str, ...]] = {
+    "all": ("*",),
+    "attention_mlp": ("*.attn.*", "*.mlp.*"),
+    "last_stages": ("decoder1.*", "recovery.*"),
+}
+
+
+class PosteriorSettings(BaseModel):
+    """Which parameters are Bayesian, how σ starts and what the prior is."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    parameters: str | tuple[str, ...] = "all"
+    init_sigma_scale: float = Field(default=1e-4, gt=0)
+    prior_centre: Literal["pretrained", "zero"] = "pretrained"
+    prior_sigma: float = Field(default=1e-2, gt=0)
+
+    @field_validator("parameters")
+    @classmethod
+    def _known(cls, value: str | tuple[str, ...]) -> str | tuple[str, ...]:
+        if isinstance(value, str) and value not in SELECTIONS:
+            raise ValueError(f"unknown selection {value!r}; use one of {sorted(SELECTIONS)} or a list of name patterns")
+        if not isinstance(value, str) and not value:
+            raise ValueError("the list of parameter name patterns is empty")
+        return value
+
+    def patterns(self) -> tuple[str, ...]:
+        """The fnmatch patterns of the selection."""
+        return SELECTIONS[self.parameters] if isinstance(self.parameters, str) else tuple(self.parameters)
+
+
+def select_parameters(model: nn.Module, patterns: Sequence[str]) -> list[str]:
+    """Names of the trainable parameters of ``model`` matching any fnmatch pattern, in model order."""
+    names = [n for n, p in model.named_parameters() if p.requires_grad and any(fnmatch.fnmatchcase(n, pat) for pat in patterns)]
+    if not names:
+        raise BdlensError(f"no parameter name matches {list(patterns)}; names look like {next(iter(dict(model.named_parameters())))!r}")
+    return names
+
+
+def inverse_softplus(sigma: Tensor) -> Tensor:
+    """ρ with softplus(ρ) = σ (σ > 0); σ = 0 maps to −inf."""
+    return torch.where(sigma > 20, sigma, torch.log(torch.expm1(sigma)))
+
+
+class MeanFieldPosterior(nn.Module):
+    """q(θ) = N(μ, diag softplus(ρ)²) over a flat vector of P chosen weights, with its prior.
+
+    ``names``/``shapes`` say how the flat vector splits into the model's parameter tensors.
+    ``prior_loc`` (P,) is the prior mean (None: zero), ``prior_sigma`` σ_p.
+    """
+
+    def __init__(
+        self,
+        names: Sequence[str],
+        shapes: Sequence[torch.Size],
+        mu: Tensor,
+        rho: Tensor,
+        prior_loc: Tensor | None,
+        prior_sigma: float,
+    ) -> None:
+        super().__init__()
+        self.names = list(names)
+        self.shapes = [torch.Size(s) for s in shapes]
+        self.numels = [math.prod(s) for s in self.shapes]
+        if mu.shape != (sum(self.numels),) or rho.shape != mu.shape:
+            raise BdlensError(f"μ and ρ must have shape ({sum(self.numels)},) for these parameters, got {tuple(mu.shape)}, {tuple(rho.shape)}")
+        self.mu = nn.Parameter(mu.detach().clone())
+        self.rho = nn.Parameter(rho.detach().clone())
+        self.prior_sigma = float(prior_sigma)
+        self.register_buffer("prior_loc", torch.zeros((), dtype=mu.dtype) if prior_loc is None else prior_loc.detach().clone())
+        self.prior_centred = prior_loc is not None
+
+    @property
+    def size(self) -> int:
+        """P, the number of Bayesian weights."""
+        return self.mu.numel()
+
+    @property
+    def sigma(self) -> Tensor:
+        """σ = softplus(ρ), shape (P,)."""
+        return F.softplus(self.rho)
+
+    def distribution(self) -> dist.Distribution:
+        """q(θ) as a pyro distribution with event shape (P,)."""
+        return dist.Normal(self.mu, self.sigma).to_event(1)
+
+    def prior(self) -> dist.Distribution:
+        """p(θ) = N(prior_loc, σ_p² I) as a pyro distribution with event shape (P,)."""
+        loc = self.prior_loc.expand(self.size)
+        return dist.Normal(loc, torch.full_like(loc, self.prior_sigma)).to_event(1)
+
+    def kl(self) -> Tensor:
+        """Closed-form KL(q ‖ p) in nats (scalar), summed over the P weights."""
+        return torch.distributions.kl_divergence(self.distribution(), self.prior())
+
+    def unflatten(self, flat: Tensor) -> dict[str, Tensor]:
+        """Split flat weights (..., P) into ``{name: (..., *shape)}`` views for ``functional_call``."""
+        lead = flat.shape[:-1]
+        return {
+            name: part.view(*lead, *shape)
+            for name, part, shape in zip(self.names, torch.split(flat, self.numels, dim=-1), self.shapes, strict=True)
+        }
+
+
+class BayesianTransformer(nn.Module):
+    """A deterministic 3DEST (``base``, frozen) with a mean-field posterior over some of its weights.
+
+    ``base`` keeps θ_pre; a weight sample θ (P,) replaces the chosen parameters in a functional call
+    (see :mod:`bdlens.bayes.sampling`). ``settings`` records how the posterior was set up.
+    """
+
+    def __init__(self, base: EarthSpecificTransformer, posterior: MeanFieldPosterior, settings: PosteriorSettings) -> None:
+        super().__init__()
+        self.base = base.requires_grad_(False)
+        self.posterior = posterior
+        self.settings = settings
+
+    @property
+    def config(self) -> ModelConfig:
+        """The backbone's configuration."""
+        return self.base.config
+
+    def mean_state_dict(self) -> dict[str, Tensor]:
+        """The backbone's state dict with μ in place of the Bayesian weights (the posterior-mean model)."""
+        state = {k: v.detach().clone() for k, v in self.base.state_dict().items()}
+        state.update({k: v.detach().clone() for k, v in self.posterior.unflatten(self.posterior.mu).items()})
+        return state
+
+
+def from_deterministic(
+    model: EarthSpecificTransformer, settings: PosteriorSettings | None = None
+) -> BayesianTransformer:
+    """A Bayesian 3DEST initialised from a trained deterministic one: μ = θ_pre, σ = scale × RMS(θ_pre).
+
+    The deterministic ``model`` is copied, not modified.
+    """
+    settings = settings or PosteriorSettings()
+    base = EarthSpecificTransformer(model.config)
+    base.load_state_dict(model.state_dict())
+    base.eval()
+    names = select_parameters(base, settings.patterns())
+    params = [base.get_parameter(n).detach() for n in names]
+    mu = torch.cat([p.reshape(-1) for p in params])
+    sigma = torch.cat([
+        torch.full((p.numel(),), settings.init_sigma_scale * (float(p.square().mean().sqrt()) or 1.0), dtype=p.dtype)
+        for p in params
+    ])
+    prior_loc = mu if settings.prior_centre == "pretrained" else None
+    posterior = MeanFieldPosterior(names, [p.shape for p in params], mu, inverse_softplus(sigma), prior_loc, settings.prior_sigma)
+    return BayesianTransformer(base, posterior.to(mu.device), settings)
+
+
+def save_posterior(
+    bayes: BayesianTransformer, directory: str | Path, norm_stats: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
+) -> Path:
+    """Write ``model.safetensors`` (posterior mean), ``posterior.safetensors`` (ρ, prior mean) and
+    ``manifest.json`` (model config, posterior settings, ``norm_stats`` as given, ``extra``)."""
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    post = bayes.posterior
+    tensors = {f"rho.{k}": v.detach().contiguous() for k, v in post.unflatten(post.rho).items()}
+    if post.prior_centred:
+        tensors.update({f"prior_mean.{k}": v.contiguous() for k, v in post.unflatten(post.prior_loc).items()})
+    save_file({k: v.contiguous() for k, v in bayes.mean_state_dict().items()}, directory / "model.safetensors")
+    save_file(tensors, directory / "posterior.safetensors")
+    manifest = {
+        "format": "bdlens-vi-posterior",
+        "version": FORMAT_VERSION,
+        "model_config": bayes.config.model_dump(mode="json"),
+        "posterior": {**bayes.settings.model_dump(mode="json"), "names": post.names},
+        "norm_stats": norm_stats,
+        **(extra or {}),
+    }
+    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    return directory
+
+
+def load_posterior(directory: str | Path, device: torch.device | str = "cpu") -> tuple[BayesianTransformer, dict[str, Any]]:
+    """Read a directory written by :func:`save_posterior`; returns the model and the manifest."""
+    directory = Path(directory)
+    try:
+        manifest = json.loads((directory / "manifest.json").read_text())
+        state = load_file(directory / "model.safetensors", device=str(device))
+        extra = load_file(directory / "posterior.safetensors", device=str(device))
+    except FileNotFoundError as err:
+        raise BdlensError(f"{directory} is not a VI posterior directory ({err.filename} missing); train one with `bdlens train vi`") from None
+    if manifest.get("format") != "bdlens-vi-posterior":
+        raise BdlensError(f"{directory}/manifest.json is not a bdlens VI posterior manifest")
+    settings = PosteriorSettings.model_validate({k: v for k, v in manifest["posterior"].items() if k != "names"})
+    base = EarthSpecificTransformer(ModelConfig.from_dict(manifest["model_config"], source=f"{directory}/manifest.json"))
+    base.load_state_dict(state)
+    names = manifest["posterior"]["names"]
+    shapes = [state[n].shape for n in names]
+    mu = torch.cat([state[n].reshape(-1) for n in names])
+    rho = torch.cat([extra[f"rho.{n}"].reshape(-1) for n in names])
+    prior_loc = torch.cat([extra[f"prior_mean.{n}"].reshape(-1) for n in names]) if settings.prior_centre == "pretrained" else None
+    posterior = MeanFieldPosterior(names, shapes, mu, rho, prior_loc, settings.prior_sigma)
+    # base holds θ_pre as the fixed point of the non-Bayesian weights; its Bayesian entries are not used.
+    return BayesianTransformer(base.to(device).eval(), posterior.to(device), settings), manifest

@@ -1,0 +1,117 @@
+"""Posterior weight samples and their forecasts in one batched forward pass (SPEC §4).
+
+Member k's weights are θ_k = μ + σ ⊙ ε_k with ε_k ~ N(0, I) drawn from a generator seeded by
+(seed, k) alone, so member k is the same whether it is drawn among 4 members or among 32, and
+whatever else is batched with it. The K members then run as one pass: ``torch.func.vmap`` over a
+``functional_call`` of the backbone with stacked weights (linear layers become batched matmuls),
+not K serial passes. θ_k is held fixed for a member's whole rollout (:class:`PosteriorEnsemble`).
+
+Shapes: weights (K, P); states upper (B, V_u, Z, H, W) / surface (B, V_s, H, W) shared by all
+members, or (K, B, …) with one state per member; outputs always (K, B, …).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from torch.func import functional_call, vmap
+
+from bdlens.bayes.posterior import BayesianTransformer
+from bdlens.errors import BdlensError
+
+State = tuple[Tensor, Tensor]
+
+
+def member_generator(seed: int, member: int) -> torch.Generator:
+    """The CPU generator of member ``member`` for ``seed`` (independent streams via numpy's SeedSequence)."""
+    if member < 0:
+        raise BdlensError(f"member indices must be non-negative, got {member}")
+    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(member)]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def sample_weights(bayes: BayesianTransformer, members: int | Sequence[int], seed: int) -> Tensor:
+    """Weight samples θ_k = μ + σ ε_k, shape (K, P), for members ``range(members)`` or the given indices.
+
+    ε_k is drawn on the CPU from :func:`member_generator` (so it is the same on every device) and
+    moved to μ's device.
+    """
+    indices = range(members) if isinstance(members, int) else members
+    post = bayes.posterior
+    eps = torch.stack([torch.randn(post.size, generator=member_generator(seed, k), dtype=post.mu.dtype) for k in indices])
+    return post.mu + post.sigma * eps.to(post.mu.device)
+
+
+def forward_sample(
+    bayes: BayesianTransformer, theta: Tensor, upper: Tensor, surface: Tensor, constants: Tensor | None = None
+) -> State:
+    """The backbone with one weight sample θ (P,): (B, T_in, V_u, Z, H, W), (B, T_in, V_s, H, W) → X_{t+Δ}."""
+    return functional_call(bayes.base, bayes.posterior.unflatten(theta), (upper, surface, constants))
+
+
+def forward_members(
+    bayes: BayesianTransformer,
+    weights: Tensor,
+    upper: Tensor,
+    surface: Tensor,
+    constants: Tensor | None = None,
+    chunk_size: int | None = None,
+) -> State:
+    """K members in one vmapped pass: weights (K, P); inputs (B, T_in, …) shared or (K, B, T_in, …).
+
+    Returns upper (K, B, V_u, Z, H, W), surface (K, B, V_s, H, W). ``chunk_size`` bounds how many
+    members run at once (memory), as in ``torch.func.vmap``.
+    """
+    per_member = upper.ndim == 7
+    if per_member and (upper.shape[0] != weights.shape[0] or surface.shape[0] != weights.shape[0]):
+        raise BdlensError(f"per-member inputs have {upper.shape[0]} members but there are {weights.shape[0]} weight samples")
+    dims = 0 if per_member else None
+
+    def member(theta: Tensor, u: Tensor, s: Tensor) -> State:
+        return forward_sample(bayes, theta, u, s, constants)
+
+    return vmap(member, in_dims=(0, dims, dims), chunk_size=chunk_size)(weights, upper, surface)
+
+
+class PosteriorEnsemble:
+    """K posterior members with weights drawn once and kept for the whole rollout.
+
+    :meth:`step` is the ``callable(previous, current)`` of :func:`bdlens.models.lead_time.rollout`:
+    states are (upper, surface) pairs shared by all members ((B, …), e.g. the analyses) or
+    per-member ((K, B, …)); it returns per-member states (K, B, …).
+    """
+
+    def __init__(
+        self,
+        bayes: BayesianTransformer,
+        members: int | Sequence[int],
+        seed: int,
+        constants: Tensor | None = None,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.bayes = bayes
+        self.weights = sample_weights(bayes, members, seed)
+        self.constants = constants
+        self.chunk_size = chunk_size
+
+    @property
+    def size(self) -> int:
+        """K, the number of members."""
+        return self.weights.shape[0]
+
+    def step(self, previous: State | None, current: State) -> State:
+        """(X_{t−Δ}, X_t) → X_{t+Δ} for every member; see the class docstring for shapes."""
+        times = [current] if self.bayes.config.n_input_times == 1 else [previous, current]
+        if any(t is None for t in times):
+            raise BdlensError("this model takes two input times: pass the state at t−Δ as `previous`")
+        k = self.size
+        if any(t[0].ndim == 6 for t in times) and any(t[0].ndim == 5 for t in times):
+            # One input per member: broadcast a shared state (e.g. the analysis at t−Δ) to all members.
+            times = [(u.expand(k, *u.shape), s.expand(k, *s.shape)) if u.ndim == 5 else (u, s) for u, s in times]
+        axis = times[0][0].ndim - 4  # the time axis: after B (shared) or after K, B (per member)
+        upper = torch.stack([t[0] for t in times], axis)
+        surface = torch.stack([t[1] for t in times], axis)
+        return forward_members(self.bayes, self.weights, upper, surface, self.constants, self.chunk_size)

@@ -1,0 +1,118 @@
+"""Cost of the variational Bayesian 3DEST on this machine (demo configuration, random weights).
+
+1. Posterior sampling: K members in one batched (vmapped) pass vs K serial functional passes vs the
+   deterministic model on a batch of K copies of the same input (the goal: batched ≤ 1.3× deterministic).
+2. The per-step overhead of pyro's SVI (TraceMeanField_ELBO + pyro.optim.Adam): an SVI step vs a
+   hand-written step with the same objective (:func:`bdlens.bayes.objective.tempered_loss`) and
+   torch.optim.Adam. The VI trainer uses SVI unless this overhead exceeds 20 % of a step.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_bayes.py [--config configs/model_demo.yaml] [--members 10]
+        [--batch 2] [--repeats 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import pyro
+import torch
+from pyro.infer import SVI, TraceMeanField_ELBO
+
+from bdlens.bayes.objective import model_and_guide, tempered_loss
+from bdlens.bayes.posterior import PosteriorSettings, from_deterministic
+from bdlens.bayes.sampling import forward_members, forward_sample, sample_weights
+from bdlens.data.tensors import Fields
+from bdlens.grid import GRIDS
+from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _seconds(fn: Callable[[], object], repeats: int) -> float:
+    fn()  # warm-up: allocator, kernel selection
+    start = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return (time.perf_counter() - start) / repeats
+
+
+def _state(config: ModelConfig, batch: int, g: torch.Generator) -> Fields:
+    return Fields(
+        torch.randn(batch, config.n_upper, config.n_levels, config.nlat, config.nlon, generator=g),
+        torch.randn(batch, config.n_surface, config.nlat, config.nlon, generator=g),
+    )
+
+
+def bench_sampling(bayes, config: ModelConfig, members: int, repeats: int) -> None:
+    g = torch.Generator().manual_seed(0)
+    upper = torch.randn(1, config.n_input_times, config.n_upper, config.n_levels, config.nlat, config.nlon, generator=g)
+    surface = torch.randn(1, config.n_input_times, config.n_surface, config.nlat, config.nlon, generator=g)
+    upper_k, surface_k = upper.expand(members, *upper.shape[1:]).contiguous(), surface.expand(members, *surface.shape[1:]).contiguous()
+    base = bayes.base
+    with torch.no_grad():
+        weights = sample_weights(bayes, members, seed=0)
+        rows = [
+            ("deterministic, batch of K", _seconds(lambda: base(upper_k, surface_k), repeats)),
+            ("batched K samples (vmap)", _seconds(lambda: forward_members(bayes, weights, upper, surface), repeats)),
+            ("K serial functional passes", _seconds(lambda: [forward_sample(bayes, w, upper, surface) for w in weights], repeats)),
+            ("drawing K weight samples", _seconds(lambda: sample_weights(bayes, members, seed=0), repeats)),
+        ]
+    det = rows[0][1]
+    print(f"\nposterior sampling, K = {members} members of one initial state ({bayes.posterior.size:,} Bayesian weights)")
+    print(f"{'variant':30s} {'seconds':>9s} {'vs deterministic':>17s}")
+    for label, sec in rows:
+        print(f"{label:30s} {sec:9.3f} {sec / det:16.2f}x")
+    print(f"batched incl. drawing the weights: {(rows[1][1] + rows[3][1]) / det:.2f}x the deterministic batch "
+          f"(goal ≤ 1.3x); serial / batched = {rows[2][1] / rows[1][1]:.2f}")
+
+
+def bench_svi(bayes, config: ModelConfig, batch: int, repeats: int) -> None:
+    g = torch.Generator().manual_seed(1)
+    data = ((_state(config, batch, g), _state(config, batch, g)), _state(config, batch, g))
+    latitude = GRIDS[config.grid].latitudes()
+    loss_fn = WeightedL1Loss(latitude, config.upper_variables, config.surface_variables)
+    post = bayes.posterior
+    beta, n_data = 1e-4, 4000
+
+    pyro.clear_param_store()
+    model, guide = model_and_guide(bayes, loss_fn, beta, n_data)
+    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-6}), TraceMeanField_ELBO())
+    svi_step = _seconds(lambda: svi.step(data), repeats)
+
+    optimiser = torch.optim.Adam([post.mu, post.rho], lr=1e-6)
+
+    def hand_step() -> float:
+        theta = post.mu + post.sigma * torch.randn_like(post.mu)
+        loss = tempered_loss(bayes, theta, loss_fn, data, beta, n_data)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        return loss.item()
+
+    hand = _seconds(hand_step, repeats)
+    overhead = (svi_step - hand) / svi_step
+    print(f"\nVI training step, batch {batch}: pyro SVI {svi_step:.3f} s, hand-written loop {hand:.3f} s; "
+          f"pyro's overhead = {svi_step - hand:+.3f} s = {100 * overhead:.1f} % of an SVI step "
+          f"({'≤' if overhead <= 0.2 else '>'} 20 %: {'use SVI' if overhead <= 0.2 else 'hand-written loop'})")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", default=ROOT / "configs" / "model_demo.yaml")
+    parser.add_argument("--members", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    config = ModelConfig.from_yaml(args.config)
+    torch.manual_seed(0)
+    bayes = from_deterministic(EarthSpecificTransformer(config), PosteriorSettings())
+    print(f"demo model {args.config}, {torch.get_num_threads()} threads")
+    bench_sampling(bayes, config, args.members, args.repeats)
+    bench_svi(bayes, config, args.batch, args.repeats)
+
+
+if __name__ == "__main__":
+    main()
