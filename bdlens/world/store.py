@@ -11,36 +11,18 @@ from pathlib import Path
 import numpy as np
 import xarray as xr
 
-# CF metadata for every field the demo world writes.
-VARIABLE_ATTRS: dict[str, dict[str, str]] = {
-    "geopotential": {"units": "m2 s-2", "standard_name": "geopotential", "long_name": "Geopotential"},
-    "temperature": {"units": "K", "standard_name": "air_temperature", "long_name": "Temperature"},
-    "u_component_of_wind": {"units": "m s-1", "standard_name": "eastward_wind", "long_name": "U component of wind"},
-    "v_component_of_wind": {"units": "m s-1", "standard_name": "northward_wind", "long_name": "V component of wind"},
-    "mean_sea_level_pressure": {
-        "units": "Pa",
-        "standard_name": "air_pressure_at_mean_sea_level",
-        "long_name": "Mean sea level pressure",
-        "comment": "the demo world is flat, so this is also the surface pressure",
-    },
-    "2m_temperature": {
-        "units": "K",
-        "standard_name": "air_temperature",
-        "long_name": "2 metre temperature (stand-in)",
-        "comment": "demo world: temperature of the lowest sigma layer",
-    },
-    "10m_u_component_of_wind": {
-        "units": "m s-1",
-        "standard_name": "eastward_wind",
-        "long_name": "10 metre U wind component (stand-in)",
-        "comment": "demo world: wind of the lowest sigma layer",
-    },
-    "10m_v_component_of_wind": {
-        "units": "m s-1",
-        "standard_name": "northward_wind",
-        "long_name": "10 metre V wind component (stand-in)",
-        "comment": "demo world: wind of the lowest sigma layer",
-    },
+from bdlens.grid import VARIABLE_ATTRS
+
+# The demo world's surface fields are stand-ins; their CF attributes say so on top of the shared ones.
+_STAND_IN_COMMENTS = {
+    "mean_sea_level_pressure": "the demo world is flat, so this is also the surface pressure",
+    "2m_temperature": "demo world stand-in: temperature of the lowest sigma layer",
+    "10m_u_component_of_wind": "demo world stand-in: wind of the lowest sigma layer",
+    "10m_v_component_of_wind": "demo world stand-in: wind of the lowest sigma layer",
+}
+WORLD_VARIABLE_ATTRS = {
+    name: {**attrs, **({"comment": _STAND_IN_COMMENTS[name]} if name in _STAND_IN_COMMENTS else {})}
+    for name, attrs in VARIABLE_ATTRS.items()
 }
 
 
@@ -58,7 +40,7 @@ def coordinate_attrs(ds: xr.Dataset) -> xr.Dataset:
         if name in ds.coords:
             ds[name].attrs.update(values)
     for name in ds.data_vars:
-        ds[name].attrs.update(VARIABLE_ATTRS.get(str(name), {}))
+        ds[name].attrs.update(WORLD_VARIABLE_ATTRS.get(str(name), {}))
     return ds
 
 

@@ -1,0 +1,104 @@
+"""Skill of the deterministic demo models on the demo world's test period (issue: backbone).
+
+Forecasts start from the *analysis* at 00 UTC each test day and are verified against the *truth*;
+6 h and 24 h models are composed by hierarchical temporal aggregation. Baselines: persistence of the
+analysis and the climatology (time mean of the training years; Held–Suarez has no seasons).
+Prints latitude-weighted RMSE of Z500 and T850 (and more) per lead and writes a JSON table.
+
+    python evaluation/deterministic_skill.py [--det-6h DIR] [--det-24h DIR] [--out evaluation/results/deterministic_skill.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import xarray as xr
+
+from bdlens.data import open_dataset
+from bdlens.data.splits import load_data_config
+from bdlens.configs import config_path
+from bdlens.forecast import deterministic_forecast
+from bdlens.metrics import ensemble_mean_rmse
+from bdlens.models.pretrained import bundled_checkpoint, load_trained
+from bdlens.world.build import build
+
+FIELDS = {"z500": ("geopotential", 500), "t850": ("temperature", 850), "u850": ("u_component_of_wind", 850), "mslp": ("mean_sea_level_pressure", None)}
+
+
+def _field(ds: xr.Dataset, key: str) -> xr.DataArray:
+    name, level = FIELDS[key]
+    return ds[name].sel(level=level) if level is not None else ds[name]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--det-6h", type=Path, default=None, help="6 h checkpoint (default: bundled det_6h)")
+    parser.add_argument("--det-24h", type=Path, default=None, help="24 h checkpoint (default: bundled det_24h)")
+    parser.add_argument("--max-lead-hours", type=int, default=240)
+    parser.add_argument("--init-every-hours", type=int, default=24)
+    parser.add_argument("--out", type=Path, default=Path("evaluation/results/deterministic_skill.json"))
+    args = parser.parse_args(argv)
+
+    world = build()
+    models = {
+        6: load_trained(args.det_6h or bundled_checkpoint("det_6h")),
+        24: load_trained(args.det_24h or bundled_checkpoint("det_24h")),
+    }
+    split = load_data_config(config_path("data_demo")).splits
+    test_start, test_end = split["test"].bounds
+    train_start, train_end = split["train"].bounds
+    truth = open_dataset(world / "truth.zarr").load()
+    analysis = open_dataset(world / "analysis.zarr").load()
+    lead_hours = list(range(6, args.max_lead_hours + 1, 6))
+    max_lead = np.timedelta64(args.max_lead_hours, "h")
+    inits = truth.time.sel(time=slice(test_start + np.timedelta64(24, "h"), test_end - max_lead)).values
+    inits = inits[(inits - inits[0]) % np.timedelta64(args.init_every_hours, "h") == np.timedelta64(0)]
+    forecast = deterministic_forecast(models, analysis, inits, lead_hours)
+    valid = forecast.time + forecast.prediction_timedelta
+    verification = truth.sel(time=valid)
+    persistence = analysis.sel(time=forecast.time).broadcast_like(forecast)
+    climatology = truth.sel(time=slice(train_start, train_end)).mean("time")
+    dims = ["time", "latitude", "longitude"]
+    table: dict[str, dict[str, list[float]]] = {}
+    for key in FIELDS:
+        truth_k = _field(verification, key)
+        table[key] = {
+            name: ensemble_mean_rmse(_field(fc, key), truth_k, dims=dims).values.round(3).tolist()
+            for name, fc in (("model", forecast), ("persistence", persistence), ("climatology", climatology.broadcast_like(forecast)))
+        }
+    result = {
+        "inits": [str(inits[0])[:13], str(inits[-1])[:13], len(inits)],
+        "lead_hours": lead_hours,
+        "rmse": table,
+        "models": {str(s): str(m.source) for s, m in models.items()},
+    }
+    checks = {}
+    for key in ("z500", "t850"):
+        rmse = {k: np.asarray(v) for k, v in table[key].items()}
+        beats_persistence = bool(np.all(rmse["model"] < rmse["persistence"]))
+        three_days = np.asarray(lead_hours) <= 72
+        beats_climatology_3d = bool(np.all(rmse["model"][three_days] < rmse["climatology"][three_days]))
+        crossover = next((h for h, m, c in zip(lead_hours, rmse["model"], rmse["climatology"]) if m >= c), None)
+        checks[key] = {"beats_persistence_6h_to_10d": beats_persistence, "beats_climatology_to_3d": beats_climatology_3d, "climatology_crossover_hours": crossover}
+    result["checks"] = checks
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=1))
+    print(f"test inits {result['inits'][0]} … {result['inits'][1]} ({len(inits)}), latitude-weighted RMSE")
+    print("| lead h | Z500 model | Z500 persistence | Z500 climatology | T850 model | T850 persistence | T850 climatology |")
+    print("|---|---|---|---|---|---|---|")
+    for i, h in enumerate(lead_hours):
+        if h in (6, 12, 24, 48, 72, 120, 168, 240) or h == lead_hours[-1]:
+            z, t = table["z500"], table["t850"]
+            print(f"| {h} | {z['model'][i]:.1f} | {z['persistence'][i]:.1f} | {z['climatology'][i]:.1f} | {t['model'][i]:.3f} | {t['persistence'][i]:.3f} | {t['climatology'][i]:.3f} |")
+    print(json.dumps(checks, indent=1))
+    ok = all(c["beats_persistence_6h_to_10d"] and c["beats_climatology_to_3d"] for c in checks.values())
+    print("PASS" if ok else "FAIL")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

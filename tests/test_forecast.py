@@ -1,0 +1,78 @@
+"""Deterministic forecasts: checkpoint round trip and hierarchical composition against a manual one."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from bdlens.checkpoint import save_checkpoint
+from bdlens.data import FieldLayout, compute_stats
+from bdlens.errors import BdlensError
+from bdlens.forecast import deterministic_forecast
+from bdlens.grid import GRIDS
+from bdlens.models.config import ModelConfig
+from bdlens.models.pretrained import TrainedModel, load_trained
+from bdlens.models.transformer import EarthSpecificTransformer
+from synthetic import synthetic_dataset
+
+UPPER = ("geopotential", "temperature")
+SURFACE = ("2m_temperature", "mean_sea_level_pressure")
+
+
+def _model(step: int, seed: int, stats, layout: FieldLayout) -> TrainedModel:
+    torch.manual_seed(seed)
+    config = ModelConfig(
+        upper_variables=UPPER, levels=(500, 850), surface_variables=SURFACE, grid="64x32", step_hours=step,
+        embed_dim=8, depths=(1, 1, 1, 1), heads=(1, 2, 2, 1), window=(2, 4, 8), patch=(2, 4, 4), residual=True,
+    )
+    model = EarthSpecificTransformer(config).eval()
+    return TrainedModel(model, layout, stats, {"kind": "deterministic"}, Path("memory"))
+
+
+@pytest.fixture(scope="module")
+def setup():
+    ds = synthetic_dataset(times=24, upper_variables=UPPER, surface_variables=SURFACE)
+    layout = FieldLayout(UPPER, (500, 850), SURFACE, GRIDS["64x32"])
+    stats = compute_stats(ds)
+    return ds, layout, {6: _model(6, 0, stats, layout), 24: _model(24, 1, stats, layout)}
+
+
+def test_checkpoint_round_trip_gives_identical_forecasts(setup, tmp_path: Path) -> None:
+    ds, layout, models = setup
+    m = models[6]
+    manifest = {"kind": "deterministic", "model_config": m.model.config.model_dump(mode="json"), "norm_stats": m.stats.to_dict()}
+    loaded = load_trained(save_checkpoint(tmp_path / "c", m.model.state_dict(), manifest))
+    x = layout.to_tensors(ds.isel(time=[4, 5]))
+    prev, cur = layout.to_tensors(ds.isel(time=[3, 4])), x
+    torch.testing.assert_close(loaded.step(prev, cur).upper, m.step(prev, cur).upper, rtol=0, atol=0)
+    manifest["kind"] = "vi"
+    save_checkpoint(tmp_path / "v", m.model.state_dict(), manifest)
+    with pytest.raises(BdlensError, match="deterministic one is needed"):
+        load_trained(tmp_path / "v")
+
+
+def test_hierarchical_forecast_matches_manual_composition(setup) -> None:
+    ds, layout, models = setup
+    init = ds.time.values[8]  # 2000-01-03T00: has the −6 h and −24 h analyses
+    fc = deterministic_forecast(models, ds, [init], [6, 12, 24, 30])
+    at = lambda hours: layout.to_tensors(ds.sel(time=[init + np.timedelta64(hours, "h")]))  # noqa: E731
+    m6, m24 = models[6].step, models[24].step
+    s6 = m6(at(-6), at(0))
+    s12 = m6(at(0), s6)
+    s18 = m6(s6, s12)
+    s24 = m24(at(-24), at(0))
+    s30 = m6(s18, s24)  # the 6 h model continues from the 24 h anchor; its t−Δ state is the 18 h anchor
+    for lead, state in ((6, s6), (12, s12), (24, s24), (30, s30)):
+        got = layout.to_tensors(fc.sel(prediction_timedelta=np.timedelta64(lead, "h")))
+        torch.testing.assert_close(got.upper, state.upper, rtol=1e-6, atol=1e-3)
+        torch.testing.assert_close(got.surface, state.surface, rtol=1e-6, atol=1e-3)
+    assert fc.geopotential.dims == ("time", "prediction_timedelta", "level", "latitude", "longitude")
+
+
+def test_forecast_needs_the_analysis_history(setup) -> None:
+    ds, _, models = setup
+    with pytest.raises(BdlensError, match="lacks .* time"):
+        deterministic_forecast(models, ds, [ds.time.values[0]], [6])
