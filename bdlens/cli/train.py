@@ -22,11 +22,34 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     mode.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
     mode.add_argument("--overwrite", action="store_true", help="delete --out and start over")
     det.set_defaults(func=_deterministic)
+
+    bundle = commands.add_parser("bundle", help="copy a trained checkpoint into the package's bundled demo models")
+    bundle.add_argument("checkpoint", type=Path, help="checkpoint directory (RUN/checkpoint)")
+    bundle.add_argument("--name", required=True, help="bundle name, e.g. det_6h")
+    bundle.add_argument("--scores", type=Path, help="JSON of test-period scores to record in the manifest")
+    bundle.add_argument("--overwrite", action="store_true", help="replace an existing bundle of that name")
+    bundle.set_defaults(func=_bundle)
     try:
         from bdlens.bayes.cli import register_vi
     except ImportError:  # the variational layer is optional until it lands
         return
     register_vi(commands)
+
+
+def _bundle(args: argparse.Namespace) -> int:
+    import json
+
+    from bdlens.errors import BdlensError
+    from bdlens.models.pretrained import bundle
+
+    extra = {}
+    if args.scores is not None:
+        try:
+            extra["test_scores"] = json.loads(args.scores.read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise BdlensError(f"cannot read scores {args.scores}: {err}") from err
+    print(bundle(args.checkpoint, args.name, extra, overwrite=args.overwrite))
+    return 0
 
 
 def _deterministic(args: argparse.Namespace) -> int:

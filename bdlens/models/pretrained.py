@@ -68,3 +68,22 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
         raise BdlensError(f"{path}: model grid {config.nlon}x{config.nlat} is not a supported grid")
     layout = FieldLayout(config.upper_variables, config.levels, config.surface_variables, grid)
     return TrainedModel(model, layout, stats, manifest, path)
+
+
+def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwrite: bool = False) -> Path:
+    """Copy a trained checkpoint into the package's bundled models as ``name``.
+
+    ``extra`` is merged into the manifest (e.g. the test-period scores that justified bundling).
+    An existing bundle is only replaced with ``overwrite``.
+    """
+    from bdlens.checkpoint import save_checkpoint
+
+    checkpoint = Path(checkpoint)
+    manifest = read_manifest(checkpoint)
+    target = BUNDLED_DIR / name
+    if target.exists() and not overwrite:
+        raise BdlensError(f"bundled checkpoint {name} exists; pass --overwrite to replace it")
+    load_trained(checkpoint)  # refuse to bundle anything that does not load
+    manifest = {**manifest, **(extra or {}), "bundled_from": str(checkpoint)}
+    manifest.pop("bdlens_version", None)
+    return save_checkpoint(target, load_weights(checkpoint), manifest)
