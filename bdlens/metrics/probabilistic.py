@@ -88,16 +88,27 @@ def _rank_kernel(x: np.ndarray, y: np.ndarray, u: np.ndarray) -> np.ndarray:
     return np.where(np.isnan(y) | np.isnan(x).any(axis=-1), -1, rank)
 
 
-def _binned_sum(index: xr.DataArray, n_bins: int, bin_dim: str, dims: Sequence[Hashable], values: xr.DataArray | None = None, weighted: bool = True) -> xr.DataArray:
-    """Σ over ``dims`` of [index == b] (times ``values``) for b = 0..n_bins−1, cell-area weighted if asked.
+def _binned_sum(
+    index: xr.DataArray,
+    n_bins: int,
+    bin_dim: str,
+    dims: Sequence[Hashable],
+    mask: xr.DataArray | None = None,
+    weighted: bool = True,
+) -> xr.DataArray:
+    """Σ over ``dims`` of [index == b] (and ``mask``) for b = 0..n_bins−1, cell-area weighted if asked.
 
-    The one-hot intermediate costs n_bins values per point and chunk, O(M) like the rest.
+    The one-hot intermediate is boolean (n_bins bytes per point and chunk) and is counted over the
+    other dims before the latitude weights are applied to the much smaller counts.
     """
     bins = xr.DataArray(np.arange(n_bins), dims=(bin_dim,), coords={bin_dim: np.arange(n_bins)})
-    onehot = (index == bins).astype(np.float64)
-    if values is not None:
-        onehot = onehot * values
-    return weighted_sum(onehot, dims) if weighted else onehot.sum(dims)
+    onehot = index == bins
+    if mask is not None:
+        onehot = onehot & mask
+    counts = onehot.sum([d for d in dims if d != "latitude"])
+    if "latitude" not in dims:
+        return counts
+    return weighted_sum(counts, ["latitude"]) if weighted else counts.sum("latitude")
 
 
 def rank_histogram(
@@ -193,7 +204,7 @@ def reliability(
     reduce_dims = resolve_dims(forecast, dims, exclude=(member_dim,))
     count, observed = _exceedance(forecast, truth, as_threshold_array(thresholds), member_dim)
     cases = _binned_sum(count, size + 1, "probability_bin", reduce_dims)
-    events = _binned_sum(count, size + 1, "probability_bin", reduce_dims, values=observed)
+    events = _binned_sum(count, size + 1, "probability_bin", reduce_dims, mask=observed == 1)
     out = xr.Dataset(
         {
             "observed_frequency": events / cases.where(cases > 0),
