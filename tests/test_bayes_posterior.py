@@ -17,6 +17,7 @@ from bdlens.bayes.posterior import (
     load_posterior,
     save_posterior,
 )
+from bdlens.checkpoint import save_checkpoint
 from bdlens.bayes.sampling import forward_members, forward_sample, sample_weights
 from bdlens.errors import BdlensError
 from bdlens.models import EarthSpecificTransformer
@@ -133,6 +134,9 @@ def test_save_load_round_trip(tmp_path, centre):
         assert torch.equal(p, mu[name] if name in mu else model.get_parameter(name))
 
 
-def test_load_rejects_a_directory_without_a_posterior(tmp_path):
-    with pytest.raises(BdlensError, match="not a VI posterior directory"):
+def test_load_rejects_directories_without_a_posterior(tmp_path):
+    with pytest.raises(BdlensError, match="not a bdlens checkpoint"):
+        load_posterior(tmp_path)
+    save_checkpoint(tmp_path, deterministic().state_dict(), {"kind": "deterministic"})
+    with pytest.raises(BdlensError, match="not a VI posterior"):
         load_posterior(tmp_path)

@@ -20,7 +20,6 @@ normalisation statistics it was trained with.
 from __future__ import annotations
 
 import fnmatch
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -30,13 +29,17 @@ import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, field_validator
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
+from bdlens.checkpoint import load_state_into, load_weights, read_manifest, save_checkpoint
 from bdlens.errors import BdlensError
 from bdlens.models import EarthSpecificTransformer, ModelConfig
 
+KIND = "vi"  # the manifest's "kind", beside bdlens.checkpoint's "deterministic"
 FORMAT_VERSION = 1
+POSTERIOR_WEIGHTS = "posterior.safetensors"
 
 # Named parameter selections of SPEC §4 as fnmatch patterns over `named_parameters` names.
 SELECTIONS: dict[str, tuple[str, ...]] = {
@@ -194,47 +197,46 @@ def from_deterministic(
 def save_posterior(
     bayes: BayesianTransformer, directory: str | Path, norm_stats: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
 ) -> Path:
-    """Write ``model.safetensors`` (posterior mean), ``posterior.safetensors`` (ρ, prior mean) and
-    ``manifest.json`` (model config, posterior settings, ``norm_stats`` as given, ``extra``)."""
+    """Write ``model.safetensors`` (posterior mean) and ``manifest.json`` (model config, posterior
+    settings, ``norm_stats`` as given, ``extra``) with :func:`bdlens.checkpoint.save_checkpoint`, and
+    ``posterior.safetensors`` (ρ, prior mean)."""
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     post = bayes.posterior
-    tensors = {f"rho.{k}": v.detach().contiguous() for k, v in post.unflatten(post.rho).items()}
-    if post.prior_centred:
-        tensors.update({f"prior_mean.{k}": v.contiguous() for k, v in post.unflatten(post.prior_loc).items()})
-    save_file({k: v.contiguous() for k, v in bayes.mean_state_dict().items()}, directory / "model.safetensors")
-    save_file(tensors, directory / "posterior.safetensors")
     manifest = {
-        "format": "bdlens-vi-posterior",
+        "kind": KIND,
         "version": FORMAT_VERSION,
         "model_config": bayes.config.model_dump(mode="json"),
         "posterior": {**bayes.settings.model_dump(mode="json"), "names": post.names},
         "norm_stats": norm_stats,
         **(extra or {}),
     }
-    (directory / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    save_checkpoint(directory, bayes.mean_state_dict(), manifest)
+    tensors = {f"rho.{k}": v.detach().contiguous() for k, v in post.unflatten(post.rho).items()}
+    if post.prior_centred:
+        tensors.update({f"prior_mean.{k}": v.contiguous() for k, v in post.unflatten(post.prior_loc).items()})
+    save_file({k: v.cpu() for k, v in tensors.items()}, directory / POSTERIOR_WEIGHTS)
     return directory
 
 
 def load_posterior(directory: str | Path, device: torch.device | str = "cpu") -> tuple[BayesianTransformer, dict[str, Any]]:
-    """Read a directory written by :func:`save_posterior`; returns the model and the manifest."""
+    """Read a directory written by :func:`save_posterior`; returns the model (on ``device``) and the manifest."""
     directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest.get("kind") != KIND:
+        raise BdlensError(f"{directory} holds a {manifest.get('kind')!r} checkpoint, not a VI posterior; train one with `bdlens train vi`")
+    state = load_weights(directory)
     try:
-        manifest = json.loads((directory / "manifest.json").read_text())
-        state = load_file(directory / "model.safetensors", device=str(device))
-        extra = load_file(directory / "posterior.safetensors", device=str(device))
-    except FileNotFoundError as err:
-        raise BdlensError(f"{directory} is not a VI posterior directory ({err.filename} missing); train one with `bdlens train vi`") from None
-    if manifest.get("format") != "bdlens-vi-posterior":
-        raise BdlensError(f"{directory}/manifest.json is not a bdlens VI posterior manifest")
+        extra = load_file(directory / POSTERIOR_WEIGHTS)
+    except (FileNotFoundError, SafetensorError) as err:
+        raise BdlensError(f"{directory / POSTERIOR_WEIGHTS} is missing or corrupted ({err}); the posterior is incomplete") from None
     settings = PosteriorSettings.model_validate({k: v for k, v in manifest["posterior"].items() if k != "names"})
     base = EarthSpecificTransformer(ModelConfig.from_dict(manifest["model_config"], source=f"{directory}/manifest.json"))
-    base.load_state_dict(state)
+    load_state_into(base, state, directory)
     names = manifest["posterior"]["names"]
     shapes = [state[n].shape for n in names]
     mu = torch.cat([state[n].reshape(-1) for n in names])
     rho = torch.cat([extra[f"rho.{n}"].reshape(-1) for n in names])
     prior_loc = torch.cat([extra[f"prior_mean.{n}"].reshape(-1) for n in names]) if settings.prior_centre == "pretrained" else None
     posterior = MeanFieldPosterior(names, shapes, mu, rho, prior_loc, settings.prior_sigma)
-    # base holds θ_pre as the fixed point of the non-Bayesian weights; its Bayesian entries are not used.
+    # base's Bayesian entries now hold μ; they are never used, a weight sample always replaces them.
     return BayesianTransformer(base.to(device).eval(), posterior.to(device), settings), manifest

@@ -76,11 +76,10 @@ class ValidationSettings(BaseModel):
 
 
 class VIConfig(BaseModel):
-    """A VI post-training configuration (configs/vi_demo.yaml). ``data``: the data config's path."""
+    """A VI post-training configuration (configs/vi_demo.yaml); the data are those of the pretrained model."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    data: str | None = None
     posterior: PosteriorSettings = PosteriorSettings()
     training: TrainingSettings
     validation: ValidationSettings = ValidationSettings()
@@ -195,10 +194,12 @@ def train_vi(
     constants: Tensor | None = None,
     norm_stats: dict[str, Any] | None = None,
     resume: bool = False,
+    manifest_extra: dict[str, Any] | None = None,
 ) -> BayesianTransformer:
     """Post-train ``bayes`` on ``train_set`` (samples ``((X_{t−Δ}, X_t), X_{t+Δ})``) up to ``config.training.steps``.
 
-    Writes ``<out_dir>/metrics.jsonl`` and ``<out_dir>/checkpoint``. With ``resume`` the posterior,
+    Writes ``<out_dir>/metrics.jsonl`` and ``<out_dir>/checkpoint`` (its manifest gets ``norm_stats``,
+    the VI config, the step and ``manifest_extra``). With ``resume`` the posterior,
     optimiser, RNG state and step come from ``<out_dir>/checkpoint`` (``bayes`` is then only
     used when no checkpoint exists yet) and training continues to ``steps``. Returns the trained model.
     """
@@ -235,7 +236,7 @@ def train_vi(
     def save() -> None:
         tmp = out_dir / "checkpoint.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
-        save_posterior(bayes, tmp, norm_stats, {"vi_config": config.model_dump(mode="json"), "step": step})
+        save_posterior(bayes, tmp, norm_stats, {**(manifest_extra or {}), "vi_config": config.model_dump(mode="json"), "step": step})
         torch.save({"step": step, "optimiser": optimiser.get_state(), "rng": torch.get_rng_state()}, tmp / STATE_FILE)
         shutil.rmtree(checkpoint_dir, ignore_errors=True)
         tmp.rename(checkpoint_dir)

@@ -1,0 +1,87 @@
+"""``bdlens train vi``: variational post-training of a trained deterministic 3DEST (SPEC §4).
+
+:func:`register_vi` adds the sub-command to the ``bdlens train`` group (see ``bdlens/cli/train.py``).
+The data, normalisation statistics and model configuration come from the deterministic checkpoint,
+so the posterior is trained on exactly the data the pretrained model saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from pathlib import Path
+
+
+def register_vi(train_subparsers: argparse._SubParsersAction) -> None:
+    """Add ``vi`` to the sub-commands of ``bdlens train``."""
+    vi = train_subparsers.add_parser(
+        "vi",
+        help="post-train a deterministic checkpoint with mean-field variational inference (epistemic uncertainty)",
+        description="Mean-field Gaussian VI over the weights of a trained 3DEST (tempered ELBO, pyro SVI). "
+        "Writes OUT/metrics.jsonl and the posterior to OUT/checkpoint.",
+    )
+    vi.add_argument("--from", dest="source", type=Path, required=True, help="deterministic checkpoint directory")
+    vi.add_argument("--config", required=True, help="VI YAML (path or name in configs/), e.g. vi_demo")
+    vi.add_argument("--out", type=Path, required=True, help="run directory (metrics log, checkpoint/)")
+    vi.add_argument("--world", help="data: 'demo', 'small' or a WB2 zarr (default: the data the checkpoint was trained on)")
+    vi.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    mode = vi.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    mode.add_argument("--overwrite", action="store_true", help="delete --out and start over")
+    vi.set_defaults(func=_vi)
+
+
+def _vi(args: argparse.Namespace) -> int:
+    import torch
+
+    from bdlens.bayes.posterior import from_deterministic
+    from bdlens.bayes.trainer import VIConfig, train_vi
+    from bdlens.configs import config_path
+    from bdlens.data import DataConfig, make_datasets
+    from bdlens.errors import BdlensError
+    from bdlens.models.pretrained import load_trained
+    from bdlens.training.deterministic import resolve_data_path
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config_file = config_path(args.config)
+    config = VIConfig.from_yaml(config_file)
+    trained = load_trained(args.source)
+    manifest = trained.manifest
+    if "data_config" not in manifest:
+        raise BdlensError(f"{args.source}/manifest.json has no data_config; retrain it with `bdlens train deterministic`")
+    data_config = DataConfig.model_validate(manifest["data_config"])
+    world = args.world or manifest.get("training", {}).get("data_path")
+    if world is None:
+        raise BdlensError(f"{args.source} does not say which data it was trained on; pass --world")
+    data_path = resolve_data_path(world)
+    if args.overwrite:
+        shutil.rmtree(args.out, ignore_errors=True)
+    elif (args.out / "checkpoint").exists() and not args.resume:
+        raise BdlensError(f"{args.out} already holds a VI run; pass --resume to continue it or --overwrite to start over")
+    sets = make_datasets(data_config, data_path=data_path, splits=["train", "val"], in_memory=True)
+    if sets["train"].stats.key != trained.stats.key:
+        raise BdlensError(
+            f"the normalisation statistics of {data_path} differ from those {args.source} was trained with; "
+            "pass the same --world as the deterministic training"
+        )
+    extra = {
+        "data_config": manifest["data_config"],
+        "source_checkpoint": str(args.source),
+        "training": {"command": shlex.join(["bdlens", *sys.argv[1:]]), "config_file": str(config_file), "data_path": str(data_path)},
+    }
+    train_vi(
+        from_deterministic(trained.model, config.posterior),
+        sets["train"],
+        config,
+        args.out,
+        val_set=sets["val"],
+        constants=sets["train"].constants,
+        norm_stats=manifest["norm_stats"],
+        resume=args.resume,
+        manifest_extra=extra,
+    )
+    print(args.out / "checkpoint")
+    return 0

@@ -1,0 +1,43 @@
+"""`bdlens train vi` end to end: deterministic checkpoint → VI run → posterior checkpoint → resume."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import yaml
+from test_training import tiny_setup  # noqa: F401  (the deterministic trainer's tiny model, data and config)
+
+from bdlens.bayes.posterior import load_posterior
+from bdlens.bayes.sampling import sample_weights
+from bdlens.checkpoint import read_manifest
+from bdlens.cli import main
+
+
+def test_train_vi_from_a_deterministic_checkpoint(tiny_setup: Path, tmp_path: Path, capsys) -> None:
+    vi = {
+        "posterior": {"parameters": "attention_mlp", "init_sigma_scale": 1e-2},
+        "training": {"steps": 2, "batch_size": 2, "log_every": 1, "validate_every": 2, "checkpoint_every": 1},
+        "validation": {"members": 2, "leads": [1, 3], "max_forecasts": 2},
+    }
+    (tmp_path / "vi.yaml").write_text(yaml.safe_dump(vi))
+    assert main(["-q", "train", "deterministic", "--config", str(tiny_setup / "train.yaml"), "--out", str(tmp_path / "det")]) == 0
+    args = ["-q", "train", "vi", "--from", str(tmp_path / "det" / "checkpoint"), "--config", str(tmp_path / "vi.yaml"), "--out", str(tmp_path / "vi")]
+    assert main(args) == 0
+    bayes, manifest = load_posterior(tmp_path / "vi" / "checkpoint")
+    det = read_manifest(tmp_path / "det" / "checkpoint")
+    assert manifest["norm_stats"] == det["norm_stats"] and manifest["step"] == 2
+    assert all(".attn." in n or ".mlp." in n for n in bayes.posterior.names)
+    records = [json.loads(line) for line in (tmp_path / "vi" / "metrics.jsonl").read_text().splitlines()]
+    val = [r for r in records if r.get("split") == "val"]
+    assert [r["lead_steps"] for r in val] == [1, 3] and all(r["rmse"] > 0 and r["spread"] > 0 for r in val)
+    # an existing run is neither overwritten nor resumed without being asked
+    capsys.readouterr()
+    assert main(args) == 2
+    assert "--resume" in capsys.readouterr().err
+    (tmp_path / "vi.yaml").write_text(yaml.safe_dump(vi | {"training": vi["training"] | {"steps": 3}}))
+    assert main([*args, "--resume"]) == 0
+    resumed, manifest = load_posterior(tmp_path / "vi" / "checkpoint")
+    assert manifest["step"] == 3
+    assert not torch.equal(sample_weights(resumed, 1, 0), sample_weights(bayes, 1, 0))

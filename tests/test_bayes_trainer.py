@@ -1,0 +1,193 @@
+"""VI post-training: the SVI loss is the tempered ELBO, exact resume, validation metrics, epistemic spread."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyro
+import pytest
+import torch
+from pyro.infer import TraceMeanField_ELBO
+from test_bayes_posterior import deterministic
+
+from bdlens.bayes.objective import model_and_guide
+from bdlens.bayes.posterior import PosteriorSettings, from_deterministic, load_posterior
+from bdlens.bayes.sampling import forward_sample, sample_weights
+from bdlens.bayes.trainer import VIConfig, latitudes, train_vi, validate
+from bdlens.data.tensors import Fields
+from bdlens.errors import BdlensError
+from bdlens.grid import lat_weights
+from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss
+
+
+class RollingWorld(torch.utils.data.Dataset):
+    """States X_t = X_0 rolled by t longitude points (a smooth random X_0 of unit variance), as
+    ((X_{t−1}, X_t), X_{t+1}) samples of anchor time t = i + 1 with the ``times``/``step`` of WeatherDataset."""
+
+    def __init__(self, config: ModelConfig, n: int, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        lon = torch.linspace(0, 2 * torch.pi, config.nlon + 1)[:-1]
+        lat = torch.linspace(-1.5, 1.5, config.nlat)[:, None]
+
+        def smooth(channels: int) -> torch.Tensor:
+            a, b, c = (torch.randn(channels, 1, 1, generator=g) for _ in range(3))
+            return (a * torch.cos(lon + b) * torch.cos(lat) + c * torch.sin(2 * lat)) * 1.2
+
+        upper = smooth(config.n_upper * config.n_levels).reshape(config.n_upper, config.n_levels, config.nlat, config.nlon)
+        surface = smooth(config.n_surface)
+        self.states = [Fields(upper.roll(t, -1), surface.roll(t, -1)) for t in range(n + 2)]
+        self.times = np.arange(1, n + 1)
+        self.step = 1
+
+    def __len__(self) -> int:
+        return len(self.states) - 2
+
+    def __getitem__(self, i: int):
+        return (self.states[i], self.states[i + 1]), self.states[i + 2]
+
+
+def vi_config(**training) -> VIConfig:
+    settings = dict(steps=4, batch_size=2, lr_mu=1e-3, lr_rho=1e-2, beta=1.0, log_every=1, checkpoint_every=100, validate_every=2)
+    return VIConfig.model_validate({
+        "posterior": {"init_sigma_scale": 1e-2, "prior_sigma": 0.05},
+        "training": settings | training,
+        "validation": {"members": 3, "leads": [1, 2], "max_forecasts": 2},
+    })
+
+
+def test_svi_loss_is_the_tempered_negative_elbo():
+    model = deterministic()
+    bayes = from_deterministic(model, PosteriorSettings(init_sigma_scale=1e-2, prior_sigma=0.05))
+    data = RollingWorld(model.config, 4)
+    batch = torch.utils.data.default_collate([data[0], data[1]])
+    loss_fn = WeightedL1Loss(latitudes(bayes), model.config.upper_variables, model.config.surface_variables)
+    beta, n_data = 0.5, 40
+    pyro.clear_param_store()
+    pyro_model, guide = model_and_guide(bayes, loss_fn, beta, n_data)
+    torch.manual_seed(9)
+    loss = TraceMeanField_ELBO().loss(pyro_model, guide, batch)
+    torch.manual_seed(9)
+    theta = bayes.posterior.distribution().rsample()  # the guide's draw under the same RNG state
+    member = EarthSpecificTransformer(model.config).eval()
+    member.load_state_dict({**model.state_dict(), **bayes.posterior.unflatten(theta.detach())})
+    (prev, cur), target = batch
+    with torch.no_grad():
+        out = member(torch.stack([prev.upper, cur.upper], 1), torch.stack([prev.surface, cur.surface], 1))
+    w = torch.as_tensor(lat_weights(latitudes(bayes)), dtype=torch.float32)[:, None]
+    upper_w = torch.tensor([3.0, 1.5])[:, None, None, None]  # Pangu's Z and T weights
+    surface_w = torch.tensor([3.0, 0.77, 1.5])[:, None, None]  # T2M, U10, MSLP
+    l1 = ((out[0] - target.upper).abs() * w * upper_w).mean() + 0.25 * ((out[1] - target.surface).abs() * w * surface_w).mean()
+    sigma, mu = bayes.posterior.sigma.detach().double(), bayes.posterior.mu.detach().double()
+    kl = (np.log(0.05) - torch.log(sigma) + sigma**2 / (2 * 0.05**2) - 0.5).sum()  # prior mean = μ at the start
+    assert torch.allclose(mu, bayes.posterior.prior_loc.double())
+    assert float(loss) == pytest.approx(float(l1) + beta / n_data * float(kl), rel=1e-5)
+
+
+def test_resume_is_exact(tmp_path):
+    config = deterministic().config
+    train, val = RollingWorld(config, 10), RollingWorld(config, 5, seed=1)
+    straight = train_vi(from_deterministic(deterministic(), vi_config().posterior), train, vi_config(), tmp_path / "a", val)
+    train_vi(from_deterministic(deterministic(), vi_config().posterior), train, vi_config(steps=2), tmp_path / "b", val)
+    # a different starting model proves the resumed run takes everything from the checkpoint
+    resumed = train_vi(from_deterministic(deterministic(seed=1)), train, vi_config(), tmp_path / "b", val, resume=True)
+    for name in ("mu", "rho"):
+        assert torch.equal(getattr(straight.posterior, name), getattr(resumed.posterior, name))
+    # 4 steps from 10 samples in batches of 2 cross no epoch boundary; check the step really moved μ
+    assert not torch.equal(straight.posterior.mu, from_deterministic(deterministic()).posterior.mu)
+    log_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    log_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    assert log_a == log_b
+    records = [json.loads(line) for line in log_a]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
+    assert [(r["step"], r["lead_steps"]) for r in records if r.get("split") == "val"] == [(2, 1), (2, 2), (4, 1), (4, 2)]
+    loaded, manifest = load_posterior(tmp_path / "a" / "checkpoint")
+    assert manifest["step"] == 4 and torch.equal(loaded.posterior.mu, straight.posterior.mu)
+
+
+def test_resume_across_epochs_is_exact(tmp_path):
+    config = deterministic().config
+    train = RollingWorld(config, 5)  # 2 batches of 2 per epoch: steps 3..5 run in epochs 1 and 2
+    straight = train_vi(from_deterministic(deterministic()), train, vi_config(steps=5, validate_every=0), tmp_path / "a")
+    train_vi(from_deterministic(deterministic()), train, vi_config(steps=3, validate_every=0), tmp_path / "b")
+    resumed = train_vi(from_deterministic(deterministic()), train, vi_config(steps=5, validate_every=0), tmp_path / "b", resume=True)
+    assert torch.equal(straight.posterior.mu, resumed.posterior.mu)
+    assert torch.equal(straight.posterior.rho, resumed.posterior.rho)
+
+
+def test_validation_matches_a_brute_force_ensemble():
+    bayes = from_deterministic(deterministic(), PosteriorSettings(init_sigma_scale=0.05))
+    data = RollingWorld(bayes.config, 6)
+    settings = vi_config().validation.model_copy(update={"leads": (1, 3), "max_forecasts": 2})
+    rows = validate(bayes, data, settings)
+    w = torch.as_tensor(lat_weights(latitudes(bayes)))[:, None]
+    weights = sample_weights(bayes, 3, seed=settings.seed)
+    # forecasts from samples 0 and 3 (evenly spread over the 4 anchors with 3-step targets)
+    err, var = {1: [], 3: []}, {1: [], 3: []}
+    with torch.no_grad():
+        for i in (0, 3):
+            members = []
+            for theta in weights:
+                prev, cur = data[i][0]
+                fields = []
+                for _ in range(3):
+                    nxt = forward_sample(bayes, theta, torch.stack([prev.upper, cur.upper])[None], torch.stack([prev.surface, cur.surface])[None])
+                    prev, cur = cur, Fields(nxt[0][0], nxt[1][0])
+                    fields.append(torch.cat([cur.upper.flatten(0, 1), cur.surface]).double())
+                members.append(fields)
+            for lead in (1, 3):
+                ens = torch.stack([m[lead - 1] for m in members])
+                truth = data[i + lead - 1][1]
+                truth = torch.cat([truth.upper.flatten(0, 1), truth.surface]).double()
+                err[lead].append(((ens.mean(0) - truth) ** 2 * w).mean())
+                var[lead].append((ens.var(0) * w).mean())
+    for row in rows:
+        lead = row["lead_steps"]
+        assert row["rmse"] == pytest.approx(float(torch.stack(err[lead]).mean().sqrt()), rel=1e-4)
+        assert row["spread"] == pytest.approx(float(torch.stack(var[lead]).mean().sqrt()), rel=1e-4)
+    assert rows[1]["spread"] > rows[0]["spread"] > 0
+
+
+def test_config_and_data_errors(tmp_path):
+    bad = tmp_path / "vi.yaml"
+    bad.write_text("training: {steps: 0}\n")
+    with pytest.raises(BdlensError, match="training.steps"):
+        VIConfig.from_yaml(bad)
+    config = deterministic().config
+    with pytest.raises(BdlensError, match="exceeds the 3 training samples"):
+        train_vi(from_deterministic(deterministic()), RollingWorld(config, 3), vi_config(batch_size=4), tmp_path)
+
+
+def test_epistemic_spread_grows_far_outside_the_training_distribution(tmp_path):
+    """After a few hundred VI steps on the rolling world, the spread across weight samples on inputs
+    shifted by 4 standard deviations is well over twice the spread on in-distribution inputs.
+
+    Not an artefact of the architecture: before training (σ = 0.08 × RMS everywhere) the spread is
+    the same at every shift (measured 1.19 at shifts 0, 2, 4 and 8). Training shrinks σ of the weights
+    that the training inputs constrain and lets the KL term pull the rest towards σ_p, so only inputs
+    unlike the training data excite the wide directions (measured ratio 2.3 after 300 steps, 2.75 after
+    500, 3.1 after 600).
+    """
+    model = deterministic()
+    train = RollingWorld(model.config, 64)
+    config = VIConfig.model_validate({
+        "posterior": {"init_sigma_scale": 1e-3, "prior_centre": "zero", "prior_sigma": 0.1},
+        "training": {"steps": 400, "batch_size": 4, "lr_mu": 3e-3, "lr_rho": 3e-2, "beta": 0.01, "log_every": 50,
+                     "checkpoint_every": 400, "validate_every": 0},
+    })
+    bayes = train_vi(from_deterministic(model, config.posterior), train, config, tmp_path)
+    test = RollingWorld(model.config, 8, seed=0)  # the same world, later times
+    weights = sample_weights(bayes, 16, seed=3)
+
+    def spread(shift: float) -> float:
+        (prev, cur), _ = torch.utils.data.default_collate([test[i] for i in range(8)])
+        upper = torch.stack([prev.upper, cur.upper], 1) + shift
+        surface = torch.stack([prev.surface, cur.surface], 1) + shift
+        with torch.no_grad():
+            out = torch.stack([forward_sample(bayes, theta, upper, surface)[0] for theta in weights])
+        return float(out.std(0).mean())
+
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < records[0]["loss"]
+    inside, outside = spread(0.0), spread(4.0)
+    assert outside > 2 * inside, (inside, outside)
