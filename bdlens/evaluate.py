@@ -217,6 +217,9 @@ def evaluate(
         series = observed.chunk({"time": -1, "latitude": "auto", "longitude": "auto"}) if observed.chunks else observed
         thresholds = series.quantile(list(quantiles), dim="time")
         aligned = align_truth(forecast, observed)
+        if forecast.chunks:
+            # Chunked like the forecast once, so no metric needs its own rechunk of the truth.
+            aligned = aligned.chunk({d: c for d, c in zip(forecast.dims, forecast.chunks, strict=True) if d in aligned.dims})
         log.info("evaluating %s / %s (%s members)", name, variable, forecast.sizes[member_dim])
         results.setdefault(variable, {})[name] = variable_metrics(forecast, aligned, clim, thresholds, member_dim, seed).compute()
     return _assemble(results, quantiles, climatology is not None)
