@@ -92,9 +92,10 @@ def main() -> None:
                 rc = bdlens_main(["-q", "evaluate", str(forecast_path), "--truth", str(truth_path), "--out", str(out),
                                   "--scheduler", cluster.scheduler_address])
             seconds = time.perf_counter() - start
-            peak = sampler.to_pandas()["evaluate"].max()
-        print(f"bdlens evaluate exit code {rc} in {seconds:.0f} s; worker peak process memory {format_bytes(peak)} "
-              f"({peak / limit:.0%} of the limit, forecast = {nbytes / peak:.1f}x the peak)")
+            samples = sampler.to_pandas()["evaluate"]
+        peak = samples.max()
+        print(f"bdlens evaluate exit code {rc} in {seconds:.0f} s; worker process memory at start {format_bytes(samples.iloc[0])}, "
+              f"peak {format_bytes(peak)} ({peak / limit:.0%} of the limit; forecast = {nbytes / peak:.1f}x the peak)")
         if rc == 0:
             result = xr.open_dataset(out, decode_timedelta=True)
             print(result["temperature"].sel(forecast="forecast", metric=["crps", "rmse", "spread_skill_corrected"]).isel(level=0).to_pandas())
