@@ -1,1 +1,46 @@
-"""Variational Bayesian 3DEST (SPEC §4): mean-field posterior, batched weight sampling, VI post-training."""
+"""Variational Bayesian 3DEST (SPEC §4): epistemic uncertainty from a posterior over the weights.
+
+* :class:`PosteriorSettings`, :func:`from_deterministic`, :class:`BayesianTransformer`,
+  :class:`MeanFieldPosterior` — mean-field Gaussian q(θ) = N(μ, diag softplus(ρ)²) over chosen
+  parameters of a trained 3DEST, with a prior centred on the pretrained weights or at zero;
+  :func:`save_posterior` / :func:`load_posterior` — the checkpoint directory.
+* :func:`sample_weights`, :func:`forward_members`, :class:`PosteriorEnsemble` — K weight samples,
+  each from its own (seed, k) generator, run as one vmapped forward pass; rollouts keep θ_k fixed.
+* :func:`model_and_guide`, :func:`tempered_loss` — the tempered negative ELBO E_q[L1] + β·KL/N_D.
+* :class:`VIConfig`, :func:`train_vi`, :func:`validate` — post-training with pyro's SVI, exact resume,
+  per-lead validation of the posterior-mean RMSE and the member spread; ``bdlens train vi``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+# Loaded on first use, so that `bdlens --help` (which registers `train vi` from bdlens.bayes.cli)
+# does not import torch and pyro.
+_EXPORTS = {
+    "model_and_guide": "objective",
+    "tempered_loss": "objective",
+    "SELECTIONS": "posterior",
+    "BayesianTransformer": "posterior",
+    "MeanFieldPosterior": "posterior",
+    "PosteriorSettings": "posterior",
+    "from_deterministic": "posterior",
+    "load_posterior": "posterior",
+    "save_posterior": "posterior",
+    "PosteriorEnsemble": "sampling",
+    "forward_members": "sampling",
+    "forward_sample": "sampling",
+    "member_generator": "sampling",
+    "sample_weights": "sampling",
+    "VIConfig": "trainer",
+    "train_vi": "trainer",
+    "validate": "trainer",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str) -> Any:
+    if name not in _EXPORTS:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
