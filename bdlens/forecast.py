@@ -1,26 +1,88 @@
-"""Deterministic forecasts with hierarchical temporal aggregation, Dataset in, Dataset out.
+"""Forecasts with hierarchical temporal aggregation, Dataset in, Dataset out.
 
-The models (one per step Δ) are composed with :func:`bdlens.models.lead_time.rollout`; states
-travel between models in physical units, each model normalising with its own statistics.
+The models (one per step Δ) are composed with :func:`bdlens.models.lead_time.rollout`. States travel
+between models in physical units as :class:`~bdlens.data.Fields`, each model normalising with its
+own statistics. Deterministic states are (B, …); posterior-ensemble states are (K, B, …), member k
+keeping its own weight sample θ_k for the whole rollout.
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import torch
 import xarray as xr
 
-from bdlens.data import Fields
+from bdlens.data import FieldLayout, Fields, NormStats
 from bdlens.errors import BdlensError
 from bdlens.models.lead_time import rollout
 from bdlens.models.pretrained import TrainedModel
 from bdlens.progress import bar
 
+PhysicalStep = Callable[[Fields | None, Fields], Fields]
 
-def _history(model_steps: Sequence[int], two_times: bool) -> list[int]:
-    return [0] + ([-s for s in sorted(set(model_steps))] if two_times else [])
+
+class PosteriorStep:
+    """One VI posterior as a physical-units step function for K members (weights drawn once)."""
+
+    def __init__(self, directory: str | Path, members: int, seed: int, layout: FieldLayout):
+        from bdlens.bayes import PosteriorEnsemble, load_posterior
+
+        bayes, manifest = load_posterior(directory)
+        if manifest.get("norm_stats") is None:
+            raise BdlensError(f"posterior {directory} has no norm_stats in its manifest; retrain it with `bdlens train vi`")
+        self.stats = NormStats.from_dict(manifest["norm_stats"])
+        self.layout = layout
+        self.step_hours = bayes.config.step_hours
+        self.ensemble = PosteriorEnsemble(bayes, members, seed)
+
+    @torch.no_grad()
+    def __call__(self, previous: Fields | None, current: Fields) -> Fields:
+        norm = lambda f: None if f is None else tuple(self.layout.normalise(f, self.stats))  # noqa: E731
+        upper, surface = self.ensemble.step(norm(previous), norm(current))
+        return self.layout.denormalise(Fields(upper, surface), self.stats)
+
+
+def _run(
+    steppers: Mapping[int, PhysicalStep],
+    layout: FieldLayout,
+    two_times: bool,
+    analysis: xr.Dataset,
+    init_times: Sequence[np.datetime64] | np.ndarray,
+    lead_hours: Sequence[int],
+    batch_size: int,
+    members: int | None,
+) -> xr.Dataset:
+    offsets = [0] + ([-s for s in sorted(steppers)] if two_times else [])
+    init_times = np.asarray(init_times, dtype="datetime64[ns]")
+    needed = np.unique((init_times[:, None] + np.asarray(offsets, dtype="timedelta64[h]")[None, :]).ravel())
+    missing = np.setdiff1d(needed, analysis.time.values)
+    if missing.size:
+        raise BdlensError(
+            f"the analysis lacks {missing.size} time(s) the forecast needs, e.g. {np.datetime_as_string(missing[0], unit='h')}"
+        )
+    leads = sorted(int(h) for h in lead_hours)
+    lead_coord = np.asarray(leads, dtype="timedelta64[h]").astype("timedelta64[ns]")
+    chunks = []
+    with bar(total=len(init_times), desc="forecast", unit="init") as progress:
+        for start in range(0, len(init_times), batch_size):
+            batch = init_times[start : start + batch_size]
+            history = {off: layout.to_tensors(analysis.sel(time=batch + np.timedelta64(off, "h"))) for off in offsets}
+            states = dict(rollout(steppers, history, leads, two_times))
+            lead_axis = 0 if members is None else 1  # (L, B, …) or (K, L, B, …)
+            upper = torch.stack([states[lead].upper for lead in leads], lead_axis)
+            surface = torch.stack([states[lead].surface for lead in leads], lead_axis)
+            if members is None:
+                coords = {"prediction_timedelta": lead_coord, "time": batch}
+            else:
+                coords = {"number": np.arange(members), "prediction_timedelta": lead_coord, "time": batch}
+            fields = Fields(upper.reshape(-1, *upper.shape[-4:]), surface.reshape(-1, *surface.shape[-3:]))
+            chunks.append(layout.from_tensors(fields, coords))
+            progress.update(len(batch))
+    order = ("time", "prediction_timedelta") if members is None else ("number", "time", "prediction_timedelta")
+    return xr.concat(chunks, dim="time").transpose(*order, ...)
 
 
 def deterministic_forecast(
@@ -39,31 +101,30 @@ def deterministic_forecast(
     if not models:
         raise BdlensError("no models given")
     first = next(iter(models.values()))
-    layout = first.layout
-    two_times = first.model.config.n_input_times == 2
     for step, m in models.items():
-        if m.step_hours != step or m.layout != layout:
+        if m.step_hours != step or m.layout != first.layout:
             raise BdlensError(f"model for {step} h has step {m.step_hours} h or a different field layout than the others")
-    offsets = _history(list(models), two_times)
-    init_times = np.asarray(init_times, dtype="datetime64[ns]")
-    needed = np.unique((init_times[:, None] + np.asarray(offsets, dtype="timedelta64[h]")[None, :]).ravel())
-    missing = np.setdiff1d(needed, analysis.time.values)
-    if missing.size:
-        raise BdlensError(f"the analysis lacks {missing.size} time(s) the forecast needs, e.g. {np.datetime_as_string(missing[0], unit='h')}")
-    leads = sorted(int(h) for h in lead_hours)
     steppers = {s: m.step for s, m in models.items()}
-    chunks = []
-    with bar(total=len(init_times), desc="forecast", unit="init") as progress:
-        for start in range(0, len(init_times), batch_size):
-            batch = init_times[start : start + batch_size]
-            history = {
-                off: layout.to_tensors(analysis.sel(time=batch + np.timedelta64(off, "h"))) for off in offsets
-            }
-            per_lead = {lead: state for lead, state in rollout(steppers, history, leads, two_times)}
-            upper = torch.stack([per_lead[lead].upper for lead in leads], 1)  # (B, L, V, Z, H, W)
-            surface = torch.stack([per_lead[lead].surface for lead in leads], 1)
-            fields = Fields(upper.reshape(-1, *upper.shape[2:]), surface.reshape(-1, *surface.shape[2:]))
-            coords = {"time": batch, "prediction_timedelta": np.asarray(leads, dtype="timedelta64[h]").astype("timedelta64[ns]")}
-            chunks.append(layout.from_tensors(fields, coords))
-            progress.update(len(batch))
-    return xr.concat(chunks, dim="time")
+    two_times = first.model.config.n_input_times == 2
+    return _run(steppers, first.layout, two_times, analysis, init_times, lead_hours, batch_size, None)
+
+
+def posterior_forecast(
+    posteriors: Mapping[int, str | Path],
+    layout: FieldLayout,
+    analysis: xr.Dataset,
+    init_times: Sequence[np.datetime64] | np.ndarray,
+    lead_hours: Sequence[int],
+    members: int,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> xr.Dataset:
+    """K-member forecast from VI posteriors (step hours → posterior directory); member k uses weight
+    sample k of each posterior (drawn from (seed, k) only) for its whole rollout. Dims (number, time,
+    prediction_timedelta, …)."""
+    steppers = {step: PosteriorStep(path, members, seed, layout) for step, path in posteriors.items()}
+    for step, stepper in steppers.items():
+        if stepper.step_hours != step:
+            raise BdlensError(f"posterior given for {step} h was trained for {stepper.step_hours} h")
+    two_times = next(iter(steppers.values())).ensemble.bayes.config.n_input_times == 2
+    return _run(steppers, layout, two_times, analysis, init_times, lead_hours, batch_size, members)

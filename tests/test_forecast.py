@@ -76,3 +76,25 @@ def test_forecast_needs_the_analysis_history(setup) -> None:
     ds, _, models = setup
     with pytest.raises(BdlensError, match="lacks .* time"):
         deterministic_forecast(models, ds, [ds.time.values[0]], [6])
+
+
+def test_posterior_forecast_members_are_reproducible_and_near_the_mean_model(setup, tmp_path: Path) -> None:
+    from bdlens.bayes import PosteriorSettings, from_deterministic, save_posterior
+    from bdlens.forecast import posterior_forecast
+
+    ds, layout, models = setup
+    paths = {}
+    for step, m in models.items():
+        bayes = from_deterministic(m.model, PosteriorSettings(init_sigma_scale=1e-3))
+        paths[step] = save_posterior(bayes, tmp_path / f"vi_{step}", norm_stats=m.stats.to_dict())
+    init = ds.time.values[8:10]
+    three = posterior_forecast(paths, layout, ds, init, [6, 24, 30], members=3, seed=5)
+    two = posterior_forecast(paths, layout, ds, init, [6, 24, 30], members=2, seed=5, batch_size=1)
+    assert three.geopotential.dims == ("number", "time", "prediction_timedelta", "level", "latitude", "longitude")
+    # Member k does not depend on how many members or inits were computed together.
+    np.testing.assert_allclose(two.geopotential.values, three.geopotential.isel(number=slice(0, 2)).values, rtol=1e-5, atol=1e-2)
+    spread = float(three.geopotential.std("number").mean())
+    assert spread > 0.0
+    det = deterministic_forecast(models, ds, init, [6, 24, 30])
+    mean_error = float(abs(three.geopotential.mean("number") - det.geopotential).mean())
+    assert mean_error < 0.2 * float(abs(det.geopotential - ds.geopotential.sel(time=init).mean()).mean())
