@@ -16,22 +16,12 @@ import sys
 from pathlib import Path
 
 import numpy as np
-import xarray as xr
 
-from bdlens.data import open_dataset
-from bdlens.data.splits import load_data_config
-from bdlens.configs import config_path
 from bdlens.forecast import deterministic_forecast
-from bdlens.metrics import ensemble_mean_rmse
 from bdlens.models.pretrained import bundled_checkpoint, load_trained
-from bdlens.world.build import build
 
-FIELDS = {"z500": ("geopotential", 500), "t850": ("temperature", 850), "u850": ("u_component_of_wind", 850), "mslp": ("mean_sea_level_pressure", None)}
-
-
-def _field(ds: xr.Dataset, key: str) -> xr.DataArray:
-    name, level = FIELDS[key]
-    return ds[name].sel(level=level) if level is not None else ds[name]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import FIELDS, demo_world_split, load_demo_world, rmse_by_lead, test_inits, verification  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -43,33 +33,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("evaluation/results/deterministic_skill.json"))
     args = parser.parse_args(argv)
 
-    world = build()
     models = {
         6: load_trained(args.det_6h or bundled_checkpoint("det_6h")),
         24: load_trained(args.det_24h or bundled_checkpoint("det_24h")),
     }
-    split = load_data_config(config_path("data_demo")).splits
-    test_start, test_end = split["test"].bounds
-    train_start, train_end = split["train"].bounds
-    truth = open_dataset(world / "truth.zarr").load()
-    analysis = open_dataset(world / "analysis.zarr").load()
+    truth, analysis = load_demo_world()
     lead_hours = list(range(6, args.max_lead_hours + 1, 6))
-    max_lead = np.timedelta64(args.max_lead_hours, "h")
-    inits = truth.time.sel(time=slice(test_start + np.timedelta64(24, "h"), test_end - max_lead)).values
-    inits = inits[(inits - inits[0]) % np.timedelta64(args.init_every_hours, "h") == np.timedelta64(0)]
+    inits = test_inits(truth, args.max_lead_hours, args.init_every_hours)
     forecast = deterministic_forecast(models, analysis, inits, lead_hours)
-    valid = forecast.time + forecast.prediction_timedelta
-    verification = truth.sel(time=valid)
+    truth_valid = verification(truth, forecast)
     persistence = analysis.sel(time=forecast.time).broadcast_like(forecast)
-    climatology = truth.sel(time=slice(train_start, train_end)).mean("time")
-    dims = ["time", "latitude", "longitude"]
-    table: dict[str, dict[str, list[float]]] = {}
-    for key in FIELDS:
-        truth_k = _field(verification, key)
-        table[key] = {
-            name: ensemble_mean_rmse(_field(fc, key), truth_k, dims=dims).values.round(3).tolist()
-            for name, fc in (("model", forecast), ("persistence", persistence), ("climatology", climatology.broadcast_like(forecast)))
-        }
+    climatology = truth.sel(time=slice(*demo_world_split("train"))).mean("time").broadcast_like(forecast)
+    table = {
+        key: {name: rmse_by_lead(fc, truth_valid, key) for name, fc in (("model", forecast), ("persistence", persistence), ("climatology", climatology))}
+        for key in FIELDS
+    }
     result = {
         "inits": [str(inits[0])[:13], str(inits[-1])[:13], len(inits)],
         "lead_hours": lead_hours,

@@ -1,0 +1,61 @@
+"""Shared pieces of the demo-world evaluation scripts: test inits, verification, RMSE tables."""
+
+from __future__ import annotations
+
+import numpy as np
+import xarray as xr
+
+from bdlens.configs import config_path
+from bdlens.data import open_dataset
+from bdlens.data.splits import load_data_config
+from bdlens.metrics import ensemble_mean_rmse, spread
+from bdlens.world.build import build
+
+# Headline fields: name → (variable, level or None).
+FIELDS = {
+    "z500": ("geopotential", 500),
+    "t850": ("temperature", 850),
+    "u850": ("u_component_of_wind", 850),
+    "mslp": ("mean_sea_level_pressure", None),
+}
+
+
+def field(ds: xr.Dataset, key: str) -> xr.DataArray:
+    """One headline field of a Dataset."""
+    name, level = FIELDS[key]
+    return ds[name].sel(level=level) if level is not None else ds[name]
+
+
+def demo_world_split(split: str) -> tuple[np.datetime64, np.datetime64]:
+    """(start, end) of a split of the demo data config."""
+    return load_data_config(config_path("data_demo")).splits[split].bounds
+
+
+def load_demo_world() -> tuple[xr.Dataset, xr.Dataset]:
+    """Truth and analysis of the default demo world, in memory."""
+    world = build()
+    return open_dataset(world / "truth.zarr").load(), open_dataset(world / "analysis.zarr").load()
+
+
+def test_inits(truth: xr.Dataset, max_lead_hours: int, every_hours: int) -> np.ndarray:
+    """Init times in the test split every ``every_hours``, leaving a day of history and the longest lead."""
+    start, end = demo_world_split("test")
+    times = truth.time.sel(time=slice(start + np.timedelta64(24, "h"), end - np.timedelta64(max_lead_hours, "h"))).values
+    return times[(times - times[0]) % np.timedelta64(every_hours, "h") == np.timedelta64(0)]
+
+
+def verification(truth: xr.Dataset, forecast: xr.Dataset) -> xr.Dataset:
+    """The truth at each forecast's valid time, dims (time, prediction_timedelta, …)."""
+    valid = truth.sel(time=forecast.time + forecast.prediction_timedelta)
+    return valid.drop_vars("time").assign_coords(time=forecast.time.values)
+
+
+def rmse_by_lead(forecast: xr.Dataset, truth_at_valid: xr.Dataset, key: str) -> list[float]:
+    """Latitude-weighted (ensemble-mean) RMSE per lead over inits and space."""
+    dims = ["time", "latitude", "longitude"]
+    return ensemble_mean_rmse(field(forecast, key), field(truth_at_valid, key), dims=dims).values.round(3).tolist()
+
+
+def spread_by_lead(forecast: xr.Dataset, key: str) -> list[float]:
+    """Ensemble spread per lead over inits and space."""
+    return spread(field(forecast, key), dims=["time", "latitude", "longitude"]).values.round(3).tolist()
