@@ -34,6 +34,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     except ImportError:  # the variational layer is optional until it lands
         return
     register_vi(commands)
+    try:
+        from bdlens.cli.perturb import register_perturb
+    except ImportError:  # the learned perturbation is optional until it lands
+        return
+    register_perturb(commands)
 
 
 def _bundle(args: argparse.Namespace) -> int:

@@ -1,0 +1,135 @@
+"""``bdlens train perturb`` (the learned perturbation network) and ``bdlens calibrate`` (SPEC §5).
+
+Both start from a VI posterior checkpoint (``bdlens train vi``); the data, normalisation statistics
+and world come from its manifest, so everything is trained and tuned on the data the backbone saw.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the top-level ``calibrate`` command."""
+    cal = subparsers.add_parser(
+        "calibrate",
+        help="tune the perturbation amplitude (and posterior temperature) on the validation period",
+        description="Minimise the fair CRPS with the corrected spread-skill ratio near 1 over the perturbation amplitude "
+        "(learned σ multiplier or SPPT pattern σ scale) and optionally the posterior temperature, on the validation split. "
+        "Writes OUT/calibration.json and a copy beside the calibrated checkpoint's manifest.",
+    )
+    cal.add_argument("--vi", type=Path, required=True, help="VI posterior checkpoint directory (bdlens train vi)")
+    method = cal.add_mutually_exclusive_group()
+    method.add_argument("--perturb", type=Path, help="learned perturbation checkpoint directory (bdlens train perturb)")
+    method.add_argument("--sppt", help="SPPT config (path or name in configs/), e.g. perturbation_sppt")
+    cal.add_argument("--config", required=True, help="calibration YAML (path or name in configs/), e.g. calibrate_demo")
+    cal.add_argument("--out", type=Path, required=True, help="output directory (calibration.json)")
+    cal.add_argument("--world", help="data: 'demo', 'small' or a WB2 zarr (default: the data the posterior was trained on)")
+    cal.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    cal.set_defaults(func=_calibrate)
+
+
+def register_perturb(train_subparsers: argparse._SubParsersAction) -> None:
+    """Add ``perturb`` to the sub-commands of ``bdlens train``."""
+    p = train_subparsers.add_parser(
+        "perturb",
+        help="train the learned (μ, σ) perturbation network with fair CRPS on a frozen VI posterior",
+        description="Train a small 3DEST that perturbs the latest input state at every step (SPEC §5), with fair CRPS over "
+        "M members, the backbone frozen and an autoregressive curriculum. Writes OUT/metrics.jsonl, OUT/state.pt and "
+        "OUT/checkpoint.",
+    )
+    p.add_argument("--from", dest="source", type=Path, required=True, help="VI posterior checkpoint directory (bdlens train vi)")
+    p.add_argument("--config", required=True, help="perturbation YAML (path or name in configs/), e.g. perturb_demo")
+    p.add_argument("--out", type=Path, required=True, help="run directory (state, metrics log, checkpoint/)")
+    p.add_argument("--world", help="data: 'demo', 'small' or a WB2 zarr (default: the data the posterior was trained on)")
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    mode = p.add_mutually_exclusive_group()
+    mode.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
+    mode.add_argument("--overwrite", action="store_true", help="delete --out and start over")
+    p.set_defaults(func=_train_perturb)
+
+
+def _posterior_and_data(source: Path, world: str | None, splits: list[str]) -> tuple[Any, dict, dict, Path]:
+    """The VI posterior, its manifest, its datasets for ``splits`` and the data path, cross-checked."""
+    from bdlens.bayes.posterior import load_posterior
+    from bdlens.data import DataConfig, make_datasets
+    from bdlens.errors import BdlensError
+    from bdlens.training.deterministic import resolve_data_path
+
+    bayes, manifest = load_posterior(source)
+    if manifest.get("norm_stats") is None or "data_config" not in manifest:
+        raise BdlensError(f"{source}/manifest.json lacks norm_stats or data_config; retrain it with `bdlens train vi`")
+    world = world or manifest.get("training", {}).get("data_path")
+    if world is None:
+        raise BdlensError(f"{source} does not say which data it was trained on; pass --world")
+    data_path = resolve_data_path(world)
+    sets = make_datasets(DataConfig.model_validate(manifest["data_config"]), data_path=data_path, splits=splits, in_memory=True)
+    if sets[splits[0]].stats.key != manifest["norm_stats"].get("key"):
+        raise BdlensError(
+            f"the normalisation statistics of {data_path} differ from those {source} was trained with; pass the same --world"
+        )
+    return bayes, manifest, sets, data_path
+
+
+def _provenance(source: Path, config_file: Path, data_path: Path) -> dict[str, Any]:
+    return {"command": shlex.join(["bdlens", *sys.argv[1:]]), "config_file": str(config_file), "data_path": str(data_path),
+            "source_checkpoint": str(source)}
+
+
+def _train_perturb(args: argparse.Namespace) -> int:
+    import torch
+
+    from bdlens.configs import config_path
+    from bdlens.errors import BdlensError
+    from bdlens.perturbation.learned import STATE, PerturbConfig, train_perturbation
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config_file = config_path(args.config)
+    config = PerturbConfig.from_yaml(config_file)
+    if args.overwrite:
+        shutil.rmtree(args.out, ignore_errors=True)
+    elif args.out.exists() and any(args.out.iterdir()) and not args.resume:
+        raise BdlensError(f"{args.out} is not empty; pass --resume to continue the run or --overwrite to start over")
+    elif args.resume and not (args.out / STATE).is_file():
+        raise BdlensError(f"nothing to resume in {args.out} (no {STATE}); start without --resume")
+    bayes, manifest, sets, data_path = _posterior_and_data(args.source, args.world, ["train", "val"])
+    extra = {
+        "data_config": manifest["data_config"],
+        "backbone_checkpoint": str(args.source.resolve()),
+        "training": _provenance(args.source, config_file, data_path),
+    }
+    print(train_perturbation(
+        bayes, sets["train"], config, args.out, val_set=sets["val"], constants=sets["train"].constants,
+        norm_stats=manifest["norm_stats"], resume=args.resume, manifest_extra=extra,
+    ))
+    return 0
+
+
+def _calibrate(args: argparse.Namespace) -> int:
+    import json
+
+    import torch
+
+    from bdlens.configs import config_path
+    from bdlens.perturbation.calibrate import CalibrationConfig, calibrate_checkpoint
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config_file = config_path(args.config)
+    config = CalibrationConfig.from_yaml(config_file)
+    bayes, manifest, sets, data_path = _posterior_and_data(args.vi, args.world, ["val"])
+    result = calibrate_checkpoint(
+        bayes, manifest, sets["val"], config, args.out, perturb=args.perturb, sppt=args.sppt, vi_dir=args.vi,
+        constants=sets["val"].constants, provenance=_provenance(args.vi, config_file, data_path),
+    )
+    before, after = result["before"], result["after"]
+    print(json.dumps({"amplitude": result["amplitude"], "temperature": result["temperature"],
+                      "crps": [before["crps"], after["crps"]], "spread_skill": [before["spread_skill"], after["spread_skill"]]}))
+    print(args.out / "calibration.json")
+    return 0

@@ -1,0 +1,640 @@
+"""Learned flow-dependent perturbation network, trained with fair CRPS (SPEC §5).
+
+A small 3DEST (:class:`PerturbationNetwork`, its own :class:`~bdlens.models.ModelConfig` on the
+backbone's variables, levels and grid) maps the latest input state(s) to a mean μ and a standard
+deviation σ = softplus(ρ) per grid point, variable and level (normalised units). At every model step
+the most recent input state is perturbed,
+
+    X_t' = X_t + μ(X) + s·σ(X) ⊙ ε,    ε ~ N(0, I),
+
+and the frozen backbone steps from (X_{t−Δ}, X_t'). Because μ and σ are recomputed from the current
+state, the perturbation follows the flow. ``s`` is the calibrated amplitude (1 when trained).
+The network starts harmless: its output convolutions are scaled by ``init_scale`` and the ρ bias
+set so that μ ≈ 0 and σ ≈ ``init_sigma`` everywhere.
+
+Ensembles (:class:`PerturbedEnsemble`, normalised units; :class:`LearnedPerturbationStep`, physical
+units, for :func:`bdlens.models.lead_time.rollout`): member k has posterior weight sample θ_k (drawn
+from (seed, k), fixed for the rollout, as in :class:`~bdlens.bayes.PosteriorEnsemble`) and its own
+noise ε_k,s drawn at step s from a generator seeded by (seed, k, s) alone
+(:func:`bdlens.perturbation.patterns.member_generator`, stream ``learned-perturbation/step<s>``), so member k's forecast does not depend on
+which other members share its batch. The step counter restarts whenever a rollout starts from a
+state shared by all members (the analysis).
+
+Training (:func:`train_perturbation`, ``bdlens train perturb``): the backbone and the posterior are
+frozen; each training sample rolls out M members (weights ``sample_weights(bayes, M, seed_t)`` with
+a fresh seed per optimiser step, held fixed over the rollout) for n steps, and the loss is the fair
+CRPS (:func:`fair_crps`) of the M members against the truth at every lead 1..n, latitude- and
+variable-weighted like the backbone's L1 loss (SPEC §3: with one member the fair-CRPS kernel
+becomes |x − y|), averaged over the leads. Gradients flow through the frozen backbone into the
+perturbation network only. The rollout length n follows an autoregressive curriculum
+(:func:`curriculum_rollout`): 1 step for the first ``steps_per_stage`` optimiser steps, then 2, …,
+up to ``max_rollout`` (4). Conveniences as in the deterministic trainer: AdamW with warm-up and
+cosine decay, a seeded batch order per epoch, ``state.pt`` for exact resume (read with
+``weights_only=True``), ``metrics.jsonl``, a progress bar and periodic validation of the fair CRPS
+and the corrected spread-skill ratio per lead (:func:`ensemble_scores`).
+
+Checkpoint: ``<run>/checkpoint`` with ``model.safetensors`` and a manifest of ``kind:
+"perturbation"``, the network's model config and init settings, the norm stats, the backbone (VI)
+checkpoint it was trained with, and provenance. A ``calibration.json`` beside it (written by
+``bdlens calibrate``) sets the default amplitude and posterior temperature of
+:class:`LearnedPerturbationStep`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from torch import Tensor, nn
+from torch.utils.data import Dataset, default_collate
+
+from bdlens.bayes.posterior import BayesianTransformer, inverse_softplus
+from bdlens.bayes.sampling import PosteriorEnsemble
+from bdlens.bayes.trainer import _lead_targets, _truncate_log, latitudes
+from bdlens.checkpoint import load_state_into, load_weights, read_manifest, save_checkpoint
+from bdlens.data import FieldLayout, Fields, NormStats
+from bdlens.errors import BdlensError, validation_error
+from bdlens.forecast import PosteriorStep
+from bdlens.grid import lat_weights
+from bdlens.models import EarthSpecificTransformer, ModelConfig
+from bdlens.models.layers import PatchRecovery
+from bdlens.models.loss import variable_weights
+from bdlens.perturbation.initial import _member_noise
+from bdlens.perturbation.patterns import members_tuple
+from bdlens.progress import bar
+from bdlens.training.deterministic import METRICS, STATE, Distributed, _log_metrics, batch_indices, lr_factor
+
+log = logging.getLogger(__name__)
+
+KIND = "perturbation"
+FORMAT_VERSION = 1
+NOISE_STREAM = "learned-perturbation"
+CALIBRATION = "calibration.json"
+CHECKPOINT = "checkpoint"
+
+State = tuple[Tensor, Tensor]
+
+
+# ----------------------------------------------------------------------------------------------
+# Fair CRPS as a differentiable loss
+
+
+def fair_crps(ensemble: Tensor, truth: Tensor) -> Tensor:
+    """Pointwise fair CRPS with the members on dim 0: ensemble (M, ...), truth (...) → (...), M ≥ 2.
+
+    mean_i|x_i − y| − Σ_i (2i − M − 1) x_(i) / (M(M − 1)) with the members sorted (SPEC §7), the
+    same estimator as :func:`bdlens.metrics.crps`; differentiable (through ``torch.sort``'s values).
+    """
+    m = ensemble.shape[0]
+    if m < 2:
+        raise BdlensError(f"the fair CRPS needs at least 2 members, got {m}")
+    skill = (ensemble - truth).abs().mean(0)
+    coef = 2.0 * torch.arange(1, m + 1, dtype=ensemble.dtype, device=ensemble.device) - m - 1.0
+    ordered = torch.sort(ensemble, dim=0).values
+    spread = torch.tensordot(coef, ordered, dims=([0], [0]))
+    return skill - spread / (m * (m - 1))
+
+
+class EnsembleCRPSLoss(nn.Module):
+    """Fair CRPS of an M-member ensemble, weighted like :class:`bdlens.models.WeightedL1Loss`:
+
+    loss = mean(w_v · w_lat · CRPS)_upper + surface_factor · mean(w_v · w_lat · CRPS)_surface
+
+    with cell-area latitude weights (mean 1) of ``latitude`` (degrees, ascending) and Pangu's
+    variable weights; normalised units.
+    """
+
+    def __init__(
+        self, latitude: np.ndarray, upper_variables: Sequence[str], surface_variables: Sequence[str], surface_factor: float = 0.25
+    ) -> None:
+        super().__init__()
+        self.surface_factor = surface_factor
+        self.register_buffer("latitude_weight", torch.as_tensor(lat_weights(latitude), dtype=torch.float32))
+        self.register_buffer("upper_weight", variable_weights(upper_variables))
+        self.register_buffer("surface_weight", variable_weights(surface_variables))
+
+    def forward(self, ensemble: State, truth: State) -> Tensor:
+        """ensemble: upper (M, B, V_u, Z, H, W), surface (M, B, V_s, H, W); truth without M → scalar."""
+        lat = self.latitude_weight[:, None]
+        upper = fair_crps(ensemble[0], truth[0]) * lat * self.upper_weight[:, None, None, None]
+        surface = fair_crps(ensemble[1], truth[1]) * lat * self.surface_weight[:, None, None]
+        return upper.mean() + self.surface_factor * surface.mean()
+
+
+# ----------------------------------------------------------------------------------------------
+# The network
+
+
+class NetworkSettings(BaseModel):
+    """Sizes of the perturbation 3DEST (variables, levels and grid come from the backbone) and its start."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    embed_dim: int = Field(default=16, gt=0)
+    depths: tuple[int, int, int, int] = (1, 1, 1, 1)
+    heads: tuple[int, int, int, int] = (1, 2, 2, 1)
+    window: tuple[int, int, int] | None = None
+    patch: tuple[int, int, int] | None = None
+    n_input_times: int = Field(default=1, ge=1, le=2)
+    mlp_ratio: float = Field(default=2.0, gt=0)
+    init_sigma: float = Field(default=0.02, gt=0, description="σ everywhere at the start, normalised units")
+    init_scale: float = Field(default=0.01, gt=0, description="factor on the output convolutions' initial weights")
+
+    def model_config_for(self, backbone: ModelConfig) -> ModelConfig:
+        """The network's :class:`ModelConfig`: the backbone's fields and grid with these sizes
+        (window and patch default to the backbone's)."""
+        if self.n_input_times > backbone.n_input_times:
+            raise BdlensError(
+                f"the perturbation network cannot take {self.n_input_times} input times: the backbone only gets {backbone.n_input_times}"
+            )
+        data = backbone.model_dump() | {
+            "embed_dim": self.embed_dim, "depths": self.depths, "heads": self.heads, "n_input_times": self.n_input_times,
+            "mlp_ratio": self.mlp_ratio, "window": self.window or backbone.window, "patch": self.patch or backbone.patch,
+            "drop_path": 0.0, "residual": False, "checkpoint": False,
+        }
+        return ModelConfig.from_dict(data, source="perturbation network")
+
+
+class PerturbationNetwork(nn.Module):
+    """A 3DEST whose output holds (μ, ρ) for every variable and level; σ = softplus(ρ).
+
+    Inputs as :class:`~bdlens.models.EarthSpecificTransformer` (normalised, (N, T_in, …)); see
+    :meth:`forward` and :meth:`perturb`.
+    """
+
+    def __init__(self, config: ModelConfig, init_sigma: float = 0.02, init_scale: float = 0.01) -> None:
+        super().__init__()
+        self.config = config
+        self.net = EarthSpecificTransformer(config)
+        c = config
+        # Twice the output channels: μ then ρ for every upper-air and surface field.
+        self.net.recovery = PatchRecovery(2 * c.embed_dim, 2 * c.n_upper, 2 * c.n_surface, c.patch, (c.n_levels, c.nlat))
+        rho0 = float(inverse_softplus(torch.tensor(init_sigma, dtype=torch.float64)))
+        with torch.no_grad():
+            for conv, n in ((self.net.recovery.upper, c.n_upper), (self.net.recovery.surface, c.n_surface)):
+                conv.weight.mul_(init_scale)
+                conv.bias[:n] = 0.0
+                conv.bias[n:] = rho0
+
+    def forward(self, upper: Tensor, surface: Tensor, constants: Tensor | None = None) -> tuple[Fields, Fields]:
+        """(N, T_in, V_u, Z, H, W), (N, T_in, V_s, H, W) → (μ, σ) as Fields of (N, V_u, Z, H, W), (N, V_s, H, W)."""
+        out_upper, out_surface = self.net(upper, surface, constants)
+        mu_u, rho_u = out_upper.chunk(2, dim=1)
+        mu_s, rho_s = out_surface.chunk(2, dim=1)
+        return Fields(mu_u, mu_s), Fields(F.softplus(rho_u), F.softplus(rho_s))
+
+    def perturb(
+        self, previous: State | None, current: State, noise: State, constants: Tensor | None = None, scale: float = 1.0
+    ) -> Fields:
+        """X_t' = X_t + μ + scale·σ ⊙ ε for per-time states (N, …); ``previous`` only for two-time networks."""
+        times = [current] if self.config.n_input_times == 1 else [previous, current]
+        if any(t is None for t in times):
+            raise BdlensError("this perturbation network takes two input times: pass the state at t−Δ as `previous`")
+        mu, sigma = self(torch.stack([t[0] for t in times], 1), torch.stack([t[1] for t in times], 1), constants)
+        return Fields(*(x + m + scale * s * e for x, m, s, e in zip(current, mu, sigma, noise, strict=True)))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ensembles
+
+
+def tempered_weights(ensemble: PosteriorEnsemble, temperature: float) -> Tensor:
+    """Weights μ + T·σ ε of the ensemble's members: its samples μ + σ ε with the deviation scaled by T."""
+    if not temperature > 0:
+        raise BdlensError(f"the posterior temperature must be positive, got {temperature}")
+    mu = ensemble.bayes.posterior.mu.detach()
+    return mu + temperature * (ensemble.weights.detach() - mu)
+
+
+class PerturbedEnsemble:
+    """K posterior members, each perturbing its latest input with the learned network before each step.
+
+    Normalised units. :meth:`step` is the ``callable(previous, current)`` of
+    :func:`bdlens.models.lead_time.rollout` with the shapes of :class:`~bdlens.bayes.PosteriorEnsemble`:
+    shared (B, …) or per-member (K, B, …) states in, (K, B, …) out. ``sigma_scale`` multiplies σ
+    (calibrated amplitude), ``temperature`` the posterior's σ at sampling time. ``network=None``
+    gives the plain posterior ensemble (no perturbation).
+    """
+
+    def __init__(
+        self,
+        bayes: BayesianTransformer,
+        network: PerturbationNetwork | None,
+        members: int | Sequence[int],
+        seed: int,
+        constants: Tensor | None = None,
+        sigma_scale: float = 1.0,
+        temperature: float = 1.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.members = members_tuple(members)
+        with torch.no_grad():
+            self.ensemble = PosteriorEnsemble(bayes, self.members, seed, constants, chunk_size)
+            if temperature != 1.0:
+                self.ensemble.weights = tempered_weights(self.ensemble, temperature)
+        self.bayes = bayes
+        self.network = network
+        self.seed = int(seed)
+        self.constants = constants
+        self.sigma_scale = float(sigma_scale)
+        self.step_index = 0
+
+    @property
+    def size(self) -> int:
+        """K, the number of members."""
+        return len(self.members)
+
+    def noise(self, batch: int, like: State, step: int) -> State:
+        """ε for every member at ``step``: upper (K, B, V_u, Z, H, W), surface (K, B, V_s, H, W), like ``like``'s
+        dtype and device; member k's from its own generator of (seed, k, step), drawn on the CPU."""
+        shapes = [(batch, *like[0].shape[-4:]), (batch, *like[1].shape[-3:])]
+        upper, surface = _member_noise(shapes, self.seed, self.members, f"{NOISE_STREAM}/step{step}")
+        return upper.to(like[0].device, like[0].dtype), surface.to(like[1].device, like[1].dtype)
+
+    def _per_member(self, state: State) -> State:
+        u, s = state
+        return (u.expand(self.size, *u.shape), s.expand(self.size, *s.shape)) if u.ndim == 5 else (u, s)
+
+    def step(self, previous: State | None, current: State) -> State:
+        """(X_{t−Δ}, X_t) → X_{t+Δ} for every member, X_t perturbed first (see the class docstring)."""
+        if current[0].ndim == 5:  # a rollout starts from the shared analysis: restart the noise streams
+            self.step_index = 0
+        if self.network is not None:
+            cur = self._per_member(current)
+            k, b = cur[0].shape[:2]
+            prev = None if previous is None or self.network.config.n_input_times == 1 else self._per_member(previous)
+            flat = lambda state: None if state is None else tuple(x.reshape(k * b, *x.shape[2:]) for x in state)  # noqa: E731
+            eps = self.noise(b, cur, self.step_index)
+            perturbed = self.network.perturb(flat(prev), flat(cur), flat(eps), self.constants, self.sigma_scale)
+            current = tuple(x.reshape(k, b, *x.shape[1:]) for x in perturbed)
+        self.step_index += 1
+        return self.ensemble.step(previous, current)
+
+
+class LearnedPerturbationStep(PosteriorStep):
+    """A VI posterior with the learned perturbation as a physical-units step for K members.
+
+    Usable wherever :class:`bdlens.forecast.PosteriorStep` is (``rollout``, ``_run``). ``sigma_scale``
+    and ``temperature`` default to the ``calibration.json`` beside the perturbation checkpoint, else 1.
+    """
+
+    def __init__(
+        self,
+        posterior: str | Path,
+        perturbation: str | Path,
+        members: int,
+        seed: int,
+        layout: FieldLayout,
+        sigma_scale: float | None = None,
+        temperature: float | None = None,
+    ) -> None:
+        super().__init__(posterior, members, seed, layout)
+        network, manifest = load_perturbation(perturbation)
+        if NormStats.from_dict(manifest["norm_stats"]).key != self.stats.key:
+            raise BdlensError(f"{perturbation} was trained with other normalisation statistics than the posterior {posterior}")
+        calibration = read_calibration(perturbation)
+        self.ensemble = PerturbedEnsemble(
+            self.ensemble.bayes,
+            network,
+            members,
+            seed,
+            sigma_scale=calibration.get("amplitude", 1.0) if sigma_scale is None else sigma_scale,
+            temperature=calibration.get("temperature", 1.0) if temperature is None else temperature,
+        )
+
+
+# ----------------------------------------------------------------------------------------------
+# Scores
+
+
+def _collate_inputs(dataset: Dataset, indices: Sequence[int]) -> tuple[State | None, State]:
+    inputs, _ = default_collate([dataset[i] for i in indices])
+    inputs = [tuple(x) for x in inputs]
+    return (inputs[-2] if len(inputs) > 1 else None), inputs[-1]
+
+
+def _collate_targets(dataset: Dataset, indices: Sequence[int]) -> State:
+    return tuple(default_collate([dataset[i][1] for i in indices]))
+
+
+@torch.no_grad()
+def ensemble_scores(
+    make_ensemble: Callable[[int], Any],
+    dataset: Dataset,
+    leads: Sequence[int],
+    max_forecasts: int,
+    batch_size: int = 8,
+    latitude: np.ndarray | None = None,
+) -> list[dict[str, float]]:
+    """Per lead (model steps): fair CRPS, ensemble-mean RMSE, spread and corrected spread-skill ratio.
+
+    ``make_ensemble(i)`` returns the stepper (``.step(previous, current)`` → (K, B, …) states,
+    ``.size`` = K) for the i-th batch of forecasts; up to ``max_forecasts`` evenly spread forecasts
+    from ``dataset`` run ``batch_size`` at a time. Normalised units, all upper-air and surface
+    channels alike, latitude-weighted (cell areas of ``latitude``, default the dataset's grid):
+    crps = mean w·CRPS_fair, rmse = √(mean w (x̄ − y)²), spread = √(mean w s²) (ddof 1),
+    spread_skill = spread/rmse·√((K+1)/K). Each record also holds the sums the means come from.
+    """
+    leads = sorted(set(int(lead) for lead in leads))
+    weights = torch.as_tensor(lat_weights(latitude if latitude is not None else dataset.layout.grid.latitudes()), dtype=torch.float32)[:, None]
+    plan = _lead_targets(dataset, tuple(leads), max_forecasts)
+    sums = {lead: torch.zeros(3, dtype=torch.float64) for lead in leads}
+    size = None
+    for number, start in enumerate(range(0, len(plan), batch_size)):
+        chunk = plan[start : start + batch_size]
+        ensemble = make_ensemble(number)
+        size = ensemble.size
+        previous, current = _collate_inputs(dataset, [i for i, _ in chunk])
+        for lead in range(1, leads[-1] + 1):
+            previous, current = current, ensemble.step(previous, current)
+            if lead in sums:
+                truth = _collate_targets(dataset, [later[leads.index(lead)] for _, later in chunk])
+                forecast = torch.cat([current[0].flatten(2, 3), current[1]], dim=2)  # (K, B, C, H, W)
+                target = torch.cat([truth[0].flatten(1, 2), truth[1]], dim=1)
+                per_channel = forecast[0, 0].numel()  # C·H·W: means over grid points and channels
+                sums[lead] += torch.stack([
+                    (fair_crps(forecast, target) * weights).sum() / per_channel,
+                    ((forecast.mean(0) - target).square() * weights).sum() / per_channel,
+                    (forecast.var(0, correction=1) * weights).sum() / per_channel,
+                ]).double()
+    n = len(plan)
+    records = []
+    for lead in leads:
+        crps, mse, var = (float(v) for v in sums[lead] / n)
+        records.append({
+            "lead_steps": lead, "crps": crps, "rmse": math.sqrt(mse), "spread": math.sqrt(var),
+            "spread_skill": math.sqrt(var / mse * (size + 1) / size) if mse > 0 else math.nan,
+            "forecasts": n, "members": size, "mse": mse, "variance": var,
+        })
+    return records
+
+
+# ----------------------------------------------------------------------------------------------
+# Training configuration
+
+
+class CurriculumSettings(BaseModel):
+    """Autoregressive curriculum: rollout length 1 for ``steps_per_stage`` optimiser steps, then 2, … up to ``max_rollout``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps_per_stage: int = Field(default=250, gt=0)
+    max_rollout: int = Field(default=4, ge=1)
+
+
+class PerturbTrainingSettings(BaseModel):
+    """Optimisation of the perturbation network."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(gt=0)
+    members: int = Field(default=4, ge=2, description="M, ensemble members per training sample")
+    batch_size: int = Field(default=2, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    curriculum: CurriculumSettings = CurriculumSettings()
+    seed: int = 0
+    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=50, gt=0)
+    validate_every: int = Field(default=250, ge=0)
+
+
+class PerturbValidationSettings(BaseModel):
+    """K members per validation forecast, the leads (model steps), how many forecasts and their seed."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    members: int = Field(default=8, ge=2)
+    leads: tuple[int, ...] = (1, 4)
+    max_forecasts: int = Field(default=8, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+    seed: int = 12345
+
+
+class PerturbConfig(BaseModel):
+    """A perturbation-training configuration (``configs/perturb_demo.yaml``)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    network: NetworkSettings = NetworkSettings()
+    training: PerturbTrainingSettings
+    validation: PerturbValidationSettings = PerturbValidationSettings()
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> PerturbConfig:
+        """Load and validate a YAML file; problems become one :class:`BdlensError` line."""
+        path = Path(path)
+        try:
+            return cls.model_validate(yaml.safe_load(path.read_text()))
+        except (OSError, yaml.YAMLError) as err:
+            raise BdlensError(f"cannot read perturbation config {path}: {err}".replace("\n", " ")) from None
+        except ValidationError as err:
+            raise validation_error(str(path), err) from None
+
+
+def curriculum_rollout(step: int, settings: CurriculumSettings) -> int:
+    """Rollout length (model steps) for optimiser step ``step`` (0-based)."""
+    return min(settings.max_rollout, 1 + step // settings.steps_per_stage)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of optimiser step ``step``'s weight samples and noise (a 31-bit value from (seed, step))."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+# ----------------------------------------------------------------------------------------------
+# Training
+
+
+def rollout_loss(
+    ensemble: PerturbedEnsemble, loss_fn: EnsembleCRPSLoss, previous: State | None, current: State, targets: Sequence[State]
+) -> Tensor:
+    """Mean over leads 1..n of the weighted fair CRPS of the members' n-step rollout against ``targets``."""
+    total = 0.0
+    for target in targets:
+        previous, current = current, ensemble.step(previous, current)
+        total = total + loss_fn(current, target)
+    return total / len(targets)
+
+
+def train_perturbation(
+    bayes: BayesianTransformer,
+    train_set: Dataset,
+    config: PerturbConfig,
+    out_dir: str | Path,
+    val_set: Dataset | None = None,
+    constants: Tensor | None = None,
+    norm_stats: dict[str, Any] | None = None,
+    resume: bool = False,
+    manifest_extra: dict[str, Any] | None = None,
+) -> Path:
+    """Train the perturbation network for the frozen posterior ``bayes`` into ``out_dir``; returns the checkpoint dir.
+
+    ``train_set``/``val_set``: :class:`bdlens.data.WeatherDataset` s (normalised, with ``times`` and
+    ``step``). Writes ``metrics.jsonl``, ``state.pt`` every ``checkpoint_every`` steps (exact resume
+    with ``resume``) and ``checkpoint/`` at the end (manifest: ``norm_stats``, ``manifest_extra``).
+    """
+    settings = config.training
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    bayes.requires_grad_(False).eval()
+    net_config = config.network.model_config_for(bayes.config)
+    torch.manual_seed(settings.seed)
+    network = PerturbationNetwork(net_config, config.network.init_sigma, config.network.init_scale).to(bayes.posterior.mu.device)
+    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+    warmup = min(settings.warmup_steps, settings.steps - 1)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, settings.steps))
+    samples = _lead_targets(train_set, tuple(range(1, settings.curriculum.max_rollout + 1)), len(train_set))
+    if len(samples) < settings.batch_size:
+        raise BdlensError(
+            f"only {len(samples)} training samples reach {settings.curriculum.max_rollout} steps ahead, fewer than batch_size "
+            f"{settings.batch_size}; lower batch_size or max_rollout"
+        )
+    loss_fn = EnsembleCRPSLoss(latitudes(bayes, train_set), bayes.config.upper_variables, bayes.config.surface_variables)
+    loss_fn = loss_fn.to(bayes.posterior.mu.device)
+
+    step, elapsed = 0, 0.0
+    state_path = out_dir / STATE
+    if resume:
+        if not state_path.is_file():
+            raise BdlensError(f"nothing to resume in {out_dir} (no {STATE}); start without --resume")
+        state = torch.load(state_path, map_location="cpu", weights_only=True)
+        if json.loads(state["config"]) != json.loads(config.model_dump_json()):
+            raise BdlensError(f"{out_dir} was started with a different perturbation config; resume with the same config")
+        network.load_state_dict(state["network"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        torch.set_rng_state(state["torch_rng"])
+        log.info("resumed %s at step %d", out_dir, step)
+    _truncate_log(out_dir / METRICS, step)
+
+    network.train()
+    single = Distributed(0, 1)
+    with bar(total=settings.steps, initial=step, desc="perturbation training", unit="step") as progress:
+        while step < settings.steps:
+            tick = time.perf_counter()
+            rollout = curriculum_rollout(step, settings.curriculum)
+            chosen = [samples[i] for i in batch_indices(step, len(samples), settings.batch_size, settings.seed, single)]
+            previous, current = _collate_inputs(train_set, [i for i, _ in chosen])
+            targets = [_collate_targets(train_set, [later[lead] for _, later in chosen]) for lead in range(rollout)]
+            ensemble = PerturbedEnsemble(bayes, network, settings.members, step_seed(settings.seed, step), constants)
+            loss = rollout_loss(ensemble, loss_fn, previous, current, targets)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            step += 1
+            elapsed += time.perf_counter() - tick
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}", rollout=rollout)
+            if step % settings.log_every == 0 or step == settings.steps:
+                _log_metrics(out_dir, {"step": step, "loss": loss.item(), "rollout": rollout, "grad_norm": float(grad_norm),
+                               "lr": scheduler.get_last_lr()[0], "train_seconds": round(elapsed, 1)})
+            if val_set is not None and settings.validate_every and (step % settings.validate_every == 0 or step == settings.steps):
+                for row in validate_perturbation(bayes, network, val_set, config.validation, constants):
+                    _log_metrics(out_dir, {"step": step, "split": "val", **row})
+            if step % settings.checkpoint_every == 0 or step == settings.steps:
+                _save_state(out_dir, network, optimizer, scheduler, step, elapsed, config)
+    return save_perturbation(network, config, out_dir / CHECKPOINT, norm_stats, {
+        **(manifest_extra or {}), "step": step, "train_seconds": round(elapsed, 1), "validation": _last_validation(out_dir),
+    })
+
+
+def validate_perturbation(
+    bayes: BayesianTransformer, network: PerturbationNetwork, dataset: Dataset, settings: PerturbValidationSettings,
+    constants: Tensor | None = None,
+) -> list[dict[str, float]]:
+    """:func:`ensemble_scores` of the perturbed posterior ensemble, plus the mean σ it applied at the first forecasts."""
+    was_training = network.training
+    network.eval()
+
+    def make(number: int) -> PerturbedEnsemble:
+        return PerturbedEnsemble(bayes, network, settings.members, step_seed(settings.seed, number), constants)
+
+    rows = ensemble_scores(make, dataset, settings.leads, settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset))
+    network.train(was_training)
+    return [{k: v for k, v in row.items() if k not in ("mse", "variance")} for row in rows]
+
+
+def _last_validation(out_dir: Path) -> list[dict[str, Any]]:
+    path = out_dir / METRICS
+    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    val = [r for r in rows if r.get("split") == "val"]
+    last = max((r["step"] for r in val), default=None)
+    return [r for r in val if r["step"] == last]
+
+
+def _save_state(out_dir: Path, network, optimizer, scheduler, step: int, elapsed: float, config: PerturbConfig) -> None:
+    state = {
+        "network": network.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+        "step": step, "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "config": config.model_dump_json(),
+    }
+    tmp = out_dir / f".{STATE}.tmp"
+    torch.save(state, tmp)
+    tmp.replace(out_dir / STATE)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+
+
+def save_perturbation(
+    network: PerturbationNetwork, config: PerturbConfig, directory: str | Path, norm_stats: dict[str, Any] | None,
+    extra: dict[str, Any] | None = None,
+) -> Path:
+    """Write the network (safetensors) and its manifest (``kind: "perturbation"``) to ``directory``."""
+    manifest = {
+        "kind": KIND,
+        "version": FORMAT_VERSION,
+        "model_config": network.config.model_dump(mode="json"),
+        "network": config.network.model_dump(mode="json"),
+        "perturb_config": config.model_dump(mode="json"),
+        "norm_stats": norm_stats,
+        **(extra or {}),
+    }
+    directory = Path(directory)
+    if directory.exists():
+        shutil.rmtree(directory)
+    return save_checkpoint(directory, network.state_dict(), manifest)
+
+
+def load_perturbation(directory: str | Path, device: torch.device | str = "cpu") -> tuple[PerturbationNetwork, dict[str, Any]]:
+    """The network of a ``bdlens train perturb`` checkpoint (eval mode, on ``device``) and its manifest."""
+    directory = Path(directory)
+    manifest = read_manifest(directory)
+    if manifest.get("kind") != KIND:
+        raise BdlensError(
+            f"{directory} holds a {manifest.get('kind')!r} checkpoint, not a perturbation network; train one with `bdlens train perturb`"
+        )
+    if manifest.get("norm_stats") is None:
+        raise BdlensError(f"{directory}/manifest.json has no norm_stats; retrain it with `bdlens train perturb`")
+    config = ModelConfig.from_dict(manifest["model_config"], source=f"{directory}/manifest.json")
+    network = PerturbationNetwork(config)
+    load_state_into(network, load_weights(directory), directory)
+    return network.to(device).eval(), manifest
+
+
+def read_calibration(directory: str | Path) -> dict[str, Any]:
+    """The ``calibration.json`` beside a checkpoint's manifest ({} when there is none)."""
+    path = Path(directory) / CALIBRATION
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise BdlensError(f"{path} is corrupted ({err.msg}); rerun `bdlens calibrate`") from err
