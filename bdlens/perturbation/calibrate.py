@@ -32,22 +32,24 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.optimize import minimize_scalar
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from bdlens.bayes.posterior import BayesianTransformer
 from bdlens.data import FieldLayout, Fields, NormStats
-from bdlens.errors import BdlensError, validation_error
-from bdlens.perturbation.learned import CALIBRATION, PerturbedEnsemble, ensemble_scores, load_perturbation, step_seed
+from bdlens.errors import BdlensError
+from bdlens.perturbation.learned import CALIBRATION, PerturbedEnsemble, YamlConfig, ensemble_scores, load_perturbation, step_seed
+from bdlens.perturbation.patterns import UnresolvedScaleWarning
 from bdlens.perturbation.sppt import SPPT, SPPTConfig, apply_sppt, load_sppt_config
 from bdlens.progress import bar
 
@@ -87,10 +89,10 @@ class TemperatureSearch(BaseModel):
         return self
 
 
-class CalibrationConfig(BaseModel):
+class CalibrationConfig(YamlConfig):
     """A calibration configuration (``configs/calibrate_demo.yaml``)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    what: ClassVar[str] = "calibration config"
 
     members: int = Field(default=8, ge=2)
     leads: tuple[int, ...] = (1, 4)
@@ -100,17 +102,6 @@ class CalibrationConfig(BaseModel):
     penalty: float = Field(default=1.0, ge=0, description="λ of J = CRPS·(1 + λ ln² SSR)")
     amplitude: AmplitudeSearch = AmplitudeSearch()
     temperature: TemperatureSearch = TemperatureSearch()
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> CalibrationConfig:
-        """Load and validate a YAML file; problems become one :class:`BdlensError` line."""
-        path = Path(path)
-        try:
-            return cls.model_validate(yaml.safe_load(path.read_text()) or {})
-        except (OSError, yaml.YAMLError) as err:
-            raise BdlensError(f"cannot read calibration config {path}: {err}".replace("\n", " ")) from None
-        except ValidationError as err:
-            raise validation_error(str(path), err) from None
 
 
 def objective(crps: float, spread_skill: float, penalty: float) -> float:
@@ -259,7 +250,10 @@ def calibrate_checkpoint(
 
         def make(a: float, t: float, number: int) -> Any:
             if a not in built:
-                built[a] = SPPT(layout.grid, layout.levels, layout.upper_variables, layout.surface_variables, scaled_sppt(sppt_config, a))
+                with warnings.catch_warnings():
+                    if built:  # an unresolved pattern scale is reported once, for the first amplitude
+                        warnings.simplefilter("ignore", UnresolvedScaleWarning)
+                    built[a] = SPPT(layout.grid, layout.levels, layout.upper_variables, layout.surface_variables, scaled_sppt(sppt_config, a))
             return SPPTEnsemble(bayes, built[a], layout, stats, members, step_seed(config.seed, number), constants, temperature=t)
     else:
         method = "posterior"

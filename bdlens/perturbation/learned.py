@@ -49,7 +49,7 @@ import shutil
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar, Self
 
 import numpy as np
 import torch
@@ -61,15 +61,14 @@ from torch.utils.data import Dataset, default_collate
 
 from bdlens.bayes.posterior import BayesianTransformer, inverse_softplus
 from bdlens.bayes.sampling import PosteriorEnsemble
-from bdlens.bayes.trainer import _lead_targets, _truncate_log, latitudes
+from bdlens.bayes.trainer import ValidationSettings, _lead_targets, _truncate_log, latitudes
 from bdlens.checkpoint import load_state_into, load_weights, read_manifest, save_checkpoint
 from bdlens.data import FieldLayout, Fields, NormStats
 from bdlens.errors import BdlensError, validation_error
 from bdlens.forecast import PosteriorStep
 from bdlens.grid import lat_weights
-from bdlens.models import EarthSpecificTransformer, ModelConfig
+from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss
 from bdlens.models.layers import PatchRecovery
-from bdlens.models.loss import variable_weights
 from bdlens.perturbation.initial import _member_noise
 from bdlens.perturbation.patterns import members_tuple
 from bdlens.progress import bar
@@ -106,23 +105,13 @@ def fair_crps(ensemble: Tensor, truth: Tensor) -> Tensor:
     return skill - spread / (m * (m - 1))
 
 
-class EnsembleCRPSLoss(nn.Module):
-    """Fair CRPS of an M-member ensemble, weighted like :class:`bdlens.models.WeightedL1Loss`:
+class EnsembleCRPSLoss(WeightedL1Loss):
+    """Fair CRPS of an M-member ensemble, weighted like its parent :class:`bdlens.models.WeightedL1Loss`:
 
     loss = mean(w_v · w_lat · CRPS)_upper + surface_factor · mean(w_v · w_lat · CRPS)_surface
 
-    with cell-area latitude weights (mean 1) of ``latitude`` (degrees, ascending) and Pangu's
-    variable weights; normalised units.
+    with cell-area latitude weights (mean 1) and Pangu's variable weights; normalised units.
     """
-
-    def __init__(
-        self, latitude: np.ndarray, upper_variables: Sequence[str], surface_variables: Sequence[str], surface_factor: float = 0.25
-    ) -> None:
-        super().__init__()
-        self.surface_factor = surface_factor
-        self.register_buffer("latitude_weight", torch.as_tensor(lat_weights(latitude), dtype=torch.float32))
-        self.register_buffer("upper_weight", variable_weights(upper_variables))
-        self.register_buffer("surface_weight", variable_weights(surface_variables))
 
     def forward(self, ensemble: State, truth: State) -> Tensor:
         """ensemble: upper (M, B, V_u, Z, H, W), surface (M, B, V_s, H, W); truth without M → scalar."""
@@ -412,37 +401,41 @@ class PerturbTrainingSettings(BaseModel):
     validate_every: int = Field(default=250, ge=0)
 
 
-class PerturbValidationSettings(BaseModel):
-    """K members per validation forecast, the leads (model steps), how many forecasts and their seed."""
+class PerturbValidationSettings(ValidationSettings):
+    """K members per validation forecast, the leads (model steps), how many forecasts, their seed and
+    how many run at once."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    members: int = Field(default=8, ge=2)
     leads: tuple[int, ...] = (1, 4)
     max_forecasts: int = Field(default=8, gt=0)
     batch_size: int = Field(default=4, gt=0)
-    seed: int = 12345
 
 
-class PerturbConfig(BaseModel):
-    """A perturbation-training configuration (``configs/perturb_demo.yaml``)."""
+class YamlConfig(BaseModel):
+    """A frozen pydantic config read from YAML by :meth:`from_yaml` (``what`` names it in errors)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+    what: ClassVar[str] = "config"
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> Self:
+        """Load and validate a YAML file; problems become one :class:`BdlensError` line."""
+        path = Path(path)
+        try:
+            return cls.model_validate(yaml.safe_load(path.read_text()) or {})
+        except (OSError, yaml.YAMLError) as err:
+            raise BdlensError(f"cannot read {cls.what} {path}: {err}".replace("\n", " ")) from None
+        except ValidationError as err:
+            raise validation_error(str(path), err) from None
+
+
+class PerturbConfig(YamlConfig):
+    """A perturbation-training configuration (``configs/perturb_demo.yaml``)."""
+
+    what: ClassVar[str] = "perturbation config"
 
     network: NetworkSettings = NetworkSettings()
     training: PerturbTrainingSettings
     validation: PerturbValidationSettings = PerturbValidationSettings()
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> PerturbConfig:
-        """Load and validate a YAML file; problems become one :class:`BdlensError` line."""
-        path = Path(path)
-        try:
-            return cls.model_validate(yaml.safe_load(path.read_text()))
-        except (OSError, yaml.YAMLError) as err:
-            raise BdlensError(f"cannot read perturbation config {path}: {err}".replace("\n", " ")) from None
-        except ValidationError as err:
-            raise validation_error(str(path), err) from None
 
 
 def curriculum_rollout(step: int, settings: CurriculumSettings) -> int:
