@@ -9,27 +9,31 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
+from torch.utils.data import default_collate
 from test_training import tiny_setup  # noqa: F401  (tiny model, data and configs on a synthetic store)
 
 import bdlens.perturbation.learned as learned
 from bdlens.bayes.posterior import PosteriorSettings, from_deterministic, save_posterior
 from bdlens.checkpoint import save_checkpoint
 from bdlens.cli import main
-from bdlens.data import make_datasets
+from bdlens.data import Fields, make_datasets
 from bdlens.data.splits import load_data_config
 from bdlens.grid import lat_weights
 from bdlens.metrics import crps
 from bdlens.models import EarthSpecificTransformer, ModelConfig
+from bdlens.models.lead_time import rollout
 from bdlens.perturbation.learned import (
     CurriculumSettings,
     EnsembleCRPSLoss,
     PerturbationNetwork,
     PerturbConfig,
+    LearnedPerturbationStep,
     PerturbedEnsemble,
     curriculum_rollout,
     fair_crps,
     load_perturbation,
     rollout_loss,
+    save_perturbation,
     train_perturbation,
     validate_perturbation,
 )
@@ -191,3 +195,23 @@ def test_cli_trains_from_a_vi_checkpoint_and_refuses_a_deterministic_one(world: 
     assert main([*args[:-1], str(tmp_path / "other"), "--from", str(det)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "not a VI posterior" in err and "bdlens train vi" in err
+
+
+def test_physical_step_in_rollout_matches_the_normalised_ensemble_and_reads_calibration(world: dict, tmp_path: Path) -> None:
+    net = network(world)
+    val = world["val"]
+    save_perturbation(net, perturb_config(), tmp_path / "p", val.stats.to_dict())
+    (tmp_path / "p" / "calibration.json").write_text(json.dumps({"amplitude": 1.7, "temperature": 2.0}))
+    stepper = LearnedPerturbationStep(world["vi"], tmp_path / "p", members=3, seed=4, layout=val.layout)
+    assert (stepper.ensemble.sigma_scale, stepper.ensemble.size) == (1.7, 3)
+    (previous, current), _ = default_collate([val[0], val[1]])
+    phys = lambda f: val.layout.denormalise(Fields(*f), val.stats)  # noqa: E731
+    states = dict(rollout({6: stepper}, {0: phys(current), -6: phys(previous)}, [6, 12]))
+    reference = PerturbedEnsemble(stepper.ensemble.bayes, net, 3, seed=4, sigma_scale=1.7, temperature=2.0)
+    with torch.no_grad():
+        one = reference.step(tuple(previous), tuple(current))
+        two = reference.step(tuple(current), one)
+    for lead, expected in ((6, one), (12, two)):
+        got = val.layout.normalise(states[lead], val.stats)
+        for a, b in zip(got, expected, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
