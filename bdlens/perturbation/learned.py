@@ -552,7 +552,8 @@ def validate_perturbation(
     bayes: BayesianTransformer, network: PerturbationNetwork, dataset: Dataset, settings: PerturbValidationSettings,
     constants: Tensor | None = None,
 ) -> list[dict[str, float]]:
-    """:func:`ensemble_scores` of the perturbed posterior ensemble, plus the mean σ it applied at the first forecasts."""
+    """Per-lead :func:`ensemble_scores` (fair CRPS, RMSE, spread, corrected spread-skill) of the perturbed
+    posterior ensemble, forecast batch i seeded by (``settings.seed``, i)."""
     was_training = network.training
     network.eval()
 
