@@ -148,3 +148,24 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tiny_setup: Path, tmp_
     agreement = [r for r in records if "max_weight_difference_between_ranks" in r]
     assert agreement and agreement[0]["ranks"] == 2 and agreement[0]["max_weight_difference_between_ranks"] == 0.0
     assert (tmp_path / "ddp" / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_analysis_inputs_replace_exactly_the_chosen_input_times(tiny_setup: Path) -> None:
+    from bdlens.data import WeatherDataset, compute_stats
+    from bdlens.training.deterministic import collate
+    from bdlens.data import FieldLayout
+    from bdlens.grid import GRIDS
+
+    truth = synthetic_dataset(times=12, upper_variables=UPPER, surface_variables=SURFACE)
+    analysis = truth + 1.0  # a recognisable "analysis error"
+    layout = FieldLayout(tuple(UPPER), (500, 850), tuple(SURFACE), GRIDS["64x32"])
+    stats = compute_stats(truth)
+    make = lambda ds: WeatherDataset(ds, layout, "6h", stats=stats, in_memory=True)  # noqa: E731
+    t, a = make(truth), make(analysis)
+    choice = torch.tensor([[True, False], [False, True]])
+    (upper, surface), target = collate(t, [0, 3], (a, choice))
+    (clean_upper, clean_surface), clean_target = collate(t, [0, 3])
+    moved = (upper - clean_upper).abs().amax(dim=(2, 3, 4, 5)) > 0  # (B, T_in)
+    assert torch.equal(moved, choice)
+    assert torch.equal((surface - clean_surface).abs().amax(dim=(2, 3, 4)) > 0, choice)
+    torch.testing.assert_close(target.upper, clean_target.upper, rtol=0, atol=0)  # targets stay the truth

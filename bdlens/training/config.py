@@ -29,6 +29,15 @@ class TrainConfig(BaseModel):
     val_every: int = Field(200, gt=0)
     val_samples: int = Field(64, gt=0)
     checkpoint_every: int = Field(100, gt=0)
+    analysis_input_probability: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="chance that each input time comes from the analysis (truth + analysis error) instead of the truth",
+    )
+    analysis: str | None = Field(
+        None, description="analysis store for those inputs; default: analysis.zarr beside the (demo world) truth"
+    )
     seed: int = 0
     threads: int | None = Field(None, gt=0, description="torch intra-op threads (default: torch's choice)")
 

@@ -25,7 +25,7 @@ from torch.utils.data import default_collate
 
 from bdlens.checkpoint import save_checkpoint
 from bdlens.configs import config_path
-from bdlens.data import DataConfig, FieldLayout, Fields, NormStats, WeatherDataset, load_data_config, make_datasets
+from bdlens.data import DataConfig, FieldLayout, Fields, NormStats, WeatherDataset, load_data_config, make_datasets, open_dataset
 from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.models.config import ModelConfig
@@ -83,6 +83,7 @@ class Setup:
     stats: NormStats
     train: WeatherDataset
     val: WeatherDataset
+    train_analysis: WeatherDataset | None = None
 
 
 def prepare(cfg: TrainConfig) -> Setup:
@@ -104,7 +105,17 @@ def prepare(cfg: TrainConfig) -> Setup:
         raise BdlensError(f"the train split has {len(train)} samples, fewer than batch_size {cfg.batch_size}")
     if len(val) == 0:
         raise BdlensError("the val split has no samples for this step; widen it in the data config")
-    return Setup(model_config, data_config, data_path, train.layout, train.stats, train, val)
+    train_analysis = None
+    if cfg.analysis_input_probability > 0:
+        analysis_path = Path(cfg.analysis) if cfg.analysis else data_path.parent / "analysis.zarr"
+        analysis = open_dataset(analysis_path, variables=list(train.layout.variables), levels=list(train.layout.levels))
+        train_analysis = WeatherDataset(
+            analysis, train.layout, data_config.step_timedelta, data_config.splits["train"].bounds, stats=train.stats,
+            input_steps=data_config.input_steps, in_memory=True, source=f"{analysis_path} [train]",
+        )
+        if not np.array_equal(train_analysis.times, train.times):
+            raise BdlensError(f"analysis {analysis_path} does not cover the same training times as {data_path}")
+    return Setup(model_config, data_config, data_path, train.layout, train.stats, train, val, train_analysis)
 
 
 def lr_factor(step: int, warmup: int, total: int) -> float:
@@ -125,10 +136,24 @@ def batch_indices(step: int, n_samples: int, batch_size: int, seed: int, dist_in
     return batch[dist_info.rank :: dist_info.world_size].tolist()
 
 
-def collate(dataset: WeatherDataset, indices: list[int]) -> tuple[tuple[torch.Tensor, torch.Tensor], Fields]:
-    """Model inputs (upper (B, T_in, V, Z, H, W), surface (B, T_in, V, H, W)) and the target Fields."""
+def collate(
+    dataset: WeatherDataset, indices: list[int], analysis_inputs: tuple[WeatherDataset, torch.Tensor] | None = None
+) -> tuple[tuple[torch.Tensor, torch.Tensor], Fields]:
+    """Model inputs (upper (B, T_in, V, Z, H, W), surface (B, T_in, V, H, W)) and the target Fields.
+
+    ``analysis_inputs`` = (analysis dataset, boolean (B, T_in) choice): where the choice is true the
+    input time is taken from the analysis (truth + analysis error) instead of the truth, so the model
+    learns to forecast from imperfect initial states (and from its own imperfect earlier steps).
+    """
     inputs, target = default_collate([dataset[i] for i in indices])
-    return (torch.stack([x.upper for x in inputs], 1), torch.stack([x.surface for x in inputs], 1)), Fields(*target)
+    upper, surface = torch.stack([x.upper for x in inputs], 1), torch.stack([x.surface for x in inputs], 1)
+    if analysis_inputs is not None:
+        analysis, choice = analysis_inputs
+        noisy, _ = default_collate([analysis[i] for i in indices])
+        pick = choice[:, :, None, None, None]
+        upper = torch.where(pick[..., None], torch.stack([x.upper for x in noisy], 1), upper)
+        surface = torch.where(pick, torch.stack([x.surface for x in noisy], 1), surface)
+    return (upper, surface), Fields(*target)
 
 
 @torch.no_grad()
@@ -218,7 +243,13 @@ def train(
     with bar(total=cfg.steps, initial=step, desc=f"train {cfg.step_hours}h", unit="step", **quiet_rank) as progress:
         while step < cfg.steps:
             tick = time.perf_counter()
-            (upper, surface), target = collate(setup.train, batch_indices(step, len(setup.train), cfg.batch_size, cfg.seed, dist_info))
+            indices = batch_indices(step, len(setup.train), cfg.batch_size, cfg.seed, dist_info)
+            analysis_inputs = None
+            if setup.train_analysis is not None:
+                draw = torch.Generator().manual_seed(cfg.seed * 7_919 + step * 104_729 + dist_info.rank)
+                choice = torch.rand(len(indices), setup.model_config.n_input_times, generator=draw) < cfg.analysis_input_probability
+                analysis_inputs = (setup.train_analysis, choice)
+            (upper, surface), target = collate(setup.train, indices, analysis_inputs)
             loss = loss_fn(net(upper, surface), (target.upper, target.surface))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
