@@ -104,10 +104,6 @@ def physics_ensemble(
     )
     out = Path(out)
     with atomic_directory(out, overwrite=overwrite) as tmp:
-        store = tmp / "data.zarr"
-        ds.to_zarr(store, zarr_format=2, consolidated=True)
-        store.rename(tmp.with_suffix(".zarr.tmp"))
-        tmp.rmdir()
-        tmp.with_suffix(".zarr.tmp").rename(tmp)
+        ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True)
     log.info("physics ensemble written to %s", out)
     return out
