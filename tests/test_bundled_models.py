@@ -1,0 +1,51 @@
+"""The deterministic demo models shipped in the package: provenance and a skill sanity check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from bdlens.data import open_dataset
+from bdlens.forecast import deterministic_forecast
+from bdlens.grid import lat_weights
+from bdlens.models.pretrained import BUNDLED_DIR, bundled_checkpoint, load_trained
+from bdlens.errors import BdlensError
+
+
+@pytest.mark.parametrize("name", ["det_6h", "det_24h"])
+def test_bundled_model_has_its_provenance(name: str) -> None:
+    model = load_trained(bundled_checkpoint(name))
+    training = model.manifest["training"]
+    assert training["command"].startswith("bdlens train deterministic --config train_det_")
+    assert training["seed"] == 0 and training["config"]["steps"] > 0
+    assert model.manifest["validation"]["geopotential_500"] < model.manifest["validation"]["persistence/geopotential_500"]
+    assert model.manifest["test_scores"]["checks"]["z500"]["beats_persistence_6h_to_10d"]
+    assert model.step_hours == int(name.removeprefix("det_").removesuffix("h"))
+
+
+def test_package_stays_small() -> None:
+    size = sum(p.stat().st_size for p in BUNDLED_DIR.rglob("*") if p.is_file())
+    assert size < 30 * 2**20
+
+
+def test_unknown_bundle_is_a_clear_error() -> None:
+    with pytest.raises(BdlensError, match="no bundled checkpoint 'nope'.*det_6h"):
+        bundled_checkpoint("nope")
+
+
+def test_bundled_models_beat_persistence_on_the_small_world(small_world: Path) -> None:
+    truth = open_dataset(small_world / "truth.zarr").load()
+    analysis = open_dataset(small_world / "analysis.zarr").load()
+    models = {h: load_trained(bundled_checkpoint(f"det_{h}h")) for h in (6, 24)}
+    inits = truth.time.values[4:40:8]
+    fc = deterministic_forecast(models, analysis, inits, [6, 24, 48])
+    weights = lat_weights(truth.latitude.values)[:, None]
+    for lead in (6, 24, 48):
+        valid = inits + np.timedelta64(lead, "h")
+        z_true = truth.geopotential.sel(level=500, time=valid).values
+        z_model = fc.geopotential.sel(level=500, prediction_timedelta=np.timedelta64(lead, "h")).values
+        z_persist = analysis.geopotential.sel(level=500, time=inits).values
+        rmse = lambda f: float(np.sqrt(np.mean((f - z_true) ** 2 * weights)))  # noqa: E731
+        assert rmse(z_model) < rmse(z_persist), lead
