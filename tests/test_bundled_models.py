@@ -49,3 +49,34 @@ def test_bundled_models_beat_persistence_on_the_small_world(small_world: Path) -
         z_persist = analysis.geopotential.sel(level=500, time=inits).values
         rmse = lambda f: float(np.sqrt(np.mean((f - z_true) ** 2 * weights)))  # noqa: E731
         assert rmse(z_model) < rmse(z_persist), lead
+
+
+@pytest.mark.parametrize("name", ["vi_6h", "vi_24h"])
+def test_bundled_posterior_has_its_provenance(name: str) -> None:
+    from bdlens.bayes import load_posterior
+
+    bayes, manifest = load_posterior(bundled_checkpoint(name))
+    assert manifest["training"]["command"].startswith("bdlens train vi --from runs/det_")
+    assert manifest["test_scores"]["pass"] is True
+    assert max(max(r) for r in manifest["test_scores"]["ratio_posterior_mean_to_deterministic"].values()) <= 1.02
+    assert float(bayes.posterior.sigma.min()) > 0
+
+
+def test_bundled_posterior_spread_grows_far_outside_the_training_distribution(small_world: Path) -> None:
+    import torch
+
+    from bdlens.bayes import PosteriorEnsemble, load_posterior
+
+    bayes, _ = load_posterior(bundled_checkpoint("vi_6h"))
+    det = load_trained(bundled_checkpoint("det_6h"))
+    analysis = open_dataset(small_world / "analysis.zarr")
+    times = analysis.time.values[8:12]
+    previous = det.layout.normalise(det.layout.to_tensors(analysis.sel(time=times - np.timedelta64(6, "h"))), det.stats)
+    current = det.layout.normalise(det.layout.to_tensors(analysis.sel(time=times)), det.stats)
+    ensemble = PosteriorEnsemble(bayes, 8, seed=0)
+    spreads = {}
+    with torch.no_grad():
+        for shift in (0.0, 8.0):  # inputs shifted by 8 standard deviations: far outside the training data
+            upper, _ = ensemble.step((previous.upper + shift, previous.surface + shift), (current.upper + shift, current.surface + shift))
+            spreads[shift] = float(upper.std(0).mean())
+    assert spreads[8.0] > 2.0 * spreads[0.0]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,7 +84,17 @@ def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwri
     target = BUNDLED_DIR / name
     if target.exists() and not overwrite:
         raise BdlensError(f"bundled checkpoint {name} exists; pass --overwrite to replace it")
-    load_trained(checkpoint)  # refuse to bundle anything that does not load
+    # Refuse to bundle anything that does not load.
+    if manifest.get("kind") == "vi":
+        from bdlens.bayes import load_posterior
+
+        load_posterior(checkpoint)
+    else:
+        load_trained(checkpoint)
     manifest = {**manifest, **(extra or {}), "bundled_from": str(checkpoint)}
     manifest.pop("bdlens_version", None)
-    return save_checkpoint(target, load_weights(checkpoint), manifest)
+    path = save_checkpoint(target, load_weights(checkpoint), manifest)
+    for extra_file in sorted(checkpoint.glob("*.safetensors")):
+        if extra_file.name != "model.safetensors":  # e.g. the posterior's ρ and prior mean
+            shutil.copyfile(extra_file, path / extra_file.name)
+    return path
