@@ -85,16 +85,22 @@ def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwri
     if target.exists() and not overwrite:
         raise BdlensError(f"bundled checkpoint {name} exists; pass --overwrite to replace it")
     # Refuse to bundle anything that does not load.
-    if manifest.get("kind") == "vi":
+    kind = manifest.get("kind")
+    if kind == "vi":
         from bdlens.bayes import load_posterior
 
         load_posterior(checkpoint)
+    elif kind == "perturbation":
+        from bdlens.perturbation.learned import load_perturbation
+
+        load_perturbation(checkpoint)
     else:
         load_trained(checkpoint)
     manifest = {**manifest, **(extra or {}), "bundled_from": str(checkpoint)}
     manifest.pop("bdlens_version", None)
     path = save_checkpoint(target, load_weights(checkpoint), manifest)
-    for extra_file in sorted(checkpoint.glob("*.safetensors")):
-        if extra_file.name != "model.safetensors":  # e.g. the posterior's ρ and prior mean
+    # Companion files (a posterior's ρ, a calibration.json) travel along; training state does not.
+    for extra_file in sorted(checkpoint.iterdir()):
+        if extra_file.is_file() and extra_file.name not in ("model.safetensors", "manifest.json") and extra_file.suffix != ".pt":
             shutil.copyfile(extra_file, path / extra_file.name)
     return path
