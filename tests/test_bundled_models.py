@@ -80,3 +80,17 @@ def test_bundled_posterior_spread_grows_far_outside_the_training_distribution(sm
             upper, _ = ensemble.step((previous.upper + shift, previous.surface + shift), (current.upper + shift, current.surface + shift))
             spreads[shift] = float(upper.std(0).mean())
     assert spreads[8.0] > 2.0 * spreads[0.0]
+
+
+def test_bundled_perturbation_network_is_calibrated_and_traceable() -> None:
+    import json
+
+    from bdlens.perturbation.learned import load_perturbation
+
+    directory = bundled_checkpoint("perturb_6h")
+    network, manifest = load_perturbation(directory)
+    assert manifest["kind"] == "perturbation"
+    assert manifest["training"]["command"].startswith("bdlens train perturb --from bdlens/assets/models/vi_6h")
+    calibration = json.loads((directory / "calibration.json").read_text())
+    assert calibration["after"]["crps"] <= calibration["before"]["crps"] * 1.01
+    assert abs(calibration["after"]["spread_skill"] - 1) <= abs(calibration["before"]["spread_skill"] - 1) + 1e-9
