@@ -13,6 +13,8 @@ import shutil
 import sys
 from pathlib import Path
 
+from bdlens.cli.options import add_data_options, add_run_mode
+
 
 def register_vi(train_subparsers: argparse._SubParsersAction) -> None:
     """Add ``vi`` to the sub-commands of ``bdlens train``."""
@@ -25,11 +27,8 @@ def register_vi(train_subparsers: argparse._SubParsersAction) -> None:
     vi.add_argument("--from", dest="source", type=Path, required=True, help="deterministic checkpoint directory")
     vi.add_argument("--config", required=True, help="VI YAML (path or name in configs/), e.g. vi_demo")
     vi.add_argument("--out", type=Path, required=True, help="run directory (metrics log, checkpoint/)")
-    vi.add_argument("--world", help="data: 'demo', 'small' or a WB2 zarr (default: the data the checkpoint was trained on)")
-    vi.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    mode = vi.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    mode.add_argument("--overwrite", action="store_true", help="delete --out and start over")
+    add_data_options(vi, trained_on="checkpoint")
+    add_run_mode(vi)
     vi.set_defaults(func=_vi)
 
 

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from bdlens.cli.options import add_data_options, add_run_mode
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the top-level ``calibrate`` command."""
@@ -29,8 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     method.add_argument("--sppt", help="SPPT config (path or name in configs/), e.g. perturbation_sppt")
     cal.add_argument("--config", required=True, help="calibration YAML (path or name in configs/), e.g. calibrate_demo")
     cal.add_argument("--out", type=Path, required=True, help="output directory (calibration.json)")
-    cal.add_argument("--world", help="data: 'demo', 'small' or a WB2 zarr (default: the data the posterior was trained on)")
-    cal.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+    add_data_options(cal, trained_on="posterior")
     cal.set_defaults(func=_calibrate)
 
 
@@ -46,11 +47,8 @@ def register_perturb(train_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--from", dest="source", type=Path, required=True, help="VI posterior checkpoint directory (bdlens train vi)")
     p.add_argument("--config", required=True, help="perturbation YAML (path or name in configs/), e.g. perturb_demo")
     p.add_argument("--out", type=Path, required=True, help="run directory (state, metrics log, checkpoint/)")
-    p.add_argument("--world", help="data: 'demo', 'small' or a WB2 zarr (default: the data the posterior was trained on)")
-    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
-    mode = p.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    mode.add_argument("--overwrite", action="store_true", help="delete --out and start over")
+    add_data_options(p, trained_on="posterior")
+    add_run_mode(p)
     p.set_defaults(func=_train_perturb)
 
 

@@ -7,6 +7,8 @@ import shlex
 import sys
 from pathlib import Path
 
+from bdlens.cli.options import add_run_mode
+
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bdlens train {deterministic,…}``."""
@@ -18,9 +20,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     det.add_argument("--config", required=True, help="training YAML (path or name in configs/), e.g. train_det_6h")
     det.add_argument("--out", type=Path, required=True, help="run directory (state, metrics log, final checkpoint/)")
-    mode = det.add_mutually_exclusive_group()
-    mode.add_argument("--resume", action="store_true", help="continue the run in --out exactly where it stopped")
-    mode.add_argument("--overwrite", action="store_true", help="delete --out and start over")
+    add_run_mode(det)
     det.set_defaults(func=_deterministic)
 
     bundle = commands.add_parser("bundle", help="copy a trained checkpoint into the package's bundled demo models")
