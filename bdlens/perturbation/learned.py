@@ -72,7 +72,8 @@ from bdlens.models.layers import PatchRecovery
 from bdlens.perturbation.initial import _member_noise
 from bdlens.perturbation.patterns import members_tuple
 from bdlens.progress import bar
-from bdlens.training.deterministic import METRICS, STATE, Distributed, _log_metrics, batch_indices, lr_factor
+from bdlens.training.deterministic import METRICS, Distributed, _log_metrics, batch_indices, lr_factor
+from bdlens.training.state import STATE, read_training_state
 
 log = logging.getLogger(__name__)
 
@@ -500,13 +501,8 @@ def train_perturbation(
     loss_fn = loss_fn.to(bayes.posterior.mu.device)
 
     step, elapsed = 0, 0.0
-    state_path = out_dir / STATE
     if resume:
-        if not state_path.is_file():
-            raise BdlensError(f"nothing to resume in {out_dir} (no {STATE}); start without --resume")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if json.loads(state["config"]) != json.loads(config.model_dump_json()):
-            raise BdlensError(f"{out_dir} was started with a different perturbation config; resume with the same config")
+        state = read_training_state(out_dir, config, "perturbation")
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])

@@ -33,10 +33,10 @@ from bdlens.models.loss import WeightedL1Loss
 from bdlens.models.transformer import EarthSpecificTransformer, count_parameters
 from bdlens.progress import bar
 from bdlens.training.config import TrainConfig
+from bdlens.training.state import STATE, read_training_state
 
 log = logging.getLogger(__name__)
 
-STATE = "state.pt"
 METRICS = "metrics.jsonl"
 CHECKPOINT = "checkpoint"
 
@@ -220,13 +220,8 @@ def train(
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
     step, elapsed = 0, 0.0
-    state_path = run_dir / STATE
     if resume:
-        if not state_path.is_file():
-            raise BdlensError(f"nothing to resume in {run_dir} (no {STATE}); start without --resume")
-        state = torch.load(state_path, map_location="cpu", weights_only=True)
-        if json.loads(state["config"]) != json.loads(cfg.model_dump_json()):
-            raise BdlensError(f"{run_dir} was started with a different training config; resume with the same config")
+        state = read_training_state(run_dir, cfg, "training")
         model.load_state_dict(state["model"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
