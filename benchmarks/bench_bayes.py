@@ -25,7 +25,7 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from bdlens.bayes.objective import model_and_guide, tempered_loss
 from bdlens.bayes.posterior import PosteriorSettings, from_deterministic
 from bdlens.bayes.sampling import forward_members, forward_sample, sample_weights
-from bdlens.data.tensors import Fields
+from bdlens.data.tensors import Fields, stack_times
 from bdlens.grid import GRIDS
 from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss
 
@@ -82,7 +82,8 @@ def bench_sampling(bayes, config: ModelConfig, members: int, repeats: int) -> No
 
 def bench_svi(bayes, config: ModelConfig, batch: int, repeats: int) -> None:
     g = torch.Generator().manual_seed(1)
-    data = ((_state(config, batch, g), _state(config, batch, g)), _state(config, batch, g))
+    previous, current = _state(config, batch, g), _state(config, batch, g)
+    data = (stack_times([previous, current]), _state(config, batch, g))
     latitude = GRIDS[config.grid].latitudes()
     loss_fn = WeightedL1Loss(latitude, config.upper_variables, config.surface_variables)
     post = bayes.posterior

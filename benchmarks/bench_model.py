@@ -17,8 +17,8 @@ from pathlib import Path
 
 import torch
 
-from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss, count_parameters
 from bdlens.grid import GRIDS
+from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss, count_parameters
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -3,22 +3,33 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pyro
 import pytest
 import torch
+import yaml
+from interrupt import stop_after_saving
 from pyro.infer import TraceMeanField_ELBO
 from test_bayes_posterior import deterministic
+from test_perturbation_learned import world  # noqa: F401  (tiny posterior and its WeatherDatasets)
+from test_training import tiny_setup  # noqa: F401  (tiny model, data and configs on a synthetic store)
 
+import bdlens.bayes.trainer as trainer
 from bdlens.bayes.objective import model_and_guide
 from bdlens.bayes.posterior import PosteriorSettings, from_deterministic, load_posterior
 from bdlens.bayes.sampling import forward_sample, sample_weights
-from bdlens.bayes.trainer import VIConfig, latitudes, train_vi, validate
+from bdlens.bayes.trainer import ValidationSettings, VIConfig, latitudes, train_vi, validate
 from bdlens.data.tensors import Fields
 from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss
+from bdlens.models.pretrained import load_trained
+from bdlens.training.batches import collate
 
 
 class RollingWorld(torch.utils.data.Dataset):
@@ -60,7 +71,7 @@ def test_svi_loss_is_the_tempered_negative_elbo():
     model = deterministic()
     bayes = from_deterministic(model, PosteriorSettings(init_sigma_scale=1e-2, prior_sigma=0.05))
     data = RollingWorld(model.config, 4)
-    batch = torch.utils.data.default_collate([data[0], data[1]])
+    batch = collate(data, [0, 1])
     loss_fn = WeightedL1Loss(latitudes(bayes), model.config.upper_variables, model.config.surface_variables)
     beta, n_data = 0.5, 40
     pyro.clear_param_store()
@@ -71,7 +82,8 @@ def test_svi_loss_is_the_tempered_negative_elbo():
     theta = bayes.posterior.distribution().rsample()  # the guide's draw under the same RNG state
     member = EarthSpecificTransformer(model.config).eval()
     member.load_state_dict({**model.state_dict(), **bayes.posterior.unflatten(theta.detach())})
-    (prev, cur), target = batch
+    (prev, cur), _ = torch.utils.data.default_collate([data[0], data[1]])
+    target = batch[1]
     with torch.no_grad():
         out = member(torch.stack([prev.upper, cur.upper], 1), torch.stack([prev.surface, cur.surface], 1))
     w = torch.as_tensor(lat_weights(latitudes(bayes)), dtype=torch.float32)[:, None]
@@ -84,35 +96,80 @@ def test_svi_loss_is_the_tempered_negative_elbo():
     assert float(loss) == pytest.approx(float(l1) + beta / n_data * float(kl), rel=1e-5)
 
 
-def test_resume_is_exact(tmp_path):
+def _log(run: Path) -> list[dict]:
+    """The metrics log without wall-clock times."""
+    return [{k: v for k, v in r.items() if k != "train_seconds"} for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]
+
+
+def test_resume_is_exact(tmp_path, monkeypatch):
     config = deterministic().config
     train, val = RollingWorld(config, 10), RollingWorld(config, 5, seed=1)
-    straight = train_vi(from_deterministic(deterministic(), vi_config().posterior), train, vi_config(), tmp_path / "a", val)
-    train_vi(from_deterministic(deterministic(), vi_config().posterior), train, vi_config(steps=2), tmp_path / "b", val)
-    # a different starting model proves the resumed run takes everything from the checkpoint
-    resumed = train_vi(from_deterministic(deterministic(seed=1)), train, vi_config(), tmp_path / "b", val, resume=True)
-    for name in ("mu", "rho"):
+    settings = vi_config(checkpoint_every=2)
+    straight = train_vi(from_deterministic(deterministic(), settings.posterior), train, settings, tmp_path / "a", val)
+    stop_after_saving(monkeypatch, trainer, 2)  # killed right after the step-2 state was saved
+    with pytest.raises(KeyboardInterrupt):
+        train_vi(from_deterministic(deterministic(), settings.posterior), train, settings, tmp_path / "b", val)
+    monkeypatch.undo()
+    # a different starting model proves the resumed run takes everything from the saved state
+    resumed = train_vi(from_deterministic(deterministic(seed=1), settings.posterior), train, settings, tmp_path / "b", val, resume=True)
+    for name in ("mu", "rho", "prior_loc"):
         assert torch.equal(getattr(straight.posterior, name), getattr(resumed.posterior, name))
     # 4 steps from 10 samples in batches of 2 cross no epoch boundary; check the step really moved μ
     assert not torch.equal(straight.posterior.mu, from_deterministic(deterministic()).posterior.mu)
-    log_a = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
-    log_b = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
-    assert log_a == log_b
-    records = [json.loads(line) for line in log_a]
+    assert _log(tmp_path / "a") == _log(tmp_path / "b")
+    records = _log(tmp_path / "a")
     assert [r["step"] for r in records if "loss" in r] == [1, 2, 3, 4]
     assert [(r["step"], r["lead_steps"]) for r in records if r.get("split") == "val"] == [(2, 1), (2, 2), (4, 1), (4, 2)]
     loaded, manifest = load_posterior(tmp_path / "a" / "checkpoint")
     assert manifest["step"] == 4 and torch.equal(loaded.posterior.mu, straight.posterior.mu)
+    assert [row["lead_steps"] for row in manifest["validation"]] == [1, 2] and manifest["validation"][0]["step"] == 4
+    with pytest.raises(BdlensError, match="different VI config"):
+        train_vi(from_deterministic(deterministic()), train, vi_config(checkpoint_every=2, lr_rho=0.5), tmp_path / "b", val, resume=True)
 
 
-def test_resume_across_epochs_is_exact(tmp_path):
+def test_resume_across_epochs_is_exact(tmp_path, monkeypatch):
     config = deterministic().config
     train = RollingWorld(config, 5)  # 2 batches of 2 per epoch: steps 3..5 run in epochs 1 and 2
-    straight = train_vi(from_deterministic(deterministic()), train, vi_config(steps=5, validate_every=0), tmp_path / "a")
-    train_vi(from_deterministic(deterministic()), train, vi_config(steps=3, validate_every=0), tmp_path / "b")
-    resumed = train_vi(from_deterministic(deterministic()), train, vi_config(steps=5, validate_every=0), tmp_path / "b", resume=True)
+    settings = vi_config(steps=5, validate_every=0, checkpoint_every=1)
+    straight = train_vi(from_deterministic(deterministic()), train, settings, tmp_path / "a")
+    stop_after_saving(monkeypatch, trainer, 3)
+    with pytest.raises(KeyboardInterrupt):
+        train_vi(from_deterministic(deterministic()), train, settings, tmp_path / "b")
+    monkeypatch.undo()
+    resumed = train_vi(from_deterministic(deterministic()), train, settings, tmp_path / "b", resume=True)
     assert torch.equal(straight.posterior.mu, resumed.posterior.mu)
     assert torch.equal(straight.posterior.rho, resumed.posterior.rho)
+
+
+class ShiftedInputs(torch.utils.data.Dataset):
+    """A dataset's samples with every input state shifted by ``shift`` (a stand-in for analysis errors); targets unchanged."""
+
+    def __init__(self, data: torch.utils.data.Dataset, shift: float) -> None:
+        self.data, self.shift = data, shift
+        self.times, self.step = data.times, data.step
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int):
+        inputs, target = self.data[i]
+        return tuple(Fields(x.upper + self.shift, x.surface + self.shift) for x in inputs), target
+
+
+def test_analysis_inputs_replace_the_inputs_but_not_the_targets(tmp_path):
+    config = deterministic().config
+    clean = RollingWorld(config, 10)
+    noisy = ShiftedInputs(clean, 0.3)
+    always = vi_config(validate_every=0, analysis_input_probability=1.0)
+    never = vi_config(validate_every=0)
+    # every input from the analysis = training on the analysis inputs against the true targets
+    a = train_vi(from_deterministic(deterministic()), clean, always, tmp_path / "a", analysis_set=noisy)
+    b = train_vi(from_deterministic(deterministic()), noisy, never, tmp_path / "b")
+    c = train_vi(from_deterministic(deterministic()), clean, never, tmp_path / "c")
+    assert torch.equal(a.posterior.mu, b.posterior.mu) and torch.equal(a.posterior.rho, b.posterior.rho)
+    assert not torch.equal(a.posterior.mu, c.posterior.mu)
+    with pytest.raises(BdlensError, match="needs the analysis"):
+        train_vi(from_deterministic(deterministic()), clean, always, tmp_path / "d")
 
 
 def test_validation_matches_a_brute_force_ensemble():
@@ -191,3 +248,52 @@ def test_epistemic_spread_grows_far_outside_the_training_distribution(tmp_path):
     assert records[-1]["loss"] < records[0]["loss"]
     inside, outside = spread(0.0), spread(4.0)
     assert outside > 2 * inside, (inside, outside)
+
+
+def test_validation_per_variable_is_in_physical_units(world):  # noqa: F811
+    """rmse_<var>_<level> / spread_<var> equal a brute-force ensemble denormalised with the dataset's layout."""
+    bayes, val = world["bayes"], world["val"]
+    settings = ValidationSettings(members=3, leads=(1,), max_forecasts=2, batch_size=1, seed=5)
+    row = validate(bayes, val, settings)[0]
+    weights = torch.as_tensor(lat_weights(val.layout.grid.latitudes()), dtype=torch.float64)[:, None]
+    thetas = sample_weights(bayes, 3, seed=5)
+    squared, variance = 0.0, 0.0
+    for i in (0, len(val) - 1):  # the two evenly spread forecasts
+        (prev, cur), target = val[i]
+        upper = torch.stack([prev.upper, cur.upper])[None]
+        surface = torch.stack([prev.surface, cur.surface])[None]
+        with torch.no_grad():
+            members = [val.layout.denormalise(Fields(*forward_sample(bayes, theta, upper, surface)), val.stats) for theta in thetas]
+        truth = val.layout.denormalise(Fields(target.upper[None], target.surface[None]), val.stats)
+        z500 = torch.stack([m.upper[0, 0, 0] for m in members]).double()  # geopotential at 500 hPa: (K, H, W)
+        t2m = torch.stack([m.surface[0, 0] for m in members]).double()  # 2m_temperature
+        squared = squared + ((z500.mean(0) - truth.upper[0, 0, 0].double()) ** 2 * weights).mean()
+        variance = variance + (t2m.var(0) * weights).mean()
+    assert row["rmse_geopotential_500"] == pytest.approx(float((squared / 2).sqrt()), rel=1e-4)
+    assert row["spread_2m_temperature"] == pytest.approx(float((variance / 2).sqrt()), rel=1e-4)
+    assert {"rmse_temperature_850", "spread_mean_sea_level_pressure", "rmse", "spread", "crps", "spread_skill"} <= set(row)
+
+
+def test_ddp_two_cpu_processes_keep_identical_posteriors(tiny_setup: Path, tmp_path: Path) -> None:  # noqa: F811
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    bdlens = [sys.executable, "-m", "bdlens", "-q"]
+    det = subprocess.run([*bdlens, "train", "deterministic", "--config", str(tiny_setup / "train.yaml"), "--out", str(tmp_path / "det")],
+                         env=env, capture_output=True, text=True, timeout=300)
+    assert det.returncode == 0, det.stderr[-2000:]
+    (tmp_path / "vi.yaml").write_text(yaml.safe_dump({
+        "posterior": {"init_sigma_scale": 1e-2, "prior_sigma": 0.05},
+        "training": {"steps": 3, "batch_size": 4, "lr_mu": 1e-3, "lr_rho": 1e-1, "log_every": 1, "checkpoint_every": 3, "validate_every": 3},
+        "validation": {"members": 2, "leads": [1], "max_forecasts": 2, "batch_size": 2},
+    }))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29518", "-m", "bdlens", "-q",
+           "train", "vi", "--from", str(tmp_path / "det" / "checkpoint"), "--config", str(tmp_path / "vi.yaml"), "--out", str(tmp_path / "vi")]
+    result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    records = [json.loads(line) for line in (tmp_path / "vi" / "metrics.jsonl").read_text().splitlines()]
+    agreement = [r for r in records if "max_weight_difference_between_ranks" in r]
+    assert agreement == [{"ranks": 2, "max_weight_difference_between_ranks": 0.0}]
+    assert [r["step"] for r in records if "loss" in r] == [1, 2, 3]  # one log line per step, from rank 0 only
+    trained, manifest = load_posterior(tmp_path / "vi" / "checkpoint")
+    initial = from_deterministic(load_trained(tmp_path / "det" / "checkpoint").model, VIConfig.from_yaml(tmp_path / "vi.yaml").posterior)
+    assert not torch.equal(trained.posterior.rho, initial.posterior.rho)  # the ranks did train
+    assert manifest["training"]["processes"] == 2 and manifest["step"] == 3

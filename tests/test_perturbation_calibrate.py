@@ -17,7 +17,8 @@ from bdlens.cli import main
 from bdlens.errors import BdlensError
 from bdlens.metrics import crps, spread_skill_ratio
 from bdlens.perturbation.calibrate import CalibrationConfig, calibrate, objective
-from bdlens.perturbation.learned import PerturbedEnsemble, ensemble_scores, fair_crps
+from bdlens.perturbation.learned import PerturbedEnsemble
+from bdlens.training.ensemble_validation import ensemble_scores, fair_crps
 from bdlens.perturbation.sppt import load_sppt_config
 
 

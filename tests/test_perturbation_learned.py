@@ -10,6 +10,7 @@ import pytest
 import torch
 import xarray as xr
 from torch.utils.data import default_collate
+from interrupt import stop_after_saving
 from test_training import tiny_setup  # noqa: F401  (tiny model, data and configs on a synthetic store)
 
 import bdlens.perturbation.learned as learned
@@ -22,6 +23,7 @@ from bdlens.grid import lat_weights
 from bdlens.metrics import crps
 from bdlens.models import EarthSpecificTransformer, ModelConfig
 from bdlens.models.lead_time import rollout
+from bdlens.training.ensemble_validation import fair_crps
 from bdlens.perturbation.learned import (
     CurriculumSettings,
     EnsembleCRPSLoss,
@@ -30,7 +32,6 @@ from bdlens.perturbation.learned import (
     LearnedPerturbationStep,
     PerturbedEnsemble,
     curriculum_rollout,
-    fair_crps,
     load_perturbation,
     rollout_loss,
     save_perturbation,
@@ -161,17 +162,10 @@ def test_resume_is_exact(world: dict, tmp_path: Path, monkeypatch: pytest.Monkey
     config = perturb_config()
     stats = {"key": "k"}
     straight = train_perturbation(world["bayes"], world["train"], config, tmp_path / "straight", norm_stats=stats)
-    original = learned._save_state
-
-    def save_then_stop(out_dir, network, optimizer, scheduler, step, *args):
-        original(out_dir, network, optimizer, scheduler, step, *args)
-        if step == 2:
-            raise KeyboardInterrupt
-
-    monkeypatch.setattr(learned, "_save_state", save_then_stop)
+    stop_after_saving(monkeypatch, learned, 2)
     with pytest.raises(KeyboardInterrupt):
         train_perturbation(world["bayes"], world["train"], config, tmp_path / "partial", norm_stats=stats)
-    monkeypatch.setattr(learned, "_save_state", original)
+    monkeypatch.undo()
     resumed = train_perturbation(world["bayes"], world["train"], config, tmp_path / "partial", norm_stats=stats, resume=True)
     a, _ = load_perturbation(straight)
     b, _ = load_perturbation(resumed)

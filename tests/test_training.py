@@ -17,7 +17,10 @@ from bdlens.checkpoint import load_state_into, load_weights, read_manifest, save
 from bdlens.cli import main
 from bdlens.errors import BdlensError
 from bdlens.training.config import load_train_config
-from bdlens.training.deterministic import Distributed, batch_indices, lr_factor, train
+from bdlens.training.deterministic import train
+from bdlens.training.distributed import Distributed, batch_indices
+from bdlens.training.schedule import lr_factor
+from interrupt import stop_after_saving
 from synthetic import synthetic_dataset
 
 UPPER = ["geopotential", "temperature"]
@@ -73,34 +76,22 @@ def test_training_reduces_loss_and_writes_checkpoint(tiny_setup: Path, tmp_path:
     assert losses[-1] < losses[0]
 
 
-def test_resume_is_exact(tiny_setup: Path, tmp_path: Path) -> None:
+def test_resume_is_exact(tiny_setup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import bdlens.training.deterministic as det
+
     cfg, _ = load_train_config(tiny_setup / "train.yaml")
     straight = load_weights(train(cfg, tmp_path / "straight"))
     partial = tmp_path / "partial"
-    _train_until(cfg, partial, stop_after=2)  # killed right after the step-2 state was saved
+    stop_after_saving(monkeypatch, det, 2)  # killed right after the step-2 state was saved
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, partial)
+    monkeypatch.undo()
     assert torch.load(partial / "state.pt", weights_only=True)["step"] == 2
     resumed = load_weights(train(cfg, partial, resume=True))
     for name, value in straight.items():
         torch.testing.assert_close(resumed[name], value, rtol=0, atol=0)
-
-
-def _train_until(cfg, run_dir: Path, stop_after: int) -> None:
-    """Run the trainer but interrupt it (like a killed job) right after step ``stop_after``'s state is saved."""
-    import bdlens.training.deterministic as det
-
-    original = det._save_state
-
-    def save_then_stop(run_dir_, model, optimizer, scheduler, step, *args):
-        original(run_dir_, model, optimizer, scheduler, step, *args)
-        if step == stop_after:
-            raise KeyboardInterrupt
-
-    det._save_state = save_then_stop
-    try:
-        with pytest.raises(KeyboardInterrupt):
-            det.train(cfg, run_dir)
-    finally:
-        det._save_state = original
+    log = lambda run: [r for r in map(json.loads, (run / "metrics.jsonl").read_text().splitlines())]  # noqa: E731
+    assert [r["step"] for r in log(partial)] == [r["step"] for r in log(tmp_path / "straight")]  # redone lines are not doubled
 
 
 def test_run_directory_is_not_overwritten_without_asking(tiny_setup: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
@@ -152,7 +143,7 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tiny_setup: Path, tmp_
 
 def test_analysis_inputs_replace_exactly_the_chosen_input_times(tiny_setup: Path) -> None:
     from bdlens.data import WeatherDataset, compute_stats
-    from bdlens.training.deterministic import collate
+    from bdlens.training.batches import collate
     from bdlens.data import FieldLayout
     from bdlens.grid import GRIDS
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 import sys
 from pathlib import Path
 
@@ -28,6 +27,7 @@ def register_vi(train_subparsers: argparse._SubParsersAction) -> None:
     vi.add_argument("--config", required=True, help="VI YAML (path or name in configs/), e.g. vi_demo")
     vi.add_argument("--out", type=Path, required=True, help="run directory (metrics log, checkpoint/)")
     add_data_options(vi, trained_on="checkpoint")
+    vi.add_argument("--analysis", type=Path, help="analysis store for analysis_input_probability > 0 (default: analysis.zarr beside the truth)")
     add_run_mode(vi)
     vi.set_defaults(func=_vi)
 
@@ -41,7 +41,10 @@ def _vi(args: argparse.Namespace) -> int:
     from bdlens.data import DataConfig, make_datasets
     from bdlens.errors import BdlensError
     from bdlens.models.pretrained import load_trained
+    from bdlens.training.batches import analysis_dataset, analysis_path
     from bdlens.training.deterministic import resolve_data_path
+    from bdlens.training.distributed import Distributed
+    from bdlens.training.run import CHECKPOINT, open_run_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -56,10 +59,8 @@ def _vi(args: argparse.Namespace) -> int:
     if world is None:
         raise BdlensError(f"{args.source} does not say which data it was trained on; pass --world")
     data_path = resolve_data_path(world)
-    if args.overwrite:
-        shutil.rmtree(args.out, ignore_errors=True)
-    elif (args.out / "checkpoint").exists() and not args.resume:
-        raise BdlensError(f"{args.out} already holds a VI run; pass --resume to continue it or --overwrite to start over")
+    dist_info = Distributed.from_env()
+    open_run_dir(args.out, args.resume, args.overwrite, dist_info.main)
     sets = make_datasets(data_config, data_path=data_path, splits=["train", "val"], in_memory=True)
     if sets["train"].stats.key != trained.stats.key:
         raise BdlensError(
@@ -69,8 +70,13 @@ def _vi(args: argparse.Namespace) -> int:
     extra = {
         "data_config": manifest["data_config"],
         "source_checkpoint": str(args.source),
-        "training": {"command": shlex.join(["bdlens", *sys.argv[1:]]), "config_file": str(config_file), "data_path": str(data_path)},
+        "training": {"command": shlex.join(["bdlens", *sys.argv[1:]]), "config_file": str(config_file), "data_path": str(data_path),
+                     "processes": dist_info.world_size},
     }
+    analysis = None
+    if config.training.analysis_input_probability > 0:
+        analysis = analysis_dataset(sets["train"], data_config, data_path, args.analysis)
+        extra["training"]["analysis_path"] = str(analysis_path(data_path, args.analysis))
     train_vi(
         from_deterministic(trained.model, config.posterior),
         sets["train"],
@@ -81,6 +87,8 @@ def _vi(args: argparse.Namespace) -> int:
         norm_stats=manifest["norm_stats"],
         resume=args.resume,
         manifest_extra=extra,
+        analysis_set=analysis,
     )
-    print(args.out / "checkpoint")
+    if dist_info.main:
+        print(args.out / CHECKPOINT)
     return 0

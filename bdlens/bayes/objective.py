@@ -19,11 +19,13 @@ from torch import Tensor
 
 from bdlens.bayes.posterior import BayesianTransformer
 from bdlens.bayes.sampling import forward_sample
-from bdlens.data.tensors import Fields, stack_times
+from bdlens.data.tensors import Fields
 from bdlens.errors import BdlensError
 from bdlens.models import WeightedL1Loss
 
-Batch = tuple[tuple[Fields, ...], Fields]
+Batch = tuple[Fields, Fields]
+"""(inputs with the input times stacked on axis 1: upper (B, T_in, V, Z, H, W), surface (B, T_in, V, H, W); target Fields),
+as :func:`bdlens.training.batches.collate` returns them."""
 SITE = "theta"
 
 
@@ -37,8 +39,7 @@ def kl_scale(beta: float, n_data: int) -> float:
 def batch_loss(bayes: BayesianTransformer, theta: Tensor, loss_fn: WeightedL1Loss, batch: Batch, constants: Tensor | None = None) -> Tensor:
     """ℓ(θ; batch): the weighted L1 loss of the backbone with weights θ (P,) on one collated batch."""
     inputs, target = batch
-    x = stack_times(inputs)
-    return loss_fn(forward_sample(bayes, theta, x.upper, x.surface, constants), (target.upper, target.surface))
+    return loss_fn(forward_sample(bayes, theta, inputs.upper, inputs.surface, constants), (target.upper, target.surface))
 
 
 def model_and_guide(

@@ -216,7 +216,9 @@ def save_posterior(
     # already in model.safetensors: stored once, it halves the size of a bundled posterior.
     if post.prior_centred and not torch.equal(post.prior_loc, post.mu.detach()):
         tensors.update({f"prior_mean.{k}": v.contiguous() for k, v in post.unflatten(post.prior_loc).items()})
-    save_file({k: v.cpu() for k, v in tensors.items()}, directory / POSTERIOR_WEIGHTS)
+    tmp = directory / f".{POSTERIOR_WEIGHTS}.tmp"
+    save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
+    tmp.replace(directory / POSTERIOR_WEIGHTS)
     return directory
 
 

@@ -10,58 +10,79 @@ that would justify a hand-written loop; with validation on, +48 %, +13 % and +36
 the 1.2 M-entry distribution parameters and samples at every step). So the step runs under
 ``pyro.validation_enabled(False)``; σ = softplus(ρ) > 0 and a real-valued θ hold by construction.
 
-Conveniences: batches in a seeded order fixed by (seed, epoch); a metrics log (JSONL) of the loss,
-its data and KL parts and the mean σ; periodic validation that reports, per lead, the latitude-weighted
-RMSE of the mean over K posterior members and their spread (normalised units); checkpoints
-(``<out>/checkpoint``: the posterior as :func:`~bdlens.bayes.posterior.save_posterior` writes it,
-plus ``training_state.pt`` with the step, the optimiser state and the RNG state), from which training
-resumes exactly: 4 steps in one go equal 2 steps, save, resume, 2 steps, bit for bit.
+Conveniences, as in the deterministic trainer: batches in a seeded order per epoch; inputs taken from
+the analysis (truth + analysis error) instead of the truth with ``analysis_input_probability`` per
+input time, so that a learned μ keeps the pretrained model's robustness to imperfect initial states;
+a metrics log (JSONL) of the loss, its KL part and the mean σ; periodic validation that reports, per
+lead, the RMSE of the mean over K posterior members and their spread, over all channels (normalised)
+and per variable and level in physical units; ``state.pt`` (posterior, optimiser, every rank's RNG,
+step), from which training resumes exactly (4 steps in one go equal 2 steps, stop, resume, 2 steps,
+bit for bit); ``checkpoint/`` at the end, with the last validation in its manifest.
+
+Data parallel under ``torchrun`` (:mod:`bdlens.training.distributed`): each rank takes its slice of
+the global batch and draws its own weight sample, and :class:`GradientAveragingOptim` averages the
+gradients of μ and ρ over the ranks before pyro's optimiser steps (as pyro's ``HorovodOptimizer``
+does for Horovod), so every rank applies the same update and the posteriors stay identical.
 """
 
 from __future__ import annotations
 
-import json
 import logging
-import shutil
+import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import pyro
 import pyro.optim
 import torch
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from pyro.infer import SVI, TraceMeanField_ELBO
+from pyro.optim import PyroOptim
 from torch import Tensor
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
-from bdlens.bayes.objective import Batch, kl_scale, model_and_guide
-from bdlens.bayes.posterior import BayesianTransformer, PosteriorSettings, load_posterior, save_posterior
+from bdlens.bayes.objective import kl_scale, model_and_guide
+from bdlens.bayes.posterior import BayesianTransformer, PosteriorSettings, save_posterior
 from bdlens.bayes.sampling import PosteriorEnsemble
-from bdlens.errors import BdlensError, validation_error
-from bdlens.grid import GRIDS, lat_weights
+from bdlens.configs import YamlConfig
+from bdlens.data import Fields
+from bdlens.errors import BdlensError
+from bdlens.grid import GRIDS
 from bdlens.models import WeightedL1Loss
 from bdlens.progress import bar
+from bdlens.training.batches import analysis_choice, collate
+from bdlens.training.distributed import (
+    Distributed,
+    average_gradients,
+    average_scalar,
+    batch_indices,
+    gather_rng_states,
+    max_difference_between_ranks,
+)
+from bdlens.training.ensemble_validation import channel_std, ensemble_scores
+from bdlens.training.run import CHECKPOINT, last_validation, log_metrics, read_state, save_state, truncate_metrics
 
 log = logging.getLogger(__name__)
 
-STATE_FILE = "training_state.pt"
-
 
 class TrainingSettings(BaseModel):
-    """The SVI loop: steps, batch, learning rates of μ and ρ, tempering β, N_D, logging cadence."""
+    """The SVI loop: steps, global batch, learning rates of μ and ρ, tempering β, N_D, analysis inputs, cadence."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     steps: int = Field(gt=0)
-    batch_size: int = Field(default=2, gt=0)
+    batch_size: int = Field(default=2, gt=0, description="global batch (split across DDP ranks)")
     lr_mu: float = Field(default=1e-5, ge=0)
     lr_rho: float = Field(default=1e-2, ge=0)
     beta: float = Field(default=1e-4, ge=0)
     n_data: int | None = Field(default=None, gt=0)
     particles: int = Field(default=1, gt=0)
     clip_norm: float | None = Field(default=None, gt=0)
+    analysis_input_probability: float = Field(
+        default=0.0, ge=0, le=1,
+        description="chance that each input time comes from the analysis (truth + analysis error) instead of the truth",
+    )
     seed: int = 0
     log_every: int = Field(default=10, gt=0)
     checkpoint_every: int = Field(default=100, gt=0)
@@ -69,7 +90,8 @@ class TrainingSettings(BaseModel):
 
 
 class ValidationSettings(BaseModel):
-    """K posterior members per validation forecast, the leads (in model steps) and how many forecasts."""
+    """K posterior members per validation forecast, the leads (in model steps), how many forecasts,
+    their seed and how many forecasts run at once."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -77,28 +99,34 @@ class ValidationSettings(BaseModel):
     leads: tuple[int, ...] = (1,)
     max_forecasts: int = Field(default=16, gt=0)
     seed: int = 12345
+    batch_size: int = Field(default=4, gt=0)
 
 
-class VIConfig(BaseModel):
+class VIConfig(YamlConfig):
     """A VI post-training configuration (configs/vi_demo.yaml); the data are those of the pretrained model."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    what: ClassVar[str] = "VI config"
 
     posterior: PosteriorSettings = PosteriorSettings()
     training: TrainingSettings
     validation: ValidationSettings = ValidationSettings()
 
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> VIConfig:
-        """Load and validate a YAML file; problems become one :class:`BdlensError` line."""
-        path = Path(path)
-        try:
-            data = yaml.safe_load(path.read_text())
-            return cls.model_validate(data)
-        except (OSError, yaml.YAMLError) as err:
-            raise BdlensError(f"cannot read VI config {path}: {err}".replace("\n", " ")) from None
-        except ValidationError as err:
-            raise validation_error(str(path), err) from None
+
+class GradientAveragingOptim(PyroOptim):
+    """A :class:`pyro.optim.PyroOptim` that first averages every parameter's gradient over the DDP ranks.
+
+    Parameters are taken in the order of their param-store names, the same on every rank, because
+    SVI hands them over as a set. On one process it is the wrapped optimiser unchanged.
+    """
+
+    def __init__(self, optim: PyroOptim, dist_info: Distributed) -> None:
+        super().__init__(optim.pt_optim_constructor, optim.pt_optim_args, optim.pt_clip_args)
+        self.dist_info = dist_info
+
+    def __call__(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        params = sorted(params, key=pyro.get_param_store().param_name)
+        average_gradients(params, self.dist_info)
+        super().__call__(params, *args, **kwargs)
 
 
 def latitudes(bayes: BayesianTransformer, dataset: Dataset | None = None) -> np.ndarray:
@@ -112,81 +140,29 @@ def latitudes(bayes: BayesianTransformer, dataset: Dataset | None = None) -> np.
     return -90.0 + 180.0 / config.nlat * (np.arange(config.nlat) + 0.5)
 
 
-def epoch_batches(n: int, batch_size: int, seed: int, epoch: int) -> list[np.ndarray]:
-    """The index batches of one epoch: a permutation seeded by (seed, epoch), cut into whole batches."""
-    order = np.random.default_rng([seed, epoch]).permutation(n)
-    return [order[i : i + batch_size] for i in range(0, n - batch_size + 1, batch_size)]
-
-
-def _collate(dataset: Dataset, indices: np.ndarray) -> Batch:
-    return default_collate([dataset[int(i)] for i in indices])
-
-
-def _optimiser(settings: TrainingSettings) -> pyro.optim.PyroOptim:
+def _optimiser(settings: TrainingSettings, dist_info: Distributed) -> PyroOptim:
     def args(name: str) -> dict[str, float]:
         return {"lr": settings.lr_rho if name.endswith("rho") else settings.lr_mu}
 
     clip = {"clip_norm": settings.clip_norm} if settings.clip_norm is not None else {}
-    return pyro.optim.Adam(args, clip)
-
-
-def _lead_targets(dataset: Dataset, leads: tuple[int, ...], max_forecasts: int) -> list[tuple[int, list[int]]]:
-    """(sample index, [sample index whose target is lead l ahead, per lead]) for evenly spread forecasts.
-
-    The target of lead l (in steps Δ) from anchor t is the target of the sample anchored at
-    t + (l−1)Δ; datasets other than one-step validation need ``times`` and ``step`` attributes
-    (as :class:`bdlens.data.WeatherDataset` has).
-    """
-    n = len(dataset)
-    if max(leads) == 1:
-        chosen = np.unique(np.linspace(0, n - 1, min(n, max_forecasts)).round().astype(int))
-        return [(int(i), [int(i)]) for i in chosen]
-    times, step = getattr(dataset, "times", None), getattr(dataset, "step", None)
-    if times is None or step is None:
-        raise BdlensError("validation leads beyond one step need a dataset with `times` and `step` (a WeatherDataset)")
-    position = {t: i for i, t in enumerate(np.asarray(times))}
-    usable = []
-    for i, t in enumerate(np.asarray(times)):
-        later = [position.get(t + (lead - 1) * step) for lead in leads]
-        if all(j is not None for j in later):
-            usable.append((i, later))
-    if not usable:
-        raise BdlensError(f"the validation split is too short for leads {list(leads)} steps; shorten the leads")
-    chosen = np.unique(np.linspace(0, len(usable) - 1, min(len(usable), max_forecasts)).round().astype(int))
-    return [usable[c] for c in chosen]
+    return GradientAveragingOptim(pyro.optim.Adam(args, clip), dist_info)
 
 
 @torch.no_grad()
 def validate(
     bayes: BayesianTransformer, dataset: Dataset, settings: ValidationSettings, constants: Tensor | None = None
-) -> list[dict[str, float]]:
-    """Per lead: RMSE of the K-member posterior mean and the member spread, latitude-weighted, normalised units.
-
-    rmse = √(mean w_φ (x̄ − y)²), spread = √(mean w_φ s²) with s² the unbiased member variance, both
-    over forecasts, all channels (upper-air and surface fields alike) and grid points. Leads in steps Δ.
-    """
-    weights = torch.as_tensor(lat_weights(latitudes(bayes, dataset)), dtype=torch.float32)[:, None]
-    ensemble = PosteriorEnsemble(bayes, settings.members, settings.seed, constants)
-    leads = sorted(set(settings.leads))
-    sums = {lead: torch.zeros(2, dtype=torch.float64) for lead in leads}
-    count = 0
-    for index, later in _lead_targets(dataset, tuple(leads), settings.max_forecasts):
-        inputs, _ = default_collate([dataset[index]])
-        previous, current = (inputs[0], inputs[-1]) if len(inputs) > 1 else (None, inputs[0])
-        targets = {lead: dataset[j][1] for lead, j in zip(leads, later, strict=True)}
-        for lead in range(1, leads[-1] + 1):
-            previous, current = current, ensemble.step(previous, current)
-            if lead in targets:
-                forecast = torch.cat([current[0].flatten(2, 3), current[1]], dim=2)[:, 0]  # (K, C, H, W)
-                truth = torch.cat([targets[lead][0].flatten(0, 1), targets[lead][1]], dim=0)
-                error = (forecast.mean(0) - truth).square() * weights
-                variance = forecast.var(0, correction=1) * weights
-                sums[lead] += torch.stack([error.mean(), variance.mean()]).double()
-        count += 1
-    return [
-        {"lead_steps": lead, "rmse": float((sums[lead][0] / count).sqrt()), "spread": float((sums[lead][1] / count).sqrt())}
-        for lead in leads
-    ]
+) -> list[dict[str, Any]]:
+    """Per lead (model steps): the latitude-weighted RMSE of the K-member posterior mean and the member
+    spread (√ of the mean unbiased member variance) over all channels in normalised units (``rmse``,
+    ``spread``), with the fair CRPS and the spread-skill ratio; per variable and level in physical
+    units (``rmse_<var>_<level>``, ``spread_<var>_<level>``) when the dataset has a layout and stats.
+    The same K weight samples (``settings.seed``) serve every forecast."""
+    per_variable = channel_std(dataset) is not None
+    rows = ensemble_scores(
+        lambda _: PosteriorEnsemble(bayes, settings.members, settings.seed, constants), dataset, settings.leads,
+        settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset), per_variable=per_variable,
+    )
+    return [{k: v for k, v in row.items() if k not in ("mse", "variance")} for row in rows]
 
 
 def train_vi(
@@ -199,92 +175,96 @@ def train_vi(
     norm_stats: dict[str, Any] | None = None,
     resume: bool = False,
     manifest_extra: dict[str, Any] | None = None,
+    analysis_set: Dataset | None = None,
 ) -> BayesianTransformer:
     """Post-train ``bayes`` on ``train_set`` (samples ``((X_{t−Δ}, X_t), X_{t+Δ})``) up to ``config.training.steps``.
 
-    Writes ``<out_dir>/metrics.jsonl`` and ``<out_dir>/checkpoint`` (its manifest gets ``norm_stats``,
-    the VI config, the step and ``manifest_extra``). With ``resume`` the posterior,
-    optimiser, RNG state and step come from ``<out_dir>/checkpoint`` (``bayes`` is then only
-    used when no checkpoint exists yet) and training continues to ``steps``. Returns the trained model.
+    ``analysis_set``: the same samples from the analysis, needed when ``analysis_input_probability`` > 0.
+    Writes ``<out_dir>/metrics.jsonl``, ``<out_dir>/state.pt`` every ``checkpoint_every`` steps and
+    ``<out_dir>/checkpoint`` at the end (its manifest gets ``norm_stats``, the VI config, the step, the
+    last validation and ``manifest_extra``). With ``resume`` everything (posterior, optimiser, RNG,
+    step) comes from ``state.pt``, which must have been written with the same config but for
+    ``training.steps`` (raise it to train a finished run for longer). Under
+    ``torchrun`` the ranks split each batch (see the module docstring). Returns the trained model.
     """
     settings = config.training
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    checkpoint_dir = out_dir / "checkpoint"
+    dist_info = Distributed.from_env()
+    dist_info.check_batch(settings.batch_size)
     n_train = len(train_set)
-    batches_per_epoch = n_train // settings.batch_size
-    if batches_per_epoch == 0:
+    if n_train < settings.batch_size:
         raise BdlensError(f"batch_size {settings.batch_size} exceeds the {n_train} training samples; lower batch_size")
+    if settings.analysis_input_probability > 0 and analysis_set is None:
+        raise BdlensError("analysis_input_probability > 0 needs the analysis of the training data (analysis_set / --analysis)")
     n_data = settings.n_data or n_train
+    out_dir = Path(out_dir)
+    if dist_info.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
 
     pyro.clear_param_store()
-    optimiser = _optimiser(settings)
-    step = 0
-    if resume and checkpoint_dir.exists():
-        bayes, _ = load_posterior(checkpoint_dir, device=bayes.posterior.mu.device)
-        state = torch.load(checkpoint_dir / STATE_FILE, weights_only=True)
-        step = int(state["step"])
+    optimiser = _optimiser(settings, dist_info)
+    step, elapsed = 0, 0.0
+    if resume:
+        state = read_state(out_dir, config, "VI", may_change=("training.steps",))  # no schedule: a run can be extended
+        if len(state["rng"]) != dist_info.world_size:
+            raise BdlensError(f"{out_dir} was trained on {len(state['rng'])} processes; resume it on as many")
+        bayes.load_state_dict(state["bayes"])
         optimiser.set_state(state["optimiser"])
-        torch.set_rng_state(state["rng"])
-        log.info("resuming VI training from %s at step %d", checkpoint_dir, step)
+        torch.set_rng_state(state["rng"][dist_info.rank])
+        step, elapsed = int(state["step"]), float(state["elapsed"])
+        log.info("resuming VI training from %s at step %d", out_dir, step)
     else:
-        torch.manual_seed(settings.seed)
-    _truncate_log(out_dir / "metrics.jsonl", step)
+        torch.manual_seed(settings.seed + 1_000_003 * dist_info.rank)  # each rank draws its own weight samples
+    if dist_info.main:
+        truncate_metrics(out_dir, step)
 
-    loss_fn = WeightedL1Loss(latitudes(bayes, train_set), bayes.config.upper_variables, bayes.config.surface_variables)
-    loss_fn = loss_fn.to(bayes.posterior.mu.device)
+    device = bayes.posterior.mu.device
+    loss_fn = WeightedL1Loss(latitudes(bayes, train_set), bayes.config.upper_variables, bayes.config.surface_variables).to(device)
     model, guide = model_and_guide(bayes, loss_fn, settings.beta, n_data, constants)
     svi = SVI(model, guide, optimiser, TraceMeanField_ELBO(num_particles=settings.particles))
     post = bayes.posterior
+    n_times = bayes.config.n_input_times
 
     def save() -> None:
-        tmp = out_dir / "checkpoint.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        save_posterior(bayes, tmp, norm_stats, {**(manifest_extra or {}), "vi_config": config.model_dump(mode="json"), "step": step})
-        torch.save({"step": step, "optimiser": optimiser.get_state(), "rng": torch.get_rng_state()}, tmp / STATE_FILE)
-        shutil.rmtree(checkpoint_dir, ignore_errors=True)
-        tmp.rename(checkpoint_dir)
+        rng_states = gather_rng_states(dist_info)
+        if dist_info.main:
+            save_state(out_dir, {"bayes": bayes.state_dict(), "optimiser": optimiser.get_state(), "rng": rng_states,
+                                 "step": step, "elapsed": elapsed}, config)
 
-    progress = bar(total=settings.steps, initial=step, desc="VI training", unit="step")
-    while step < settings.steps:
-        epoch, offset = divmod(step, batches_per_epoch)
-        for indices in epoch_batches(n_train, settings.batch_size, settings.seed, epoch)[offset:]:
-            batch = _to(_collate(train_set, indices), post.mu.device)
+    quiet_rank = {} if dist_info.main else {"disable": True}
+    with bar(total=settings.steps, initial=step, desc="VI training", unit="step", **quiet_rank) as progress:
+        while step < settings.steps:
+            tick = time.perf_counter()
+            indices = batch_indices(step, n_train, settings.batch_size, settings.seed, dist_info)
+            analysis_inputs = None
+            if settings.analysis_input_probability > 0:
+                choice = analysis_choice(settings.seed, step, dist_info.rank, len(indices), n_times, settings.analysis_input_probability)
+                analysis_inputs = (analysis_set, choice)
+            batch = tuple(Fields(*(x.to(device) for x in fields)) for fields in collate(train_set, indices, analysis_inputs))
             with pyro.validation_enabled(False):
                 loss = svi.step(batch)
             step += 1
+            elapsed += time.perf_counter() - tick
             progress.update(1)
             if step % settings.log_every == 0 or step == settings.steps:
+                loss = average_scalar(loss, dist_info)  # the loss of the global batch
                 with torch.no_grad():
-                    kl = float(post.kl())
-                    record = {"step": step, "loss": loss, "kl_term": kl_scale(settings.beta, n_data) * kl, "kl": kl,
-                              "sigma_mean": float(post.sigma.mean())}
-                _log(out_dir / "metrics.jsonl", record)
+                    kl, sigma_mean = float(post.kl()), float(post.sigma.mean())
+                if dist_info.main:
+                    log_metrics(out_dir, {"step": step, "loss": loss, "kl_term": kl_scale(settings.beta, n_data) * kl, "kl": kl,
+                                          "sigma_mean": sigma_mean, "train_seconds": round(elapsed, 1)})
                 progress.set_postfix(loss=f"{loss:.4f}")
-            if val_set is not None and settings.validate_every and (step % settings.validate_every == 0 or step == settings.steps):
+            validating = val_set is not None and settings.validate_every and (step % settings.validate_every == 0 or step == settings.steps)
+            if validating and dist_info.main:
                 for row in validate(bayes, val_set, config.validation, constants):
-                    _log(out_dir / "metrics.jsonl", {"step": step, "split": "val", **row})
+                    log_metrics(out_dir, {"step": step, "split": "val", **row})
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 save()
-            if step == settings.steps:
-                break
-    progress.close()
+    if dist_info.parallel:
+        difference = max_difference_between_ranks(post.parameters(), dist_info)
+        if dist_info.main:
+            log_metrics(out_dir, {"ranks": dist_info.world_size, "max_weight_difference_between_ranks": difference})
+    if dist_info.main:
+        extra = {**(manifest_extra or {}), "vi_config": config.model_dump(mode="json"), "step": step,
+                 "train_seconds": round(elapsed, 1), "validation": last_validation(out_dir)}
+        save_posterior(bayes, out_dir / CHECKPOINT, norm_stats, extra)
     return bayes
-
-
-def _to(batch: Batch, device: torch.device) -> Batch:
-    inputs, target = batch
-    return tuple(type(x)(*(t.to(device) for t in x)) for x in inputs), type(target)(*(t.to(device) for t in target))
-
-
-def _log(path: Path, record: dict[str, Any]) -> None:
-    with path.open("a") as f:
-        f.write(json.dumps(record) + "\n")
-
-
-def _truncate_log(path: Path, step: int) -> None:
-    # Lines written after the checkpoint we resume from are redone; a fresh run starts a fresh log.
-    if not path.exists():
-        return
-    kept = [line for line in path.read_text().splitlines() if step and json.loads(line)["step"] <= step]
-    path.write_text("".join(line + "\n" for line in kept))

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -83,19 +82,14 @@ def _train_perturb(args: argparse.Namespace) -> int:
     import torch
 
     from bdlens.configs import config_path
-    from bdlens.errors import BdlensError
-    from bdlens.perturbation.learned import STATE, PerturbConfig, train_perturbation
+    from bdlens.perturbation.learned import PerturbConfig, train_perturbation
+    from bdlens.training.run import open_run_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config_file = config_path(args.config)
     config = PerturbConfig.from_yaml(config_file)
-    if args.overwrite:
-        shutil.rmtree(args.out, ignore_errors=True)
-    elif args.out.exists() and any(args.out.iterdir()) and not args.resume:
-        raise BdlensError(f"{args.out} is not empty; pass --resume to continue the run or --overwrite to start over")
-    elif args.resume and not (args.out / STATE).is_file():
-        raise BdlensError(f"nothing to resume in {args.out} (no {STATE}); start without --resume")
+    open_run_dir(args.out, args.resume, args.overwrite)
     bayes, manifest, sets, data_path = _posterior_and_data(args.source, args.world, ["train", "val"])
     extra = {
         "data_config": manifest["data_config"],

@@ -21,7 +21,7 @@ import torch
 import xarray as xr
 
 from bdlens.data.normalization import NormStats, compute_stats, default_stats_path, load_or_compute_stats
-from bdlens.data.reader import format_timedelta, format_times, check_finite, missing_times, open_dataset, time_step
+from bdlens.data.reader import check_finite, format_timedelta, format_times, missing_times, open_dataset, time_step
 from bdlens.data.splits import DataConfig, load_data_config
 from bdlens.data.tensors import FieldLayout, Fields
 from bdlens.errors import BdlensError

@@ -5,7 +5,6 @@ from __future__ import annotations
 from collections.abc import Hashable, Sequence
 
 import numpy as np
-import xarray as xr
 
 from bdlens.errors import BdlensError
 from bdlens.metrics.weighting import XArray, annotate, require_members, resolve_dims, weighted_mean, weighted_sum

@@ -13,15 +13,7 @@ import numpy as np
 import xarray as xr
 
 from bdlens.errors import BdlensError
-from bdlens.metrics.weighting import (
-    annotate,
-    lat_weights,
-    require_members,
-    resolve_dims,
-    weighted_mean,
-    weighted_sum,
-    whole_members,
-)
+from bdlens.metrics.weighting import annotate, lat_weights, require_members, resolve_dims, weighted_mean, weighted_sum, whole_members
 
 
 def spread(forecast: xr.DataArray, member_dim: Hashable = "number", dims: Sequence[Hashable] | None = None) -> xr.DataArray:

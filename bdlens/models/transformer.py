@@ -24,16 +24,7 @@ from torch.utils.checkpoint import checkpoint
 from bdlens.errors import BdlensError
 from bdlens.models.attention import EarthAttention3D, shift_mask, window_partition, window_reverse
 from bdlens.models.config import ModelConfig
-from bdlens.models.layers import (
-    DropPath,
-    Mlp,
-    PatchEmbedding,
-    PatchMerging,
-    PatchRecovery,
-    PatchUpsample,
-    ceil_to,
-    pad_end,
-)
+from bdlens.models.layers import DropPath, Mlp, PatchEmbedding, PatchMerging, PatchRecovery, PatchUpsample, ceil_to, pad_end
 
 
 class EarthSpecificBlock(nn.Module):

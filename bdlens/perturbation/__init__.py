@@ -3,21 +3,8 @@ network's tendency with physical constraints (:mod:`.sppt`), initial-condition p
 (:mod:`.initial`), the learned CRPS-trained perturbation network (:mod:`.learned`, ``bdlens train
 perturb``) and amplitude calibration (:mod:`.calibrate`, ``bdlens calibrate``)."""
 
-from bdlens.perturbation.initial import (
-    BredVectors,
-    bred_vectors,
-    gaussian_perturbation,
-    random_field_perturbation,
-    rms_norm,
-)
-from bdlens.perturbation.patterns import (
-    SPPT_SCALES,
-    PatternScale,
-    PatternState,
-    SphericalPattern,
-    UnresolvedScaleWarning,
-    member_generator,
-)
+from bdlens.perturbation.initial import BredVectors, bred_vectors, gaussian_perturbation, random_field_perturbation, rms_norm
+from bdlens.perturbation.patterns import SPPT_SCALES, PatternScale, PatternState, SphericalPattern, UnresolvedScaleWarning, member_generator
 from bdlens.perturbation.sppt import SPPT, SPPTConfig, VerticalTaper, apply_sppt, load_sppt_config
 
 __all__ = [

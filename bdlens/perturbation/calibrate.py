@@ -38,7 +38,6 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
-import torch
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.optimize import minimize_scalar
@@ -46,12 +45,14 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from bdlens.bayes.posterior import BayesianTransformer
+from bdlens.configs import YamlConfig
 from bdlens.data import FieldLayout, Fields, NormStats
 from bdlens.errors import BdlensError
-from bdlens.perturbation.learned import CALIBRATION, PerturbedEnsemble, YamlConfig, ensemble_scores, load_perturbation, step_seed
+from bdlens.perturbation.learned import CALIBRATION, PerturbedEnsemble, load_perturbation, step_seed
 from bdlens.perturbation.patterns import UnresolvedScaleWarning
 from bdlens.perturbation.sppt import SPPT, SPPTConfig, apply_sppt, load_sppt_config
 from bdlens.progress import bar
+from bdlens.training.ensemble_validation import ensemble_scores
 
 State = tuple[Tensor, Tensor]
 Evaluate = Callable[[float, float], dict[str, Any]]
@@ -146,7 +147,7 @@ def calibrate(evaluate: Evaluate, config: CalibrationConfig, tune_amplitude: boo
 
 
 def summarise(rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
-    """Pool per-lead :func:`~bdlens.perturbation.learned.ensemble_scores` rows: CRPS averaged over the leads,
+    """Pool per-lead :func:`~bdlens.training.ensemble_validation.ensemble_scores` rows: CRPS averaged over the leads,
     SSR = √(Σ s² / Σ MSE)·√((K+1)/K); the rows are kept under ``per_lead``."""
     k = rows[0]["members"]
     variance, mse = sum(r["variance"] for r in rows), sum(r["mse"] for r in rows)

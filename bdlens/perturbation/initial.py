@@ -47,7 +47,7 @@ def gaussian_perturbation(
     upper = _as_std(upper_std, 2, "upper_std")
     surface = _as_std(surface_std, 1, "surface_std")
     shapes = [(*upper.shape, grid.nlat, grid.nlon), (surface.shape[0], grid.nlat, grid.nlon)]
-    noise_upper, noise_surface = _member_noise(shapes, seed, members, "gaussian-ic")
+    noise_upper, noise_surface = member_noise(shapes, seed, members, "gaussian-ic")
     return (
         (noise_upper * upper[None, :, :, None, None]).to(device, dtype),
         (noise_surface * surface[None, :, None, None]).to(device, dtype),
@@ -82,7 +82,7 @@ def random_field_perturbation(
     return delta_upper, delta_surface
 
 
-def _member_noise(
+def member_noise(
     shapes: Sequence[tuple[int, ...]], seed: int, members: int | Sequence[int], stream: str
 ) -> list[torch.Tensor]:
     """Standard normal float64 noise, one tensor (B, *shape) per shape, member by member."""
@@ -156,7 +156,7 @@ def bred_vectors(
     if any(p.shape[0] != 1 for p in prev_parts + cur_parts):
         raise BdlensError("bred_vectors takes the control state with batch size 1")
     ids = members_tuple(members)
-    noise = _member_noise([p.shape[1:] for p in cur_parts], seed, ids, "breeding")
+    noise = member_noise([p.shape[1:] for p in cur_parts], seed, ids, "breeding")
     eta = _like([n.to(p.device, p.dtype) for n, p in zip(noise, cur_parts, strict=True)], cur)
 
     def scaled(delta: State, factor: torch.Tensor) -> State:

@@ -44,36 +44,37 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import shutil
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from bdlens.bayes.posterior import BayesianTransformer, inverse_softplus
 from bdlens.bayes.sampling import PosteriorEnsemble
-from bdlens.bayes.trainer import ValidationSettings, _lead_targets, _truncate_log, latitudes
+from bdlens.bayes.trainer import ValidationSettings, latitudes
 from bdlens.checkpoint import load_state_into, load_weights, read_manifest, save_checkpoint
+from bdlens.configs import YamlConfig
 from bdlens.data import FieldLayout, Fields, NormStats
-from bdlens.errors import BdlensError, validation_error
+from bdlens.errors import BdlensError
 from bdlens.forecast import PosteriorStep
-from bdlens.grid import lat_weights
 from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss
 from bdlens.models.layers import PatchRecovery
-from bdlens.perturbation.initial import _member_noise
+from bdlens.perturbation.initial import member_noise
 from bdlens.perturbation.patterns import members_tuple
 from bdlens.progress import bar
-from bdlens.training.deterministic import METRICS, Distributed, _log_metrics, batch_indices, lr_factor
-from bdlens.training.state import STATE, read_training_state
+from bdlens.training.batches import collate_states, collate_targets, lead_targets
+from bdlens.training.distributed import Distributed, batch_indices
+from bdlens.training.ensemble_validation import ensemble_scores, fair_crps
+from bdlens.training.run import CHECKPOINT, last_validation, log_metrics, read_state, save_state, truncate_metrics
+from bdlens.training.schedule import lr_factor
 
 log = logging.getLogger(__name__)
 
@@ -81,29 +82,12 @@ KIND = "perturbation"
 FORMAT_VERSION = 1
 NOISE_STREAM = "learned-perturbation"
 CALIBRATION = "calibration.json"
-CHECKPOINT = "checkpoint"
 
 State = tuple[Tensor, Tensor]
 
 
 # ----------------------------------------------------------------------------------------------
-# Fair CRPS as a differentiable loss
-
-
-def fair_crps(ensemble: Tensor, truth: Tensor) -> Tensor:
-    """Pointwise fair CRPS with the members on dim 0: ensemble (M, ...), truth (...) → (...), M ≥ 2.
-
-    mean_i|x_i − y| − Σ_i (2i − M − 1) x_(i) / (M(M − 1)) with the members sorted (SPEC §7), the
-    same estimator as :func:`bdlens.metrics.crps`; differentiable (through ``torch.sort``'s values).
-    """
-    m = ensemble.shape[0]
-    if m < 2:
-        raise BdlensError(f"the fair CRPS needs at least 2 members, got {m}")
-    skill = (ensemble - truth).abs().mean(0)
-    coef = 2.0 * torch.arange(1, m + 1, dtype=ensemble.dtype, device=ensemble.device) - m - 1.0
-    ordered = torch.sort(ensemble, dim=0).values
-    spread = torch.tensordot(coef, ordered, dims=([0], [0]))
-    return skill - spread / (m * (m - 1))
+# Fair CRPS as a differentiable loss (the estimator itself: bdlens.training.ensemble_validation.fair_crps)
 
 
 class EnsembleCRPSLoss(WeightedL1Loss):
@@ -249,7 +233,7 @@ class PerturbedEnsemble:
         """ε for every member at ``step``: upper (K, B, V_u, Z, H, W), surface (K, B, V_s, H, W), like ``like``'s
         dtype and device; member k's from its own generator of (seed, k, step), drawn on the CPU."""
         shapes = [(batch, *like[0].shape[-4:]), (batch, *like[1].shape[-3:])]
-        upper, surface = _member_noise(shapes, self.seed, self.members, f"{NOISE_STREAM}/step{step}")
+        upper, surface = member_noise(shapes, self.seed, self.members, f"{NOISE_STREAM}/step{step}")
         return upper.to(like[0].device, like[0].dtype), surface.to(like[1].device, like[1].dtype)
 
     def _per_member(self, state: State) -> State:
@@ -305,72 +289,6 @@ class LearnedPerturbationStep(PosteriorStep):
 
 
 # ----------------------------------------------------------------------------------------------
-# Scores
-
-
-def _collate_inputs(dataset: Dataset, indices: Sequence[int]) -> tuple[State | None, State]:
-    inputs, _ = default_collate([dataset[i] for i in indices])
-    inputs = [tuple(x) for x in inputs]
-    return (inputs[-2] if len(inputs) > 1 else None), inputs[-1]
-
-
-def _collate_targets(dataset: Dataset, indices: Sequence[int]) -> State:
-    return tuple(default_collate([dataset[i][1] for i in indices]))
-
-
-@torch.no_grad()
-def ensemble_scores(
-    make_ensemble: Callable[[int], Any],
-    dataset: Dataset,
-    leads: Sequence[int],
-    max_forecasts: int,
-    batch_size: int = 8,
-    latitude: np.ndarray | None = None,
-) -> list[dict[str, float]]:
-    """Per lead (model steps): fair CRPS, ensemble-mean RMSE, spread and corrected spread-skill ratio.
-
-    ``make_ensemble(i)`` returns the stepper (``.step(previous, current)`` → (K, B, …) states,
-    ``.size`` = K) for the i-th batch of forecasts; up to ``max_forecasts`` evenly spread forecasts
-    from ``dataset`` run ``batch_size`` at a time. Normalised units, all upper-air and surface
-    channels alike, latitude-weighted (cell areas of ``latitude``, default the dataset's grid):
-    crps = mean w·CRPS_fair, rmse = √(mean w (x̄ − y)²), spread = √(mean w s²) (ddof 1),
-    spread_skill = spread/rmse·√((K+1)/K). Each record also holds the sums the means come from.
-    """
-    leads = sorted(set(int(lead) for lead in leads))
-    weights = torch.as_tensor(lat_weights(latitude if latitude is not None else dataset.layout.grid.latitudes()), dtype=torch.float32)[:, None]
-    plan = _lead_targets(dataset, tuple(leads), max_forecasts)
-    sums = {lead: torch.zeros(3, dtype=torch.float64) for lead in leads}
-    size = None
-    for number, start in enumerate(range(0, len(plan), batch_size)):
-        chunk = plan[start : start + batch_size]
-        ensemble = make_ensemble(number)
-        size = ensemble.size
-        previous, current = _collate_inputs(dataset, [i for i, _ in chunk])
-        for lead in range(1, leads[-1] + 1):
-            previous, current = current, ensemble.step(previous, current)
-            if lead in sums:
-                truth = _collate_targets(dataset, [later[leads.index(lead)] for _, later in chunk])
-                forecast = torch.cat([current[0].flatten(2, 3), current[1]], dim=2)  # (K, B, C, H, W)
-                target = torch.cat([truth[0].flatten(1, 2), truth[1]], dim=1)
-                per_channel = forecast[0, 0].numel()  # C·H·W: means over grid points and channels
-                sums[lead] += torch.stack([
-                    (fair_crps(forecast, target) * weights).sum() / per_channel,
-                    ((forecast.mean(0) - target).square() * weights).sum() / per_channel,
-                    (forecast.var(0, correction=1) * weights).sum() / per_channel,
-                ]).double()
-    n = len(plan)
-    records = []
-    for lead in leads:
-        crps, mse, var = (float(v) for v in sums[lead] / n)
-        records.append({
-            "lead_steps": lead, "crps": crps, "rmse": math.sqrt(mse), "spread": math.sqrt(var),
-            "spread_skill": math.sqrt(var / mse * (size + 1) / size) if mse > 0 else math.nan,
-            "forecasts": n, "members": size, "mse": mse, "variance": var,
-        })
-    return records
-
-
-# ----------------------------------------------------------------------------------------------
 # Training configuration
 
 
@@ -409,24 +327,6 @@ class PerturbValidationSettings(ValidationSettings):
     leads: tuple[int, ...] = (1, 4)
     max_forecasts: int = Field(default=8, gt=0)
     batch_size: int = Field(default=4, gt=0)
-
-
-class YamlConfig(BaseModel):
-    """A frozen pydantic config read from YAML by :meth:`from_yaml` (``what`` names it in errors)."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    what: ClassVar[str] = "config"
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> Self:
-        """Load and validate a YAML file; problems become one :class:`BdlensError` line."""
-        path = Path(path)
-        try:
-            return cls.model_validate(yaml.safe_load(path.read_text()) or {})
-        except (OSError, yaml.YAMLError) as err:
-            raise BdlensError(f"cannot read {cls.what} {path}: {err}".replace("\n", " ")) from None
-        except ValidationError as err:
-            raise validation_error(str(path), err) from None
 
 
 class PerturbConfig(YamlConfig):
@@ -491,7 +391,7 @@ def train_perturbation(
     optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     warmup = min(settings.warmup_steps, settings.steps - 1)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, settings.steps))
-    samples = _lead_targets(train_set, tuple(range(1, settings.curriculum.max_rollout + 1)), len(train_set))
+    samples = lead_targets(train_set, tuple(range(1, settings.curriculum.max_rollout + 1)), len(train_set))
     if len(samples) < settings.batch_size:
         raise BdlensError(
             f"only {len(samples)} training samples reach {settings.curriculum.max_rollout} steps ahead, fewer than batch_size "
@@ -502,14 +402,14 @@ def train_perturbation(
 
     step, elapsed = 0, 0.0
     if resume:
-        state = read_training_state(out_dir, config, "perturbation")
+        state = read_state(out_dir, config, "perturbation")
         network.load_state_dict(state["network"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
         torch.set_rng_state(state["torch_rng"])
         log.info("resumed %s at step %d", out_dir, step)
-    _truncate_log(out_dir / METRICS, step)
+    truncate_metrics(out_dir, step)
 
     network.train()
     single = Distributed(0, 1)
@@ -518,8 +418,8 @@ def train_perturbation(
             tick = time.perf_counter()
             rollout = curriculum_rollout(step, settings.curriculum)
             chosen = [samples[i] for i in batch_indices(step, len(samples), settings.batch_size, settings.seed, single)]
-            previous, current = _collate_inputs(train_set, [i for i, _ in chosen])
-            targets = [_collate_targets(train_set, [later[lead] for _, later in chosen]) for lead in range(rollout)]
+            previous, current = collate_states(train_set, [i for i, _ in chosen])
+            targets = [collate_targets(train_set, [later[lead] for _, later in chosen]) for lead in range(rollout)]
             ensemble = PerturbedEnsemble(bayes, network, settings.members, step_seed(settings.seed, step), constants)
             loss = rollout_loss(ensemble, loss_fn, previous, current, targets)
             optimizer.zero_grad(set_to_none=True)
@@ -532,15 +432,16 @@ def train_perturbation(
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}", rollout=rollout)
             if step % settings.log_every == 0 or step == settings.steps:
-                _log_metrics(out_dir, {"step": step, "loss": loss.item(), "rollout": rollout, "grad_norm": float(grad_norm),
+                log_metrics(out_dir, {"step": step, "loss": loss.item(), "rollout": rollout, "grad_norm": float(grad_norm),
                                "lr": scheduler.get_last_lr()[0], "train_seconds": round(elapsed, 1)})
             if val_set is not None and settings.validate_every and (step % settings.validate_every == 0 or step == settings.steps):
                 for row in validate_perturbation(bayes, network, val_set, config.validation, constants):
-                    _log_metrics(out_dir, {"step": step, "split": "val", **row})
+                    log_metrics(out_dir, {"step": step, "split": "val", **row})
             if step % settings.checkpoint_every == 0 or step == settings.steps:
-                _save_state(out_dir, network, optimizer, scheduler, step, elapsed, config)
+                save_state(out_dir, {"network": network.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                     "step": step, "elapsed": elapsed, "torch_rng": torch.get_rng_state()}, config)
     return save_perturbation(network, config, out_dir / CHECKPOINT, norm_stats, {
-        **(manifest_extra or {}), "step": step, "train_seconds": round(elapsed, 1), "validation": _last_validation(out_dir),
+        **(manifest_extra or {}), "step": step, "train_seconds": round(elapsed, 1), "validation": last_validation(out_dir),
     })
 
 
@@ -559,24 +460,6 @@ def validate_perturbation(
     rows = ensemble_scores(make, dataset, settings.leads, settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset))
     network.train(was_training)
     return [{k: v for k, v in row.items() if k not in ("mse", "variance")} for row in rows]
-
-
-def _last_validation(out_dir: Path) -> list[dict[str, Any]]:
-    path = out_dir / METRICS
-    rows = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-    val = [r for r in rows if r.get("split") == "val"]
-    last = max((r["step"] for r in val), default=None)
-    return [r for r in val if r["step"] == last]
-
-
-def _save_state(out_dir: Path, network, optimizer, scheduler, step: int, elapsed: float, config: PerturbConfig) -> None:
-    state = {
-        "network": network.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-        "step": step, "elapsed": elapsed, "torch_rng": torch.get_rng_state(), "config": config.model_dump_json(),
-    }
-    tmp = out_dir / f".{STATE}.tmp"
-    torch.save(state, tmp)
-    tmp.replace(out_dir / STATE)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,0 +1,106 @@
+"""Turning dataset samples into model batches, shared by the trainers and their validation.
+
+Samples are ``((X_{t−Δ}, X_t), X_{t+Δ})`` of :class:`~bdlens.data.Fields` (normalised), as
+:class:`bdlens.data.WeatherDataset` returns them. Training inputs may come from the analysis
+(truth + analysis error) instead of the truth, input time by input time, so that models learn to
+forecast from imperfect initial states as they will be used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, default_collate
+
+from bdlens.data import DataConfig, Fields, WeatherDataset, open_dataset
+from bdlens.errors import BdlensError
+
+State = tuple[torch.Tensor, torch.Tensor]
+
+
+def collate(
+    dataset: Dataset, indices: Sequence[int], analysis_inputs: tuple[Dataset, torch.Tensor] | None = None
+) -> tuple[Fields, Fields]:
+    """Model inputs (upper (B, T_in, V, Z, H, W), surface (B, T_in, V, H, W)) and the targets (B, …), as Fields.
+
+    ``analysis_inputs`` = (analysis dataset, boolean (B, T_in) choice): where the choice is true the
+    input time is taken from the analysis instead of the truth; targets are always the truth.
+    """
+    inputs, target = default_collate([dataset[int(i)] for i in indices])
+    upper, surface = torch.stack([x[0] for x in inputs], 1), torch.stack([x[1] for x in inputs], 1)
+    if analysis_inputs is not None:
+        analysis, choice = analysis_inputs
+        noisy, _ = default_collate([analysis[int(i)] for i in indices])
+        pick = choice[:, :, None, None, None]
+        upper = torch.where(pick[..., None], torch.stack([x[0] for x in noisy], 1), upper)
+        surface = torch.where(pick, torch.stack([x[1] for x in noisy], 1), surface)
+    return Fields(upper, surface), Fields(*target)
+
+
+def analysis_choice(seed: int, step: int, rank: int, batch: int, input_times: int, probability: float) -> torch.Tensor:
+    """Which input times of this rank's batch at ``step`` come from the analysis: boolean (batch, input_times),
+    each true with ``probability``, from a generator of (seed, step, rank) alone (so resuming replays it)."""
+    draw = torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + rank)
+    return torch.rand(batch, input_times, generator=draw) < probability
+
+
+def analysis_path(truth_path: Path, given: str | Path | None = None) -> Path:
+    """The analysis store: ``given``, else ``analysis.zarr`` beside a demo world's ``truth.zarr``."""
+    return Path(given) if given else truth_path.parent / "analysis.zarr"
+
+
+def analysis_dataset(train: WeatherDataset, data_config: DataConfig, truth_path: Path, given: str | Path | None = None) -> WeatherDataset:
+    """The training split read from the analysis store (:func:`analysis_path`), with the truth's
+    layout and normalisation; it must cover the same times."""
+    path = analysis_path(truth_path, given)
+    if not path.exists():
+        raise BdlensError(f"analysis store {path} does not exist; pass the analysis of {truth_path} or set analysis_input_probability to 0")
+    data = open_dataset(path, variables=list(train.layout.variables), levels=list(train.layout.levels))
+    analysis = WeatherDataset(
+        data, train.layout, data_config.step_timedelta, data_config.splits["train"].bounds, stats=train.stats,
+        input_steps=data_config.input_steps, in_memory=True, source=f"{path} [train]",
+    )
+    if not np.array_equal(analysis.times, train.times):
+        raise BdlensError(f"analysis {path} does not cover the same training times as {truth_path}")
+    return analysis
+
+
+def lead_targets(dataset: Dataset, leads: tuple[int, ...], max_forecasts: int) -> list[tuple[int, list[int]]]:
+    """(sample index, [sample index whose target is lead l ahead, per lead]) for evenly spread forecasts.
+
+    The target of lead l (in steps Δ) from anchor t is the target of the sample anchored at
+    t + (l−1)Δ; leads beyond one step need a dataset with ``times`` and ``step`` attributes (as
+    :class:`bdlens.data.WeatherDataset` has).
+    """
+    n = len(dataset)
+    if max(leads) == 1:
+        chosen = np.unique(np.linspace(0, n - 1, min(n, max_forecasts)).round().astype(int))
+        return [(int(i), [int(i)]) for i in chosen]
+    times, step = getattr(dataset, "times", None), getattr(dataset, "step", None)
+    if times is None or step is None:
+        raise BdlensError("validation leads beyond one step need a dataset with `times` and `step` (a WeatherDataset)")
+    position = {t: i for i, t in enumerate(np.asarray(times))}
+    usable = []
+    for i, t in enumerate(np.asarray(times)):
+        later = [position.get(t + (lead - 1) * step) for lead in leads]
+        if all(j is not None for j in later):
+            usable.append((i, later))
+    if not usable:
+        raise BdlensError(f"the validation split is too short for leads {list(leads)} steps; shorten the leads")
+    chosen = np.unique(np.linspace(0, len(usable) - 1, min(len(usable), max_forecasts)).round().astype(int))
+    return [usable[c] for c in chosen]
+
+
+def collate_states(dataset: Dataset, indices: Sequence[int]) -> tuple[State | None, State]:
+    """The latest two input states (X_{t−Δ} or None for one-input models, X_t) of the given samples, batched."""
+    inputs, _ = default_collate([dataset[int(i)] for i in indices])
+    inputs = [tuple(x) for x in inputs]
+    return (inputs[-2] if len(inputs) > 1 else None), inputs[-1]
+
+
+def collate_targets(dataset: Dataset, indices: Sequence[int]) -> State:
+    """The targets X_{t+Δ} of the given samples, batched."""
+    return tuple(default_collate([dataset[int(i)][1] for i in indices]))

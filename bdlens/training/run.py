@@ -1,0 +1,106 @@
+"""A trainer's run directory, shared by every ``bdlens train`` command.
+
+    <run>/metrics.jsonl   one JSON record per line (training log, validation rows), rank 0 only
+    <run>/state.pt        everything an exact resume needs (read back with ``weights_only=True``)
+    <run>/checkpoint/     the trained model (safetensors + manifest.json)
+
+A non-empty run directory is never reused silently: ``resume`` continues it, ``overwrite`` deletes it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import BaseModel
+
+from bdlens.errors import BdlensError
+
+METRICS = "metrics.jsonl"
+STATE = "state.pt"
+CHECKPOINT = "checkpoint"
+
+
+def open_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False, main: bool = True) -> Path:
+    """Check and create ``run_dir`` (rank 0 only touches the disk); returns it as a Path.
+
+    Raises if the directory holds anything and neither ``resume`` nor ``overwrite`` is given, or if
+    ``resume`` finds no ``state.pt``.
+    """
+    run_dir = Path(run_dir)
+    if not main:
+        return run_dir
+    if resume and overwrite:
+        raise BdlensError("--resume and --overwrite exclude each other; pick one")
+    if resume and not (run_dir / STATE).is_file():
+        raise BdlensError(f"nothing to resume in {run_dir} (no {STATE}); start without --resume")
+    if not resume and run_dir.exists() and any(run_dir.iterdir()):
+        if not overwrite:
+            raise BdlensError(f"run directory {run_dir} is not empty; pass --resume to continue it or --overwrite to start over")
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def log_metrics(run_dir: Path, record: dict[str, Any]) -> None:
+    """Append one record to ``run_dir/metrics.jsonl``."""
+    with (run_dir / METRICS).open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+
+
+def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """All records of ``run_dir/metrics.jsonl`` (empty if there is none)."""
+    path = run_dir / METRICS
+    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+
+def truncate_metrics(run_dir: Path, step: int) -> None:
+    """Keep only the records up to ``step`` (those after the checkpoint we resume from are redone);
+    ``step`` 0 starts a fresh log."""
+    path = run_dir / METRICS
+    if path.exists():
+        kept = [line for line in path.read_text().splitlines() if step and json.loads(line).get("step", 0) <= step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+
+def last_validation(run_dir: Path) -> list[dict[str, Any]]:
+    """The validation rows (``"split": "val"``) of the latest step that has any."""
+    val = [r for r in read_metrics(run_dir) if r.get("split") == "val"]
+    last = max((r["step"] for r in val), default=None)
+    return [r for r in val if r["step"] == last]
+
+
+def save_state(run_dir: Path, state: dict[str, Any], config: BaseModel) -> None:
+    """Write ``state`` plus ``config`` (as JSON, checked on resume) to ``run_dir/state.pt`` atomically."""
+    tmp = run_dir / f".{STATE}.tmp"
+    torch.save({**state, "config": config.model_dump_json()}, tmp)
+    tmp.replace(run_dir / STATE)
+
+
+def read_state(run_dir: Path, config: BaseModel, what: str, may_change: tuple[str, ...] = ()) -> dict[str, Any]:
+    """``run_dir/state.pt`` (read with ``weights_only=True``) after checking it was written with ``config``.
+
+    ``what`` names the config in the error (e.g. "training", "perturbation"); ``may_change`` lists
+    dotted fields that may differ (e.g. ``"training.steps"``, to train a finished run for longer).
+    """
+    path = run_dir / STATE
+    if not path.is_file():
+        raise BdlensError(f"nothing to resume in {run_dir} (no {STATE}); start without --resume")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # a truncated or foreign file: say which and what to do
+        raise BdlensError(f"{path} cannot be read ({type(err).__name__}); restart the run with --overwrite") from None
+    saved, given = json.loads(state["config"]), json.loads(config.model_dump_json())
+    for dotted in may_change:
+        *parents, leaf = dotted.split(".")
+        for tree in (saved, given):
+            for key in parents:
+                tree = tree.get(key, {})
+            tree.pop(leaf, None)
+    if saved != given:
+        allowed = f" (only {', '.join(may_change)} may change)" if may_change else ""
+        raise BdlensError(f"{run_dir} was started with a different {what} config; resume with the same config{allowed}")
+    return state
