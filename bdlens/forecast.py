@@ -4,6 +4,10 @@ The models (one per step Δ) are composed with :func:`bdlens.models.lead_time.ro
 between models in physical units as :class:`~bdlens.data.Fields`, each model normalising with its
 own statistics. Deterministic states are (B, …); posterior-ensemble states are (K, B, …), member k
 keeping its own weight sample θ_k for the whole rollout.
+
+Steppers with stochastic noise have a ``start(init_keys)`` method; before each batch's rollout they
+get the batch's :func:`init_keys` (init times in whole hours since 1970), so that the noise of a
+forecast depends on its init time, member and step only, not on the batch it was computed in.
 """
 
 from __future__ import annotations
@@ -45,6 +49,17 @@ class PosteriorStep:
         return self.layout.denormalise(Fields(upper, surface), self.stats)
 
 
+def init_keys(init_times: Sequence[np.datetime64] | np.ndarray) -> list[int]:
+    """The integer key of each init time for per-forecast noise: whole hours since 1970-01-01 (int64)."""
+    times = np.asarray(init_times, dtype="datetime64[ns]")
+    hours = times.astype("datetime64[h]")
+    if np.any(hours != times):
+        raise BdlensError(
+            f"init times must be whole hours, got {np.datetime_as_string(times[hours != times][0])}; round them to the hour"
+        )
+    return [int(h) for h in hours.astype(np.int64)]
+
+
 def _run(
     steppers: Mapping[int, PhysicalStep],
     layout: FieldLayout,
@@ -65,10 +80,13 @@ def _run(
         )
     leads = sorted(int(h) for h in lead_hours)
     lead_coord = np.asarray(leads, dtype="timedelta64[h]").astype("timedelta64[ns]")
+    stochastic = [s for s in steppers.values() if hasattr(s, "start")]  # they key their noise to the init times
     chunks = []
     with bar(total=len(init_times), desc="forecast", unit="init") as progress:
         for start in range(0, len(init_times), batch_size):
             batch = init_times[start : start + batch_size]
+            for stepper in stochastic:
+                stepper.start(init_keys(batch))
             history = {off: layout.to_tensors(analysis.sel(time=batch + np.timedelta64(off, "h"))) for off in offsets}
             states = dict(rollout(steppers, history, leads, two_times))
             lead_axis = 0 if members is None else 1  # (L, B, …) or (K, L, B, …)

@@ -98,3 +98,43 @@ def test_posterior_forecast_members_are_reproducible_and_near_the_mean_model(set
     det = deterministic_forecast(models, ds, init, [6, 24, 30])
     mean_error = float(abs(three.geopotential.mean("number") - det.geopotential).mean())
     assert mean_error < 0.2 * float(abs(det.geopotential - ds.geopotential.sel(time=init).mean()).mean())
+
+
+def test_init_keys_are_whole_hours_since_1970() -> None:
+    from bdlens.forecast import init_keys
+
+    times = np.array(["1970-01-02T00", "1969-12-31T23", "2020-01-01T06"], dtype="datetime64[ns]")
+    assert init_keys(times) == [24, -1, (np.datetime64("2020-01-01T06") - np.datetime64("1970-01-01T00")) // np.timedelta64(1, "h")]
+    with pytest.raises(BdlensError, match="whole hours"):
+        init_keys(np.array(["2020-01-01T06:30"], dtype="datetime64[ns]"))
+
+
+def test_learned_perturbation_forecast_does_not_depend_on_the_batch(setup, tmp_path: Path) -> None:
+    from bdlens.bayes import PosteriorSettings, from_deterministic, save_posterior
+    from bdlens.forecast import _run
+    from bdlens.perturbation.learned import LearnedPerturbationStep, PerturbationNetwork, PerturbConfig, save_perturbation
+
+    ds, layout, models = setup
+    model, stats = models[6].model, models[6].stats.to_dict()
+    vi = save_posterior(from_deterministic(model, PosteriorSettings(init_sigma_scale=1e-3)), tmp_path / "vi", norm_stats=stats)
+    config = PerturbConfig.model_validate({"network": {"embed_dim": 8, "heads": [1, 1, 1, 1], "init_sigma": 0.5}, "training": {"steps": 1}})
+    torch.manual_seed(0)
+    network = PerturbationNetwork(config.network.model_config_for(model.config), config.network.init_sigma, config.network.init_scale)
+    perturbation = save_perturbation(network, config, tmp_path / "p", stats)
+
+    def forecast(inits: np.ndarray, batch_size: int, seed: int = 3):
+        stepper = LearnedPerturbationStep(vi, perturbation, members=2, seed=seed, layout=layout)
+        return _run({6: stepper}, layout, model.config.n_input_times == 2, ds, inits, [6, 12], batch_size, 2)
+
+    t1, t2, t3 = ds.time.values[8:11]
+    together = forecast([t1, t2], batch_size=2)
+    one_by_one = forecast([t1, t2], batch_size=1)
+    with_t3 = forecast([t2, t3], batch_size=2)
+    alone = forecast([t2], batch_size=1)
+    for name in ("geopotential", "2m_temperature"):
+        np.testing.assert_array_equal(one_by_one[name].values, together[name].values)
+        for other in (with_t3, alone):
+            np.testing.assert_array_equal(other[name].sel(time=t2).values, together[name].sel(time=t2).values)
+    assert float(abs(together.geopotential.diff("number")).mean()) > 0  # the members differ
+    reseeded = forecast([t2], batch_size=1, seed=4)
+    assert not np.allclose(reseeded.geopotential.values, alone.geopotential.values)

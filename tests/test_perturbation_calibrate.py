@@ -16,10 +16,10 @@ from test_training import tiny_setup  # noqa: F401
 from bdlens.cli import main
 from bdlens.errors import BdlensError
 from bdlens.metrics import crps, spread_skill_ratio
-from bdlens.perturbation.calibrate import CalibrationConfig, calibrate, objective
+from bdlens.perturbation.calibrate import CalibrationConfig, SPPTEnsemble, calibrate, objective
 from bdlens.perturbation.learned import PerturbedEnsemble
 from bdlens.training.ensemble_validation import ensemble_scores, fair_crps
-from bdlens.perturbation.sppt import load_sppt_config
+from bdlens.perturbation.sppt import SPPT, load_sppt_config
 
 
 def toy(true_spread: float, base_spread: float = 1.0, n: int = 20000, k: int = 8):
@@ -72,6 +72,36 @@ def test_scores_agree_with_bdlens_metrics(world: dict) -> None:  # noqa: F811
     dims = ("time", "channel", "latitude", "longitude")
     assert rows[0]["crps"] == pytest.approx(float(crps(fc, tr, dims=dims)), rel=1e-5)
     assert rows[0]["spread_skill"] == pytest.approx(float(spread_skill_ratio(fc, tr, dims=dims)), rel=1e-5)
+
+
+@pytest.mark.filterwarnings("ignore::bdlens.perturbation.patterns.UnresolvedScaleWarning")
+def test_sppt_ensemble_pattern_is_keyed_by_init_not_by_batch(world: dict) -> None:  # noqa: F811
+    bayes, val = world["bayes"], world["val"]
+    layout = val.layout
+    sppt = SPPT(layout.grid, layout.levels, layout.upper_variables, layout.surface_variables)
+    samples = [val[i][0] for i in range(3)]
+
+    def forecast(indices: list[int], keys: list[int] | None, seed: int = 1) -> list:
+        """Two SPPT steps for the forecasts ``samples[indices]`` with these init keys (None: no start())."""
+        previous, current = (tuple(x) for x in default_collate([samples[i] for i in indices]))
+        ensemble = SPPTEnsemble(bayes, sppt, layout, val.stats, 3, seed)
+        if keys is not None:
+            ensemble.start(keys)
+        with torch.no_grad():
+            one = ensemble.step(previous, current)
+            return [one, ensemble.step(current, one)]
+
+    together, alone, with_third = forecast([0, 1], [100, 106]), forecast([1], [106]), forecast([1, 2], [106, 112])
+    for a, b, c in zip(together, alone, with_third, strict=True):
+        for x, y, z in zip(a, b, c, strict=True):
+            torch.testing.assert_close(x[:, 1], y[:, 0], rtol=0, atol=0)
+            torch.testing.assert_close(z[:, 0], y[:, 0], rtol=0, atol=0)
+    unperturbed = PerturbedEnsemble(bayes, None, 3, seed=1)
+    with torch.no_grad():
+        plain = unperturbed.step(*(tuple(x) for x in default_collate([samples[1]])))
+    assert not torch.allclose(alone[0][0], plain[0])  # SPPT perturbs the step
+    assert not torch.allclose(forecast([1], [107])[1][0], alone[1][0])  # another init key, another pattern
+    torch.testing.assert_close(forecast([1], None)[1][0], forecast([1], [0])[1][0], rtol=0, atol=0)  # default: positions
 
 
 def test_calibrate_cli_learned_and_sppt(world: dict, tmp_path: Path, capsys) -> None:  # noqa: F811

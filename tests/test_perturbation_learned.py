@@ -18,11 +18,13 @@ from bdlens.bayes.posterior import PosteriorSettings, from_deterministic, save_p
 from bdlens.checkpoint import save_checkpoint
 from bdlens.cli import main
 from bdlens.data import Fields, make_datasets
+from bdlens.errors import BdlensError
 from bdlens.data.splits import load_data_config
 from bdlens.grid import lat_weights
 from bdlens.metrics import crps
 from bdlens.models import EarthSpecificTransformer, ModelConfig
 from bdlens.models.lead_time import rollout
+from bdlens.perturbation.patterns import member_generator
 from bdlens.training.ensemble_validation import fair_crps
 from bdlens.perturbation.learned import (
     CurriculumSettings,
@@ -31,6 +33,7 @@ from bdlens.perturbation.learned import (
     PerturbConfig,
     LearnedPerturbationStep,
     PerturbedEnsemble,
+    State,
     curriculum_rollout,
     load_perturbation,
     rollout_loss,
@@ -120,7 +123,7 @@ def test_member_noise_and_forecast_do_not_depend_on_the_batch(world: dict) -> No
         four = PerturbedEnsemble(bayes, net, 4, seed=9)
         alone = PerturbedEnsemble(bayes, net, [2], seed=9)
         for step in (0, 3):
-            for a, b in zip(four.noise(1, batch(current), step), alone.noise(1, batch(current), step), strict=True):
+            for a, b in zip(four.noise([0], batch(current), step), alone.noise([0], batch(current), step), strict=True):
                 assert torch.equal(a[2], b[0])
         out4 = four.step(batch(previous), batch(current))
         out1 = alone.step(batch(previous), batch(current))
@@ -133,6 +136,48 @@ def test_member_noise_and_forecast_do_not_depend_on_the_batch(world: dict) -> No
     with torch.no_grad():
         again = four.step(batch(previous), batch(current))
     torch.testing.assert_close(again[0], out4[0], rtol=0, atol=0)
+
+
+def test_forecast_noise_is_keyed_by_init_not_by_batch(world: dict) -> None:
+    bayes, net, val = world["bayes"], network(world), world["val"]
+    keys = {1: 262968, 2: 262974, 3: -6}  # init times in hours since 1970 (the last before 1970)
+    samples = {t: val[i][0] for t, i in ((1, 0), (2, 1), (3, 2))}
+
+    def forecast(inits: list[int], seed: int = 9, members=3) -> list[State]:
+        """Two steps of a start()-ed ensemble from the analyses of ``inits``: [(K, B, …) per step]."""
+        previous, current = default_collate([samples[t] for t in inits])
+        ensemble = PerturbedEnsemble(bayes, net, members, seed)
+        ensemble.start([keys[t] for t in inits])
+        with torch.no_grad():
+            one = ensemble.step(tuple(previous), tuple(current))
+            return [one, ensemble.step(tuple(current), one)]
+
+    with_t1, alone, with_t3 = forecast([1, 2]), forecast([2]), forecast([2, 3])
+    for a, b, c in zip(with_t1, alone, with_t3, strict=True):
+        for x, y, z in zip(a, b, c, strict=True):
+            torch.testing.assert_close(x[:, 1], y[:, 0], rtol=0, atol=0)
+            torch.testing.assert_close(z[:, 0], y[:, 0], rtol=0, atol=0)
+    member = forecast([2], members=[1])  # and member 1 computed alone
+    torch.testing.assert_close(member[1][0][0], alone[1][0][1], rtol=0, atol=0)
+    assert torch.equal(forecast([2])[1][0], alone[1][0])  # same seed, same forecast
+    assert not torch.allclose(forecast([2], seed=10)[1][0], alone[1][0])
+
+    # The noise itself: member k of the forecast keyed i at step s is N(0, 1) from the generator of (seed, k, s, i).
+    ensemble, like = PerturbedEnsemble(bayes, net, 2, seed=9), tuple(x[None] for x in samples[1][1])
+    upper, surface = ensemble.noise([keys[1], keys[3]], like, 4)
+    size = upper[0, 0].numel()
+    for k in range(2):
+        for b, key in enumerate((keys[1], keys[3])):
+            generator = member_generator(9, k, 4, "learned-perturbation", key)
+            draw = torch.randn(size + surface[0, 0].numel(), generator=generator, dtype=torch.float64).float()
+            torch.testing.assert_close(upper[k, b].flatten(), draw[:size], rtol=0, atol=0)
+            torch.testing.assert_close(surface[k, b].flatten(), draw[size:], rtol=0, atol=0)
+    other_key, other_step = ensemble.noise([keys[2]], like, 4)[0], ensemble.noise([keys[1]], like, 5)[0]
+    assert not torch.allclose(other_key[0, 0], upper[0, 0]) and not torch.allclose(other_step[0, 0], upper[0, 0])
+    assert not torch.allclose(ensemble.noise([-keys[3]], like, 4)[0][0, 0], upper[0, 1])  # a key and its negation differ
+    ensemble.start([keys[1]])
+    with pytest.raises(BdlensError, match="1 init keys were given for a batch of 2"):
+        ensemble.step(*default_collate([samples[1], samples[2]]))
 
 
 def test_curriculum_goes_from_one_to_max_rollout() -> None:

@@ -154,6 +154,22 @@ def test_member_pattern_independent_of_batch():
 
 
 @pytest.mark.filterwarnings("ignore::bdlens.perturbation.patterns.UnresolvedScaleWarning")
+def test_pattern_per_init_key_is_independent_of_the_batch():
+    pattern = SphericalPattern("64x32")
+    pair, alone, other = pattern.init(7, 3, inits=[10, -20]), pattern.init(7, [2], inits=[-20]), pattern.init(7, 3, inits=[-20, 30])
+    for _ in range(2):
+        pair, alone, other = pattern.step(pair), pattern.step(alone), pattern.step(other)
+    assert pair.coeffs[0].shape[0] == 6 and pair.inits == (10, -20)
+    for scale in range(len(pattern.scales)):  # row k·N + i is member k of forecast i, the same draws in any batch
+        torch.testing.assert_close(pair.coeffs[scale][5], alone.coeffs[scale][0], rtol=0, atol=0)
+        torch.testing.assert_close(pair.coeffs[scale][[1, 3, 5]], other.coeffs[scale][[0, 2, 4]], rtol=0, atol=0)
+    assert not torch.allclose(pair.coeffs[0][0], pair.coeffs[0][1])  # other init key, other pattern
+    assert not torch.allclose(pair.coeffs[0][1], pattern.step(pattern.step(pattern.init(8, 3, inits=[10, -20]))).coeffs[0][1])
+    with pytest.raises(BdlensError, match="at least one init key"):
+        pattern.init(7, 3, inits=[])
+
+
+@pytest.mark.filterwarnings("ignore::bdlens.perturbation.patterns.UnresolvedScaleWarning")
 def test_state_is_a_value_and_steps_are_reproducible():
     pattern = SphericalPattern("64x32")
     state = pattern.init(0, 3)

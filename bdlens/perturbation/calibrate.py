@@ -49,7 +49,7 @@ from bdlens.configs import YamlConfig
 from bdlens.data import FieldLayout, Fields, NormStats
 from bdlens.errors import BdlensError
 from bdlens.perturbation.learned import CALIBRATION, PerturbedEnsemble, load_perturbation, step_seed
-from bdlens.perturbation.patterns import UnresolvedScaleWarning
+from bdlens.perturbation.patterns import UnresolvedScaleWarning, init_keys_for
 from bdlens.perturbation.sppt import SPPT, SPPTConfig, apply_sppt, load_sppt_config
 from bdlens.progress import bar
 from bdlens.training.ensemble_validation import ensemble_scores
@@ -163,8 +163,10 @@ class SPPTEnsemble:
 
     Normalised units in and out, like :class:`~bdlens.perturbation.learned.PerturbedEnsemble`
     (shared (B, …) or per-member (K, B, …) states → (K, B, …)); SPPT itself runs on physical fields
-    (``layout``, ``stats``). Member k has its own pattern stream per forecast of the batch (pattern
-    channel b), drawn from (seed, k), advanced one step per call and restarted at a shared state.
+    (``layout``, ``stats``). Member k of the forecast with init key i has its own pattern, drawn from
+    (seed, i, k), advanced one step per call and restarted at a shared state; :meth:`start` sets the
+    init keys of the next rollout (default: the positions 0..B−1 in the batch), so a forecast's pattern
+    does not depend on which other forecasts share its batch.
     """
 
     def __init__(
@@ -181,17 +183,24 @@ class SPPTEnsemble:
         self.posterior = PerturbedEnsemble(bayes, None, members, seed, constants, temperature=temperature)
         self.sppt, self.layout, self.stats, self.seed = sppt, layout, stats, int(seed)
         self.pattern = None
+        self.init_keys: tuple[int, ...] | None = None
 
     @property
     def size(self) -> int:
         """K, the number of members."""
         return self.posterior.size
 
+    def start(self, init_keys: Sequence[int]) -> None:
+        """Key the patterns of the next rollout to these forecasts (one integer per forecast of the batch)."""
+        self.init_keys = tuple(int(k) for k in init_keys)
+        self.pattern = None
+
     def step(self, previous: State | None, current: State) -> State:
         """(X_{t−Δ}, X_t) → SPPT-perturbed X_{t+Δ} for every member."""
         shared = current[0].ndim == 5
         if shared or self.pattern is None:
-            self.pattern = self.sppt.pattern.init(self.seed, self.posterior.members, channels=current[0].shape[-5], stream="sppt")
+            keys = init_keys_for(self.init_keys, current[0].shape[-5])
+            self.pattern = self.sppt.init(self.seed, self.posterior.members, inits=keys)
         forecast = self.posterior.step(previous, current)
         k, b = forecast[0].shape[:2]
         start = tuple(x.expand(k, *x.shape) if shared else x for x in current)

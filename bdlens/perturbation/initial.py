@@ -83,17 +83,28 @@ def random_field_perturbation(
 
 
 def member_noise(
-    shapes: Sequence[tuple[int, ...]], seed: int, members: int | Sequence[int], stream: str
+    shapes: Sequence[tuple[int, ...]],
+    seed: int,
+    members: int | Sequence[int],
+    stream: str,
+    *,
+    step: int = 0,
+    inits: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
-    """Standard normal float64 noise, one tensor (B, *shape) per shape, member by member."""
+    """Standard normal float64 noise, one tensor per shape: (K, *shape), member k from the generator of
+    (seed, stream, k, step); with ``inits`` (one integer key per forecast) (K, N, *shape), member k of
+    forecast i from the generator of (seed, stream, k, step, inits[i])."""
     sizes = [math.prod(shape) for shape in shapes]
+    keys = (None,) if inits is None else tuple(int(i) for i in inits)
     flat = torch.stack(
         [
-            torch.randn(sum(sizes), generator=member_generator(seed, m, stream=stream), dtype=torch.float64)
+            torch.randn(sum(sizes), generator=member_generator(seed, m, step, stream, i), dtype=torch.float64)
             for m in members_tuple(members)
+            for i in keys
         ]
     )
-    return [chunk.reshape(-1, *shape) for chunk, shape in zip(torch.split(flat, sizes, dim=1), shapes, strict=True)]
+    lead = (-1,) if inits is None else (-1, len(keys))
+    return [chunk.reshape(*lead, *shape) for chunk, shape in zip(torch.split(flat, sizes, dim=1), shapes, strict=True)]
 
 
 def _as_tuple(state: State) -> tuple[torch.Tensor, ...]:

@@ -15,10 +15,13 @@ set so that μ ≈ 0 and σ ≈ ``init_sigma`` everywhere.
 Ensembles (:class:`PerturbedEnsemble`, normalised units; :class:`LearnedPerturbationStep`, physical
 units, for :func:`bdlens.models.lead_time.rollout`): member k has posterior weight sample θ_k (drawn
 from (seed, k), fixed for the rollout, as in :class:`~bdlens.bayes.PosteriorEnsemble`) and its own
-noise ε_k,s drawn at step s from a generator seeded by (seed, k, s) alone
-(:func:`bdlens.perturbation.patterns.member_generator`, stream ``learned-perturbation/step<s>``), so member k's forecast does not depend on
-which other members share its batch. The step counter restarts whenever a rollout starts from a
-state shared by all members (the analysis).
+noise: ε for member k of the forecast with *init key* i at step s comes from a generator seeded by
+(seed, i, k, s) alone (:func:`bdlens.perturbation.patterns.member_generator`, stream
+``learned-perturbation``), so a member's forecast does not depend on which other members or which
+other initial times share its batch, nor on the batch size. The init keys of a batch are set by
+``start(init_keys)`` (:func:`bdlens.forecast._run` passes the init times in hours since 1970);
+without it they are the positions 0..B−1 in the batch (training and validation). The step counter
+restarts at ``start`` and whenever a rollout starts from a state shared by all members (the analysis).
 
 Training (:func:`train_perturbation`, ``bdlens train perturb``): the backbone and the posterior are
 frozen; each training sample rolls out M members (weights ``sample_weights(bayes, M, seed_t)`` with
@@ -68,7 +71,7 @@ from bdlens.forecast import PosteriorStep
 from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss
 from bdlens.models.layers import PatchRecovery
 from bdlens.perturbation.initial import member_noise
-from bdlens.perturbation.patterns import members_tuple
+from bdlens.perturbation.patterns import init_keys_for, members_tuple
 from bdlens.progress import bar
 from bdlens.training.batches import collate_states, collate_targets, lead_targets
 from bdlens.training.distributed import Distributed, batch_indices
@@ -198,7 +201,8 @@ class PerturbedEnsemble:
     :func:`bdlens.models.lead_time.rollout` with the shapes of :class:`~bdlens.bayes.PosteriorEnsemble`:
     shared (B, …) or per-member (K, B, …) states in, (K, B, …) out. ``sigma_scale`` multiplies σ
     (calibrated amplitude), ``temperature`` the posterior's σ at sampling time. ``network=None``
-    gives the plain posterior ensemble (no perturbation).
+    gives the plain posterior ensemble (no perturbation). :meth:`start` keys the noise to the
+    forecasts of the next rollout (see the module docstring).
     """
 
     def __init__(
@@ -223,17 +227,25 @@ class PerturbedEnsemble:
         self.constants = constants
         self.sigma_scale = float(sigma_scale)
         self.step_index = 0
+        self.init_keys: tuple[int, ...] | None = None
+
+    def start(self, init_keys: Sequence[int]) -> None:
+        """Key the noise of the next rollout to these forecasts (one integer per forecast of the batch,
+        e.g. the init time in hours since 1970) and restart the step counter."""
+        self.init_keys = tuple(int(k) for k in init_keys)
+        self.step_index = 0
 
     @property
     def size(self) -> int:
         """K, the number of members."""
         return len(self.members)
 
-    def noise(self, batch: int, like: State, step: int) -> State:
-        """ε for every member at ``step``: upper (K, B, V_u, Z, H, W), surface (K, B, V_s, H, W), like ``like``'s
-        dtype and device; member k's from its own generator of (seed, k, step), drawn on the CPU."""
-        shapes = [(batch, *like[0].shape[-4:]), (batch, *like[1].shape[-3:])]
-        upper, surface = member_noise(shapes, self.seed, self.members, f"{NOISE_STREAM}/step{step}")
+    def noise(self, init_keys: Sequence[int], like: State, step: int) -> State:
+        """ε for every member and forecast at ``step``: upper (K, B, V_u, Z, H, W), surface (K, B, V_s, H, W)
+        with B = len(init_keys), like ``like``'s dtype and device; member k of forecast b from its own
+        generator of (seed, init_keys[b], k, step), drawn on the CPU."""
+        shapes = [like[0].shape[-4:], like[1].shape[-3:]]
+        upper, surface = member_noise(shapes, self.seed, self.members, NOISE_STREAM, step=step, inits=init_keys)
         return upper.to(like[0].device, like[0].dtype), surface.to(like[1].device, like[1].dtype)
 
     def _per_member(self, state: State) -> State:
@@ -249,7 +261,7 @@ class PerturbedEnsemble:
             k, b = cur[0].shape[:2]
             prev = None if previous is None or self.network.config.n_input_times == 1 else self._per_member(previous)
             flat = lambda state: None if state is None else tuple(x.reshape(k * b, *x.shape[2:]) for x in state)  # noqa: E731
-            eps = self.noise(b, cur, self.step_index)
+            eps = self.noise(init_keys_for(self.init_keys, b), cur, self.step_index)
             perturbed = self.network.perturb(flat(prev), flat(cur), flat(eps), self.constants, self.sigma_scale)
             current = tuple(x.reshape(k, b, *x.shape[1:]) for x in perturbed)
         self.step_index += 1
@@ -261,6 +273,7 @@ class LearnedPerturbationStep(PosteriorStep):
 
     Usable wherever :class:`bdlens.forecast.PosteriorStep` is (``rollout``, ``_run``). ``sigma_scale``
     and ``temperature`` default to the ``calibration.json`` beside the perturbation checkpoint, else 1.
+    :meth:`start` keys the noise to the init times of the next rollout (see :class:`PerturbedEnsemble`).
     """
 
     def __init__(
@@ -286,6 +299,10 @@ class LearnedPerturbationStep(PosteriorStep):
             sigma_scale=calibration.get("amplitude", 1.0) if sigma_scale is None else sigma_scale,
             temperature=calibration.get("temperature", 1.0) if temperature is None else temperature,
         )
+
+    def start(self, init_keys: Sequence[int]) -> None:
+        """Key the noise of the next rollout to these forecasts (init times in hours since 1970, one per forecast)."""
+        self.ensemble.start(init_keys)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -31,7 +31,10 @@ operations as :class:`torch_harmonics.InverseRealSHT`, which the tests check aga
 Seeding. The noise of member m at step k comes from its own generator seeded from
 (seed, stream, m, k) through :class:`numpy.random.SeedSequence`, so member m's pattern does not
 depend on which members share its batch, and the state (coefficients + step counter) is a plain
-value: stepping the same state twice gives the same result, and a rollout can be resumed.
+value: stepping the same state twice gives the same result, and a rollout can be resumed. A state
+for several forecasts at once (``inits``: one integer key per forecast, e.g. its init time) draws
+every (member, forecast) pair from its own generator of (seed, stream, m, k, init), so a forecast's
+pattern does not depend on which other forecasts share its batch either.
 """
 
 from __future__ import annotations
@@ -125,13 +128,21 @@ def spectral_std(scale: PatternScale, truncation: int) -> np.ndarray:
     return np.sqrt(c2 * np.exp(-scale.kappa * degrees * (degrees + 1))) * (degrees > 0)
 
 
-def member_generator(seed: int, member: int, step: int = 0, stream: str = "pattern") -> torch.Generator:
+def member_generator(
+    seed: int, member: int, step: int = 0, stream: str = "pattern", init: int | None = None
+) -> torch.Generator:
     """A CPU generator for one member and step, independent of every other (seed, stream, member, step).
 
     ``stream`` names the use (e.g. "pattern", "gaussian-ic") so that different perturbations drawn
-    from the same run seed are not correlated.
+    from the same run seed are not correlated. ``init`` (any int64, e.g. the forecast's init time in
+    hours since 1970) keys the generator to one forecast as well: (seed, stream, member, step, init).
     """
-    key = (zlib.crc32(stream.encode()), int(member), int(step))
+    key: tuple[int, ...] = (zlib.crc32(stream.encode()), int(member), int(step))
+    if init is not None:
+        # SeedSequence takes non-negative words: the key's two's complement, always as two 32-bit words
+        # (a plain int would take one or two), so that different inits never assemble to the same words.
+        unsigned = int(init) % 2**64
+        key += (unsigned & 0xFFFFFFFF, unsigned >> 32)
     state = np.random.SeedSequence(int(seed), spawn_key=key).generate_state(2, dtype=np.uint32)
     generator = torch.Generator()
     generator.manual_seed((int(state[0]) << 31) ^ int(state[1]))
@@ -146,11 +157,23 @@ def members_tuple(members: int | Sequence[int]) -> tuple[int, ...]:
     return ids
 
 
+def init_keys_for(keys: Sequence[int] | None, batch: int) -> tuple[int, ...]:
+    """The init keys of a batch of ``batch`` forecasts: ``keys`` (checked to be one per forecast), or
+    the positions ``range(batch)`` when none were given (training and validation batches)."""
+    if keys is None:
+        return tuple(range(batch))
+    keys = tuple(int(k) for k in keys)
+    if len(keys) != batch:
+        raise BdlensError(f"{len(keys)} init keys were given for a batch of {batch} forecasts; give one key per forecast")
+    return keys
+
+
 @dataclass(frozen=True)
 class PatternState:
     """The AR(1) state of a pattern: one coefficient tensor per scale and the step counter.
 
     ``coeffs[s]`` has shape (B, C, N_s+1, N_s+1, 2): member, channel, degree n, order m, (real, imag).
+    With ``inits`` (one key per forecast) B = K·N, member-major: row k·N + i is member k, forecast i.
     """
 
     coeffs: tuple[torch.Tensor, ...]
@@ -158,6 +181,7 @@ class PatternState:
     seed: int
     members: tuple[int, ...]
     stream: str
+    inits: tuple[int, ...] | None = None
 
 
 class SphericalPattern:
@@ -227,32 +251,45 @@ class SphericalPattern:
         amp[:, 0, 1] = 0.0  # m = 0 coefficients of a real field are real
         return torch.as_tensor(amp, dtype=self.dtype, device=self.device)
 
-    def _noise(self, state_seed: int, members: tuple[int, ...], step: int, stream: str, channels: int):
-        """White noise η scaled by the per-coefficient std, one tensor per scale, (B, C, n, m, 2)."""
+    def _noise(
+        self, state_seed: int, members: tuple[int, ...], step: int, stream: str, channels: int, inits: tuple[int, ...] | None
+    ):
+        """White noise η scaled by the per-coefficient std, one tensor per scale, (B, C, n, m, 2)
+        (B = K, or K·N member-major with ``inits``)."""
         sizes = [channels * amp.numel() for amp in self._amplitudes]
+        keys = (None,) if inits is None else inits
         draws = torch.stack(
-            [torch.randn(sum(sizes), generator=member_generator(state_seed, m, step, stream)) for m in members]
+            [torch.randn(sum(sizes), generator=member_generator(state_seed, m, step, stream, i)) for m in members for i in keys]
         ).to(self.device, self.dtype)
         return [
-            chunk.reshape(len(members), channels, *amp.shape) * amp
+            chunk.reshape(len(members) * len(keys), channels, *amp.shape) * amp
             for chunk, amp in zip(torch.split(draws, sizes, dim=1), self._amplitudes, strict=True)
         ]
 
     def init(
-        self, seed: int, members: int | Sequence[int], channels: int = 1, stream: str = "pattern"
+        self,
+        seed: int,
+        members: int | Sequence[int],
+        channels: int = 1,
+        stream: str = "pattern",
+        inits: Sequence[int] | None = None,
     ) -> PatternState:
         """A stationary initial state for ``members`` (a count or member ids) with ``channels``
-        independent patterns per member."""
+        independent patterns per member; with ``inits`` (one integer key per forecast) one pattern
+        per member and forecast, each from its own generator (see :class:`PatternState`)."""
         ids = members_tuple(members)
         if channels < 1:
             raise BdlensError(f"channels must be >= 1, got {channels}")
-        coeffs = tuple(self._noise(seed, ids, 0, stream, channels))
-        return PatternState(coeffs=coeffs, step=0, seed=int(seed), members=ids, stream=stream)
+        keys = None if inits is None else tuple(int(i) for i in inits)
+        if keys is not None and not keys:
+            raise BdlensError("inits must hold at least one init key")
+        coeffs = tuple(self._noise(seed, ids, 0, stream, channels, keys))
+        return PatternState(coeffs=coeffs, step=0, seed=int(seed), members=ids, stream=stream, inits=keys)
 
     def step(self, state: PatternState) -> PatternState:
         """The state ``dt_hours`` later: r̂ ← φ r̂ + sqrt(1−φ²) σ_n η for every coefficient."""
         channels = state.coeffs[0].shape[1]
-        noise = self._noise(state.seed, state.members, state.step + 1, state.stream, channels)
+        noise = self._noise(state.seed, state.members, state.step + 1, state.stream, channels, state.inits)
         coeffs = tuple(
             phi * c + math.sqrt(1.0 - phi * phi) * eta
             for c, eta, phi in zip(state.coeffs, noise, self._phis, strict=True)

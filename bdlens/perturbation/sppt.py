@@ -246,9 +246,10 @@ class SPPT:
         self.upper_variables = tuple(upper_variables)
         self.surface_variables = tuple(surface_variables)
 
-    def init(self, seed: int, members: int | Sequence[int]) -> PatternState:
-        """The stationary pattern state of ``members`` (a count or member ids)."""
-        return self.pattern.init(seed, members, stream="sppt")
+    def init(self, seed: int, members: int | Sequence[int], inits: Sequence[int] | None = None) -> PatternState:
+        """The stationary pattern state of ``members`` (a count or member ids); with ``inits`` (one
+        integer key per forecast) one pattern per member and forecast, member-major (K·N rows)."""
+        return self.pattern.init(seed, members, stream="sppt", inits=inits)
 
     def step(self, state: PatternState) -> PatternState:
         """The pattern state one model step later."""
