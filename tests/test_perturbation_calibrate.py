@@ -59,7 +59,7 @@ def test_temperature_only_calibration_picks_the_grid_value_that_fits() -> None:
 
 def test_scores_agree_with_bdlens_metrics(world: dict) -> None:  # noqa: F811
     bayes, val = world["bayes"], world["val"]
-    rows = ensemble_scores(lambda n: PerturbedEnsemble(bayes, None, 3, seed=n), val, [1], max_forecasts=2, batch_size=2)
+    rows = ensemble_scores(PerturbedEnsemble(bayes, None, 3, seed=0), val, [1], max_forecasts=2, batch_size=2)
     # The same two forecasts by hand, as DataArrays (number, time, channel, latitude, longitude).
     (prev, cur), target = default_collate([val[i] for i in (0, len(val) - 1)])
     with torch.no_grad():
@@ -129,3 +129,15 @@ def test_calibrate_cli_learned_and_sppt(world: dict, tmp_path: Path, capsys) -> 
     capsys.readouterr()
     assert main([*common, "--out", str(tmp_path / "none")]) == 2
     assert "nothing to calibrate" in capsys.readouterr().err
+
+
+def test_scores_do_not_depend_on_the_batch_size(world: dict) -> None:  # noqa: F811
+    """Each forecast's perturbation noise is keyed by its sample, so batching changes nothing but rounding."""
+    from test_perturbation_learned import network
+
+    ensemble = PerturbedEnsemble(world["bayes"], network(world, init_sigma=0.5), 3, seed=4)
+    one, two = (ensemble_scores(ensemble, world["val"], [1, 2], max_forecasts=3, batch_size=b) for b in (1, 2))
+    for a, b in zip(one, two, strict=True):
+        for key in ("crps", "rmse", "spread"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5)
+    assert one[0]["spread"] > 0

@@ -159,7 +159,7 @@ def validate(
     The same K weight samples (``settings.seed``) serve every forecast."""
     per_variable = channel_std(dataset) is not None
     rows = ensemble_scores(
-        lambda _: PosteriorEnsemble(bayes, settings.members, settings.seed, constants), dataset, settings.leads,
+        PosteriorEnsemble(bayes, settings.members, settings.seed, constants), dataset, settings.leads,
         settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset), per_variable=per_variable,
     )
     return [{k: v for k, v in row.items() if k not in ("mse", "variance")} for row in rows]

@@ -48,7 +48,7 @@ from bdlens.bayes.posterior import BayesianTransformer
 from bdlens.configs import YamlConfig
 from bdlens.data import FieldLayout, Fields, NormStats
 from bdlens.errors import BdlensError
-from bdlens.perturbation.learned import CALIBRATION, PerturbedEnsemble, load_perturbation, step_seed
+from bdlens.perturbation.learned import CALIBRATION, PerturbedEnsemble, load_perturbation
 from bdlens.perturbation.patterns import UnresolvedScaleWarning, init_keys_for
 from bdlens.perturbation.sppt import SPPT, SPPTConfig, apply_sppt, load_sppt_config
 from bdlens.progress import bar
@@ -251,32 +251,32 @@ def calibrate_checkpoint(
             raise BdlensError(f"{perturb} was trained with other normalisation statistics than {vi_dir}; use the matching posterior")
         method = "learned"
 
-        def make(a: float, t: float, number: int) -> Any:
-            return PerturbedEnsemble(bayes, network, members, step_seed(config.seed, number), constants, sigma_scale=a, temperature=t)
+        def make(a: float, t: float) -> Any:
+            return PerturbedEnsemble(bayes, network, members, config.seed, constants, sigma_scale=a, temperature=t)
     elif sppt is not None:
         sppt_config = load_sppt_config(sppt)
         method = "sppt"
         built: dict[float, SPPT] = {}
 
-        def make(a: float, t: float, number: int) -> Any:
+        def make(a: float, t: float) -> Any:
             if a not in built:
                 with warnings.catch_warnings():
                     if built:  # an unresolved pattern scale is reported once, for the first amplitude
                         warnings.simplefilter("ignore", UnresolvedScaleWarning)
                     built[a] = SPPT(layout.grid, layout.levels, layout.upper_variables, layout.surface_variables, scaled_sppt(sppt_config, a))
-            return SPPTEnsemble(bayes, built[a], layout, stats, members, step_seed(config.seed, number), constants, temperature=t)
+            return SPPTEnsemble(bayes, built[a], layout, stats, members, config.seed, constants, temperature=t)
     else:
         method = "posterior"
 
-        def make(a: float, t: float, number: int) -> Any:
-            return PerturbedEnsemble(bayes, None, members, step_seed(config.seed, number), constants, temperature=t)
+        def make(a: float, t: float) -> Any:
+            return PerturbedEnsemble(bayes, None, members, config.seed, constants, temperature=t)
 
     temperatures = len(config.temperature.values) if config.temperature.tune else 1
     expected = 1 + temperatures * (config.amplitude.max_evaluations if method != "posterior" else 1)
     with bar(total=expected, desc=f"calibrate ({method})", unit="eval") as progress:
 
         def evaluate(a: float, t: float) -> dict[str, Any]:
-            rows = ensemble_scores(lambda n: make(a, t, n), val_set, config.leads, config.max_forecasts, config.batch_size)
+            rows = ensemble_scores(make(a, t), val_set, config.leads, config.max_forecasts, config.batch_size)
             progress.update(1)
             return summarise(rows)
 

@@ -467,14 +467,12 @@ def validate_perturbation(
     constants: Tensor | None = None,
 ) -> list[dict[str, float]]:
     """Per-lead :func:`ensemble_scores` (fair CRPS, RMSE, spread, corrected spread-skill) of the perturbed
-    posterior ensemble, forecast batch i seeded by (``settings.seed``, i)."""
+    posterior ensemble: K members of ``settings.seed``, forecast i's noise keyed by its sample index."""
     was_training = network.training
     network.eval()
 
-    def make(number: int) -> PerturbedEnsemble:
-        return PerturbedEnsemble(bayes, network, settings.members, step_seed(settings.seed, number), constants)
-
-    rows = ensemble_scores(make, dataset, settings.leads, settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset))
+    ensemble = PerturbedEnsemble(bayes, network, settings.members, settings.seed, constants)
+    rows = ensemble_scores(ensemble, dataset, settings.leads, settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset))
     network.train(was_training)
     return [{k: v for k, v in row.items() if k not in ("mse", "variance")} for row in rows]
 

@@ -8,7 +8,7 @@ CRPS estimator is the same (:func:`fair_crps`, tested against :func:`bdlens.metr
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -57,7 +57,7 @@ def channel_std(dataset: Dataset) -> np.ndarray | None:
 
 @torch.no_grad()
 def ensemble_scores(
-    make_ensemble: Callable[[int], Any],
+    ensemble: Any,
     dataset: Dataset,
     leads: Sequence[int],
     max_forecasts: int,
@@ -67,9 +67,10 @@ def ensemble_scores(
 ) -> list[dict[str, Any]]:
     """Per lead (model steps): fair CRPS, ensemble-mean RMSE, spread and corrected spread-skill ratio.
 
-    ``make_ensemble(i)`` returns the stepper (``.step(previous, current)`` → (K, B, …) states,
-    ``.size`` = K) for the i-th batch of forecasts; up to ``max_forecasts`` evenly spread forecasts
-    from ``dataset`` run ``batch_size`` at a time. Normalised units, all upper-air and surface
+    ``ensemble`` is the stepper (``.step(previous, current)`` → (K, B, …) states, ``.size`` = K);
+    up to ``max_forecasts`` evenly spread forecasts from ``dataset`` run ``batch_size`` at a time.
+    A stochastic stepper's ``start(keys)`` gets the forecasts' sample indices before each batch, so
+    every forecast has its own noise whatever the batch size (the scores do not depend on it). Normalised units, all upper-air and surface
     channels alike, latitude-weighted (cell areas of ``latitude``, default the dataset's grid):
     crps = mean w·CRPS_fair, rmse = √(mean w (x̄ − y)²), spread = √(mean w s²) (s² with ddof 1),
     spread_skill = spread/rmse·√((K+1)/K). Each record also holds the ``mse`` and ``variance`` the
@@ -84,11 +85,11 @@ def ensemble_scores(
         raise BdlensError("per-variable validation needs a dataset with a field layout and normalisation stats (a WeatherDataset)")
     plan = lead_targets(dataset, tuple(leads), max_forecasts)
     sums: dict[int, Tensor] = {}
-    size = None
-    for number, start in enumerate(range(0, len(plan), batch_size)):
+    size = ensemble.size
+    for start in range(0, len(plan), batch_size):
         chunk = plan[start : start + batch_size]
-        ensemble = make_ensemble(number)
-        size = ensemble.size
+        if hasattr(ensemble, "start"):
+            ensemble.start([i for i, _ in chunk])
         previous, current = collate_states(dataset, [i for i, _ in chunk])
         for lead in range(1, leads[-1] + 1):
             previous, current = current, ensemble.step(previous, current)
