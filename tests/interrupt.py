@@ -12,8 +12,8 @@ def stop_after_saving(monkeypatch: pytest.MonkeyPatch, trainer: ModuleType, step
     (undo with ``monkeypatch.undo()``)."""
     original = trainer.save_state
 
-    def save_then_stop(run_dir, state, config):
-        original(run_dir, state, config)
+    def save_then_stop(run_dir, state, *args):
+        original(run_dir, state, *args)
         if state["step"] == step:
             raise KeyboardInterrupt
 

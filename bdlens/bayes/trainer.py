@@ -52,16 +52,9 @@ from bdlens.grid import GRIDS
 from bdlens.models import WeightedL1Loss
 from bdlens.progress import bar
 from bdlens.training.batches import analysis_choice, collate
-from bdlens.training.distributed import (
-    Distributed,
-    average_gradients,
-    average_scalar,
-    batch_indices,
-    gather_rng_states,
-    max_difference_between_ranks,
-)
+from bdlens.training.distributed import Distributed, average_gradients, average_scalar, batch_indices
 from bdlens.training.ensemble_validation import channel_std, ensemble_scores
-from bdlens.training.run import CHECKPOINT, last_validation, log_metrics, read_state, save_state, truncate_metrics
+from bdlens.training.run import CHECKPOINT, last_validation, log_metrics, log_rank_agreement, read_state, save_state, truncate_metrics
 
 log = logging.getLogger(__name__)
 
@@ -205,11 +198,11 @@ def train_vi(
     step, elapsed = 0, 0.0
     if resume:
         state = read_state(out_dir, config, "VI", may_change=("training.steps",))  # no schedule: a run can be extended
-        if len(state["rng"]) != dist_info.world_size:
-            raise BdlensError(f"{out_dir} was trained on {len(state['rng'])} processes; resume it on as many")
+        if len(state["torch_rng"]) != dist_info.world_size:
+            raise BdlensError(f"{out_dir} was trained on {len(state['torch_rng'])} processes; resume it on as many")
         bayes.load_state_dict(state["bayes"])
         optimiser.set_state(state["optimiser"])
-        torch.set_rng_state(state["rng"][dist_info.rank])
+        torch.set_rng_state(state["torch_rng"][dist_info.rank])
         step, elapsed = int(state["step"]), float(state["elapsed"])
         log.info("resuming VI training from %s at step %d", out_dir, step)
     else:
@@ -224,11 +217,6 @@ def train_vi(
     post = bayes.posterior
     n_times = bayes.config.n_input_times
 
-    def save() -> None:
-        rng_states = gather_rng_states(dist_info)
-        if dist_info.main:
-            save_state(out_dir, {"bayes": bayes.state_dict(), "optimiser": optimiser.get_state(), "rng": rng_states,
-                                 "step": step, "elapsed": elapsed}, config)
 
     quiet_rank = {} if dist_info.main else {"disable": True}
     with bar(total=settings.steps, initial=step, desc="VI training", unit="step", **quiet_rank) as progress:
@@ -258,11 +246,9 @@ def train_vi(
                 for row in validate(bayes, val_set, config.validation, constants):
                     log_metrics(out_dir, {"step": step, "split": "val", **row})
             if step % settings.checkpoint_every == 0 or step == settings.steps:
-                save()
-    if dist_info.parallel:
-        difference = max_difference_between_ranks(post.parameters(), dist_info)
-        if dist_info.main:
-            log_metrics(out_dir, {"ranks": dist_info.world_size, "max_weight_difference_between_ranks": difference})
+                save_state(out_dir, {"bayes": bayes.state_dict(), "optimiser": optimiser.get_state(), "step": step, "elapsed": elapsed},
+                           config, dist_info)
+    log_rank_agreement(out_dir, post.parameters(), dist_info)
     if dist_info.main:
         extra = {**(manifest_extra or {}), "vi_config": config.model_dump(mode="json"), "step": step,
                  "train_seconds": round(elapsed, 1), "validation": last_validation(out_dir)}

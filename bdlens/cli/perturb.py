@@ -83,23 +83,27 @@ def _train_perturb(args: argparse.Namespace) -> int:
 
     from bdlens.configs import config_path
     from bdlens.perturbation.learned import PerturbConfig, train_perturbation
+    from bdlens.training.distributed import Distributed
     from bdlens.training.run import open_run_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config_file = config_path(args.config)
     config = PerturbConfig.from_yaml(config_file)
-    open_run_dir(args.out, args.resume, args.overwrite)
+    dist_info = Distributed.from_env()
+    open_run_dir(args.out, args.resume, args.overwrite, dist_info.main)
     bayes, manifest, sets, data_path = _posterior_and_data(args.source, args.world, ["train", "val"])
     extra = {
         "data_config": manifest["data_config"],
         "backbone_checkpoint": str(args.source.resolve()),
-        "training": _provenance(args.source, config_file, data_path),
+        "training": {**_provenance(args.source, config_file, data_path), "processes": dist_info.world_size},
     }
-    print(train_perturbation(
+    checkpoint = train_perturbation(
         bayes, sets["train"], config, args.out, val_set=sets["val"], constants=sets["train"].constants,
         norm_stats=manifest["norm_stats"], resume=args.resume, manifest_extra=extra,
-    ))
+    )
+    if dist_info.main:
+        print(checkpoint)
     return 0
 
 

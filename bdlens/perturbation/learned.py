@@ -74,9 +74,9 @@ from bdlens.perturbation.initial import member_noise
 from bdlens.perturbation.patterns import init_keys_for, members_tuple
 from bdlens.progress import bar
 from bdlens.training.batches import collate_states, collate_targets, lead_targets
-from bdlens.training.distributed import Distributed, batch_indices
+from bdlens.training.distributed import Distributed, average_gradients, average_scalar, batch_indices
 from bdlens.training.ensemble_validation import ensemble_scores, fair_crps
-from bdlens.training.run import CHECKPOINT, last_validation, log_metrics, read_state, save_state, truncate_metrics
+from bdlens.training.run import CHECKPOINT, last_validation, log_metrics, log_rank_agreement, read_state, save_state, truncate_metrics
 from bdlens.training.schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -397,10 +397,17 @@ def train_perturbation(
     ``train_set``/``val_set``: :class:`bdlens.data.WeatherDataset` s (normalised, with ``times`` and
     ``step``). Writes ``metrics.jsonl``, ``state.pt`` every ``checkpoint_every`` steps (exact resume
     with ``resume``) and ``checkpoint/`` at the end (manifest: ``norm_stats``, ``manifest_extra``).
+
+    Under ``torchrun`` the ranks split each batch and average their gradients. Every rank uses the
+    same weight samples at a step and keys each sample's noise by its training-sample index, so the
+    ranks together compute the same loss and update as one process with the whole batch.
     """
     settings = config.training
+    dist_info = Distributed.from_env()
+    dist_info.check_batch(settings.batch_size)
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    if dist_info.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
     bayes.requires_grad_(False).eval()
     net_config = config.network.model_config_for(bayes.config)
     torch.manual_seed(settings.seed)
@@ -424,23 +431,26 @@ def train_perturbation(
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         step, elapsed = int(state["step"]), float(state["elapsed"])
-        torch.set_rng_state(state["torch_rng"])
+        torch.set_rng_state(state["torch_rng"][dist_info.rank])
         log.info("resumed %s at step %d", out_dir, step)
-    truncate_metrics(out_dir, step)
+    if dist_info.main:
+        truncate_metrics(out_dir, step)
 
     network.train()
-    single = Distributed(0, 1)
-    with bar(total=settings.steps, initial=step, desc="perturbation training", unit="step") as progress:
+    quiet_rank = {} if dist_info.main else {"disable": True}
+    with bar(total=settings.steps, initial=step, desc="perturbation training", unit="step", **quiet_rank) as progress:
         while step < settings.steps:
             tick = time.perf_counter()
             rollout = curriculum_rollout(step, settings.curriculum)
-            chosen = [samples[i] for i in batch_indices(step, len(samples), settings.batch_size, settings.seed, single)]
+            chosen = [samples[i] for i in batch_indices(step, len(samples), settings.batch_size, settings.seed, dist_info)]
             previous, current = collate_states(train_set, [i for i, _ in chosen])
             targets = [collate_targets(train_set, [later[lead] for _, later in chosen]) for lead in range(rollout)]
             ensemble = PerturbedEnsemble(bayes, network, settings.members, step_seed(settings.seed, step), constants)
+            ensemble.start([i for i, _ in chosen])
             loss = rollout_loss(ensemble, loss_fn, previous, current, targets)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            average_gradients(network.parameters(), dist_info)
             grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
             optimizer.step()
             scheduler.step()
@@ -449,14 +459,20 @@ def train_perturbation(
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}", rollout=rollout)
             if step % settings.log_every == 0 or step == settings.steps:
-                log_metrics(out_dir, {"step": step, "loss": loss.item(), "rollout": rollout, "grad_norm": float(grad_norm),
-                               "lr": scheduler.get_last_lr()[0], "train_seconds": round(elapsed, 1)})
-            if val_set is not None and settings.validate_every and (step % settings.validate_every == 0 or step == settings.steps):
+                global_loss = average_scalar(loss.item(), dist_info)  # the loss of the whole batch
+                if dist_info.main:
+                    log_metrics(out_dir, {"step": step, "loss": global_loss, "rollout": rollout, "grad_norm": float(grad_norm),
+                                          "lr": scheduler.get_last_lr()[0], "train_seconds": round(elapsed, 1)})
+            validating = val_set is not None and settings.validate_every and (step % settings.validate_every == 0 or step == settings.steps)
+            if validating and dist_info.main:
                 for row in validate_perturbation(bayes, network, val_set, config.validation, constants):
                     log_metrics(out_dir, {"step": step, "split": "val", **row})
             if step % settings.checkpoint_every == 0 or step == settings.steps:
-                save_state(out_dir, {"network": network.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                     "step": step, "elapsed": elapsed, "torch_rng": torch.get_rng_state()}, config)
+                save_state(out_dir, {"network": network.state_dict(), "optimizer": optimizer.state_dict(),
+                                     "scheduler": scheduler.state_dict(), "step": step, "elapsed": elapsed}, config, dist_info)
+    log_rank_agreement(out_dir, network.parameters(), dist_info)
+    if not dist_info.main:
+        return out_dir / CHECKPOINT
     return save_perturbation(network, config, out_dir / CHECKPOINT, norm_stats, {
         **(manifest_extra or {}), "step": step, "train_seconds": round(elapsed, 1), "validation": last_validation(out_dir),
     })

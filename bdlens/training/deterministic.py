@@ -28,8 +28,17 @@ from bdlens.models.transformer import EarthSpecificTransformer, count_parameters
 from bdlens.progress import bar
 from bdlens.training.batches import analysis_choice, analysis_dataset, collate
 from bdlens.training.config import TrainConfig
-from bdlens.training.distributed import Distributed, batch_indices, gather_rng_states, max_difference_between_ranks
-from bdlens.training.run import CHECKPOINT, log_metrics, open_run_dir, read_metrics, read_state, save_state, truncate_metrics
+from bdlens.training.distributed import Distributed, batch_indices
+from bdlens.training.run import (
+    CHECKPOINT,
+    log_metrics,
+    log_rank_agreement,
+    open_run_dir,
+    read_metrics,
+    read_state,
+    save_state,
+    truncate_metrics,
+)
 from bdlens.training.schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -179,14 +188,9 @@ def train(
             if dist_info.main and (step % cfg.val_every == 0 or step == cfg.steps):
                 log_metrics(run_dir, {"step": step, "val": validate(model, setup, cfg.val_samples, cfg.batch_size)})
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                rng_states = gather_rng_states(dist_info)
-                if dist_info.main:
-                    save_state(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                         "step": step, "elapsed": elapsed, "torch_rng": rng_states}, cfg)
-    if dist_info.parallel:
-        difference = max_difference_between_ranks(model.parameters(), dist_info)
-        if dist_info.main:
-            log_metrics(run_dir, {"ranks": dist_info.world_size, "max_weight_difference_between_ranks": difference})
+                save_state(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                     "step": step, "elapsed": elapsed}, cfg, dist_info)
+    log_rank_agreement(run_dir, model.parameters(), dist_info)
     if not dist_info.main:
         return run_dir / CHECKPOINT
     return _write_checkpoint(run_dir, model, setup, cfg, config_file, command, elapsed)

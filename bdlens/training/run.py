@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import torch
 from pydantic import BaseModel
 
 from bdlens.errors import BdlensError
+from bdlens.training.distributed import Distributed, gather_rng_states, max_difference_between_ranks
 
 METRICS = "metrics.jsonl"
 STATE = "state.pt"
@@ -73,11 +75,25 @@ def last_validation(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in val if r["step"] == last]
 
 
-def save_state(run_dir: Path, state: dict[str, Any], config: BaseModel) -> None:
-    """Write ``state`` plus ``config`` (as JSON, checked on resume) to ``run_dir/state.pt`` atomically."""
+def save_state(run_dir: Path, state: dict[str, Any], config: BaseModel, dist_info: Distributed) -> None:
+    """Write ``state`` plus every rank's RNG state (``torch_rng``, a list in rank order) and ``config``
+    (as JSON, checked on resume) to ``run_dir/state.pt`` atomically. A collective: every rank calls
+    it, rank 0 writes."""
+    rng_states = gather_rng_states(dist_info)
+    if not dist_info.main:
+        return
     tmp = run_dir / f".{STATE}.tmp"
-    torch.save({**state, "config": config.model_dump_json()}, tmp)
+    torch.save({**state, "torch_rng": rng_states, "config": config.model_dump_json()}, tmp)
     tmp.replace(run_dir / STATE)
+
+
+def log_rank_agreement(run_dir: Path, parameters: Iterable[torch.Tensor], dist_info: Distributed) -> None:
+    """After data-parallel training, log the largest weight difference between ranks (it must be 0.0).
+    A collective on several ranks; nothing on one process."""
+    if dist_info.parallel:
+        difference = max_difference_between_ranks(parameters, dist_info)
+        if dist_info.main:
+            log_metrics(run_dir, {"ranks": dist_info.world_size, "max_weight_difference_between_ranks": difference})
 
 
 def read_state(run_dir: Path, config: BaseModel, what: str, may_change: tuple[str, ...] = ()) -> dict[str, Any]:
