@@ -119,6 +119,11 @@ def test_calibrate_cli_learned_and_sppt(world: dict, tmp_path: Path, capsys) -> 
     assert record["before"]["amplitude"] == 1.0 and [r["lead_steps"] for r in record["after"]["per_lead"]] == [1, 2]
     printed = json.loads(capsys.readouterr().out.splitlines()[0])
     assert printed["crps"] == [record["before"]["crps"], record["after"]["crps"]]
+    # an existing calibration is not replaced without being asked, neither in --out nor beside the checkpoint
+    assert main([*common, "--perturb", str(run / "checkpoint"), "--out", str(tmp_path / "other")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and str(run / "checkpoint" / "calibration.json") in err and "--overwrite" in err
+    assert not (tmp_path / "other").exists()
 
     assert main([*common, "--sppt", "perturbation_sppt", "--out", str(tmp_path / "sppt")]) == 0
     record = json.loads((tmp_path / "sppt" / "calibration.json").read_text())
@@ -127,7 +132,7 @@ def test_calibrate_cli_learned_and_sppt(world: dict, tmp_path: Path, capsys) -> 
     assert [s.sigma for s in calibrated.scales] == pytest.approx([0.52 * record["amplitude"], 0.18 * record["amplitude"], 0.06 * record["amplitude"]])
 
     capsys.readouterr()
-    assert main([*common, "--out", str(tmp_path / "none")]) == 2
+    assert main([*common, "--out", str(tmp_path / "none"), "--overwrite"]) == 2
     assert "nothing to calibrate" in capsys.readouterr().err
 
 

@@ -30,6 +30,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     method.add_argument("--sppt", help="SPPT config (path or name in configs/), e.g. perturbation_sppt")
     cal.add_argument("--config", required=True, help="calibration YAML (path or name in configs/), e.g. calibrate_demo")
     cal.add_argument("--out", type=Path, required=True, help="output directory (calibration.json)")
+    cal.add_argument("--overwrite", action="store_true", help="replace an existing calibration.json in --out or beside the checkpoint")
     add_data_options(cal, trained_on="posterior")
     cal.set_defaults(func=_calibrate)
 
@@ -113,8 +114,12 @@ def _calibrate(args: argparse.Namespace) -> int:
     import torch
 
     from bdlens.configs import config_path
-    from bdlens.perturbation.calibrate import CalibrationConfig, calibrate_checkpoint
+    from bdlens.errors import BdlensError
+    from bdlens.perturbation.calibrate import CALIBRATION, CalibrationConfig, calibrate_checkpoint
 
+    existing = [d / CALIBRATION for d in (args.out, args.perturb or args.vi) if (d / CALIBRATION).exists()]
+    if existing and not args.overwrite:
+        raise BdlensError(f"{existing[0]} exists; pass --overwrite to replace it or choose another --out")
     if args.threads:
         torch.set_num_threads(args.threads)
     config_file = config_path(args.config)
@@ -127,5 +132,5 @@ def _calibrate(args: argparse.Namespace) -> int:
     before, after = result["before"], result["after"]
     print(json.dumps({"amplitude": result["amplitude"], "temperature": result["temperature"],
                       "crps": [before["crps"], after["crps"]], "spread_skill": [before["spread_skill"], after["spread_skill"]]}))
-    print(args.out / "calibration.json")
+    print(args.out / CALIBRATION)
     return 0
