@@ -15,7 +15,7 @@ from bdlens.checkpoint import read_manifest
 from bdlens.cli import main
 
 
-def test_train_vi_from_a_deterministic_checkpoint(tiny_setup: Path, tmp_path: Path, capsys) -> None:
+def test_train_vi_from_a_deterministic_checkpoint(tiny_setup: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
     vi = {
         "posterior": {"parameters": "attention_mlp", "init_sigma_scale": 1e-2},
         "training": {"steps": 2, "batch_size": 2, "log_every": 1, "validate_every": 2, "checkpoint_every": 1},

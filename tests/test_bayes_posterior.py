@@ -17,8 +17,8 @@ from bdlens.bayes.posterior import (
     load_posterior,
     save_posterior,
 )
-from bdlens.checkpoint import save_checkpoint
 from bdlens.bayes.sampling import forward_members, forward_sample, sample_weights
+from bdlens.checkpoint import save_checkpoint
 from bdlens.errors import BdlensError
 from bdlens.models import EarthSpecificTransformer
 

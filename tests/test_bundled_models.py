@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 
 from bdlens.data import open_dataset
+from bdlens.errors import BdlensError
 from bdlens.forecast import deterministic_forecast
 from bdlens.grid import lat_weights
 from bdlens.models.pretrained import BUNDLED_DIR, bundled_checkpoint, load_trained
-from bdlens.errors import BdlensError
 
 
 @pytest.mark.parametrize("name", ["det_6h", "det_24h"])

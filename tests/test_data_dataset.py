@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from synthetic import write_synthetic, synthetic_dataset
+from synthetic import synthetic_dataset, write_synthetic
 
 from bdlens.data import FieldLayout, WeatherDataset, compute_stats, load_data_config, make_datasets, open_dataset, stack_times
 from bdlens.errors import BdlensError

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from synthetic import synthetic_dataset
 
 from bdlens.checkpoint import save_checkpoint
 from bdlens.data import FieldLayout, compute_stats
@@ -16,7 +17,6 @@ from bdlens.grid import GRIDS
 from bdlens.models.config import ModelConfig
 from bdlens.models.pretrained import TrainedModel, load_trained
 from bdlens.models.transformer import EarthSpecificTransformer
-from synthetic import synthetic_dataset
 
 UPPER = ("geopotential", "temperature")
 SURFACE = ("2m_temperature", "mean_sea_level_pressure")

@@ -9,17 +9,17 @@ from pathlib import Path
 import pytest
 import torch
 import xarray as xr
-from torch.utils.data import default_collate
 from test_perturbation_learned import perturb_config, world  # noqa: F401  (tiny VI posterior and its data)
 from test_training import tiny_setup  # noqa: F401
+from torch.utils.data import default_collate
 
 from bdlens.cli import main
 from bdlens.errors import BdlensError
 from bdlens.metrics import crps, spread_skill_ratio
 from bdlens.perturbation.calibrate import CalibrationConfig, SPPTEnsemble, calibrate, objective
 from bdlens.perturbation.learned import PerturbedEnsemble
-from bdlens.training.ensemble_validation import ensemble_scores, fair_crps
 from bdlens.perturbation.sppt import SPPT, load_sppt_config
+from bdlens.training.ensemble_validation import ensemble_scores, fair_crps
 
 
 def toy(true_spread: float, base_spread: float = 1.0, n: int = 20000, k: int = 8):

@@ -12,29 +12,27 @@ import numpy as np
 import pytest
 import torch
 import xarray as xr
-from torch.utils.data import default_collate
 from interrupt import stop_after_saving
 from test_training import tiny_setup  # noqa: F401  (tiny model, data and configs on a synthetic store)
+from torch.utils.data import default_collate
 
 import bdlens.perturbation.learned as learned
 from bdlens.bayes.posterior import PosteriorSettings, from_deterministic, save_posterior
 from bdlens.checkpoint import save_checkpoint
 from bdlens.cli import main
 from bdlens.data import Fields, make_datasets
-from bdlens.errors import BdlensError
 from bdlens.data.splits import load_data_config
+from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.metrics import crps
 from bdlens.models import EarthSpecificTransformer, ModelConfig
 from bdlens.models.lead_time import rollout
-from bdlens.perturbation.patterns import member_generator
-from bdlens.training.ensemble_validation import fair_crps
 from bdlens.perturbation.learned import (
     CurriculumSettings,
     EnsembleCRPSLoss,
+    LearnedPerturbationStep,
     PerturbationNetwork,
     PerturbConfig,
-    LearnedPerturbationStep,
     PerturbedEnsemble,
     State,
     curriculum_rollout,
@@ -44,6 +42,8 @@ from bdlens.perturbation.learned import (
     train_perturbation,
     validate_perturbation,
 )
+from bdlens.perturbation.patterns import member_generator
+from bdlens.training.ensemble_validation import fair_crps
 
 
 @pytest.fixture(scope="module")

@@ -22,14 +22,7 @@ from torch_harmonics import InverseRealSHT
 
 from bdlens.errors import BdlensError
 from bdlens.grid import EARTH_RADIUS_M, GRIDS, lat_weights
-from bdlens.perturbation.patterns import (
-    SPPT_SCALES,
-    PatternScale,
-    PatternState,
-    SphericalPattern,
-    UnresolvedScaleWarning,
-    grid_truncation,
-)
+from bdlens.perturbation.patterns import SPPT_SCALES, PatternScale, PatternState, SphericalPattern, UnresolvedScaleWarning, grid_truncation
 
 
 def _pattern(grid: str, scale: PatternScale, dt_hours: float = 6.0) -> SphericalPattern:

@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from interrupt import stop_after_saving
+from synthetic import synthetic_dataset
 
 from bdlens.checkpoint import load_state_into, load_weights, read_manifest, save_checkpoint
 from bdlens.cli import main
@@ -20,8 +22,6 @@ from bdlens.training.config import load_train_config
 from bdlens.training.deterministic import train
 from bdlens.training.distributed import Distributed, batch_indices
 from bdlens.training.schedule import lr_factor
-from interrupt import stop_after_saving
-from synthetic import synthetic_dataset
 
 UPPER = ["geopotential", "temperature"]
 SURFACE = ["2m_temperature", "mean_sea_level_pressure"]
@@ -142,10 +142,9 @@ def test_ddp_two_cpu_processes_end_with_identical_weights(tiny_setup: Path, tmp_
 
 
 def test_analysis_inputs_replace_exactly_the_chosen_input_times(tiny_setup: Path) -> None:
-    from bdlens.data import WeatherDataset, compute_stats
-    from bdlens.training.batches import collate
-    from bdlens.data import FieldLayout
+    from bdlens.data import FieldLayout, WeatherDataset, compute_stats
     from bdlens.grid import GRIDS
+    from bdlens.training.batches import collate
 
     truth = synthetic_dataset(times=12, upper_variables=UPPER, surface_variables=SURFACE)
     analysis = truth + 1.0  # a recognisable "analysis error"
