@@ -217,7 +217,6 @@ def train_vi(
     post = bayes.posterior
     n_times = bayes.config.n_input_times
 
-
     quiet_rank = {} if dist_info.main else {"disable": True}
     with bar(total=settings.steps, initial=step, desc="VI training", unit="step", **quiet_rank) as progress:
         while step < settings.steps:
