@@ -13,8 +13,11 @@ pyro sample site, one KL and one ``randn`` per weight sample cover the whole mod
 On disk a posterior is a directory: ``model.safetensors`` holds the deterministic model's state
 dict with μ in place of the Bayesian weights (so it loads as the posterior-mean model),
 ``posterior.safetensors`` holds ``rho.<name>`` and, for a pretrained-centred prior, the prior mean
-``prior_mean.<name>``; ``manifest.json`` holds the model config, the posterior settings and the
-normalisation statistics it was trained with.
+``prior_mean.<name>`` (unless it equals μ); ``manifest.json`` holds the model config, the
+posterior settings and the normalisation statistics it was trained with. A bundled posterior whose
+prior mean is the weights of a bundled deterministic model names that bundle instead
+(``posterior.prior_mean_bundle``, see :func:`without_bundled_prior_mean`), so the package does not
+ship the same 1.2 M weights twice.
 """
 
 from __future__ import annotations
@@ -40,6 +43,8 @@ from bdlens.models import EarthSpecificTransformer, ModelConfig
 KIND = "vi"  # the manifest's "kind", beside bdlens.checkpoint's "deterministic"
 FORMAT_VERSION = 1
 POSTERIOR_WEIGHTS = "posterior.safetensors"
+PRIOR_MEAN = "prior_mean."
+PRIOR_MEAN_BUNDLE = "prior_mean_bundle"  # manifest["posterior"] key: the bundled checkpoint holding the prior mean
 
 # Named parameter selections of SPEC §4 as fnmatch patterns over `named_parameters` names.
 SELECTIONS: dict[str, tuple[str, ...]] = {
@@ -215,7 +220,7 @@ def save_posterior(
     # A prior centred on the pretrained weights equal to μ (as when μ is not trained) is μ itself,
     # already in model.safetensors: stored once, it halves the size of a bundled posterior.
     if post.prior_centred and not torch.equal(post.prior_loc, post.mu.detach()):
-        tensors.update({f"prior_mean.{k}": v.contiguous() for k, v in post.unflatten(post.prior_loc).items()})
+        tensors.update({PRIOR_MEAN + k: v.contiguous() for k, v in post.unflatten(post.prior_loc).items()})
     tmp = directory / f".{POSTERIOR_WEIGHTS}.tmp"
     save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
     tmp.replace(directory / POSTERIOR_WEIGHTS)
@@ -233,17 +238,41 @@ def load_posterior(directory: str | Path, device: torch.device | str = "cpu") ->
         extra = load_file(directory / POSTERIOR_WEIGHTS)
     except (FileNotFoundError, SafetensorError) as err:
         raise BdlensError(f"{directory / POSTERIOR_WEIGHTS} is missing or corrupted ({err}); the posterior is incomplete") from None
-    settings = PosteriorSettings.model_validate({k: v for k, v in manifest["posterior"].items() if k != "names"})
+    settings = PosteriorSettings.model_validate({k: v for k, v in manifest["posterior"].items() if k not in ("names", PRIOR_MEAN_BUNDLE)})
     base = EarthSpecificTransformer(ModelConfig.from_dict(manifest["model_config"], source=f"{directory}/manifest.json"))
     load_state_into(base, state, directory)
     names = manifest["posterior"]["names"]
     shapes = [state[n].shape for n in names]
     mu = torch.cat([state[n].reshape(-1) for n in names])
     rho = torch.cat([extra[f"rho.{n}"].reshape(-1) for n in names])
-    prior_loc = None
-    if settings.prior_centre == "pretrained":
-        stored = all(f"prior_mean.{n}" in extra for n in names)
-        prior_loc = torch.cat([extra[f"prior_mean.{n}"].reshape(-1) for n in names]) if stored else mu.clone()
+    prior_loc = _prior_mean(extra, names, manifest["posterior"].get(PRIOR_MEAN_BUNDLE), mu) if settings.prior_centre == "pretrained" else None
     posterior = MeanFieldPosterior(names, shapes, mu, rho, prior_loc, settings.prior_sigma)
     # base's Bayesian entries now hold μ; they are never used, a weight sample always replaces them.
     return BayesianTransformer(base.to(device).eval(), posterior.to(device), settings), manifest
+
+
+def _prior_mean(extra: dict[str, Tensor], names: Sequence[str], bundle: str | None, mu: Tensor) -> Tensor:
+    """The pretrained-centred prior mean (P,): stored beside ρ, else in the named bundled checkpoint, else μ."""
+    if all(PRIOR_MEAN + n in extra for n in names):
+        return torch.cat([extra[PRIOR_MEAN + n].reshape(-1) for n in names])
+    if bundle is not None:
+        from bdlens.models.pretrained import bundled_checkpoint
+
+        weights = load_weights(bundled_checkpoint(bundle))
+        return torch.cat([weights[n].reshape(-1) for n in names])
+    return mu.clone()
+
+
+def without_bundled_prior_mean(directory: str | Path, bundles: dict[str, Path]) -> tuple[dict[str, Tensor], str] | None:
+    """For bundling: if the posterior in ``directory`` stores a prior mean equal (exactly) to the weights
+    of one of the deterministic ``bundles`` (name → directory), its ``posterior.safetensors`` tensors
+    without the prior mean and that bundle's name; else None."""
+    extra = load_file(Path(directory) / POSTERIOR_WEIGHTS)
+    prior = {k.removeprefix(PRIOR_MEAN): v for k, v in extra.items() if k.startswith(PRIOR_MEAN)}
+    if not prior:
+        return None
+    for name, path in sorted(bundles.items()):
+        weights = load_weights(path)
+        if all(k in weights and weights[k].shape == v.shape and torch.equal(weights[k], v) for k, v in prior.items()):
+            return {k: v for k, v in extra.items() if not k.startswith(PRIOR_MEAN)}, name
+    return None

@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import save_file
 
 from bdlens.checkpoint import load_state_into, load_weights, read_manifest
 from bdlens.data import FieldLayout, Fields, NormStats
@@ -98,9 +99,36 @@ def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwri
         load_trained(checkpoint)
     manifest = {**manifest, **(extra or {}), "bundled_from": str(checkpoint)}
     manifest.pop("bdlens_version", None)
-    path = save_checkpoint(target, load_weights(checkpoint), manifest)
+    # Built beside the target and swapped in whole: nothing of a replaced bundle lingers, and an
+    # interrupted bundling leaves the old bundle intact.
+    staging = BUNDLED_DIR / f".{name}.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    written = {"model.safetensors", "manifest.json"}
+    shared = _share_prior_mean(checkpoint, name) if kind == "vi" else None
+    if shared is not None:
+        from bdlens.bayes.posterior import POSTERIOR_WEIGHTS, PRIOR_MEAN_BUNDLE
+
+        tensors, prior_bundle = shared
+        manifest["posterior"] = {**manifest["posterior"], PRIOR_MEAN_BUNDLE: prior_bundle}
+        staging.mkdir(parents=True)
+        save_file(tensors, staging / POSTERIOR_WEIGHTS)
+        written.add(POSTERIOR_WEIGHTS)
+    save_checkpoint(staging, load_weights(checkpoint), manifest)
     # Companion files (a posterior's ρ, a calibration.json) travel along; training state does not.
     for extra_file in sorted(checkpoint.iterdir()):
-        if extra_file.is_file() and extra_file.name not in ("model.safetensors", "manifest.json") and extra_file.suffix != ".pt":
-            shutil.copyfile(extra_file, path / extra_file.name)
-    return path
+        if extra_file.is_file() and extra_file.name not in written and extra_file.suffix != ".pt":
+            shutil.copyfile(extra_file, staging / extra_file.name)
+    shutil.rmtree(target, ignore_errors=True)
+    staging.rename(target)
+    return target
+
+
+def _share_prior_mean(checkpoint: Path, name: str) -> tuple[dict[str, torch.Tensor], str] | None:
+    """A VI posterior's ρ without its prior mean, and the bundled deterministic checkpoint that holds it."""
+    from bdlens.bayes.posterior import without_bundled_prior_mean
+
+    bundles = {
+        p.name: p for p in BUNDLED_DIR.iterdir()
+        if p.name not in (name, f".{name}.tmp") and (p / "manifest.json").is_file() and read_manifest(p).get("kind") == "deterministic"
+    }
+    return without_bundled_prior_mean(checkpoint, bundles)
