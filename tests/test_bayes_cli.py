@@ -41,3 +41,19 @@ def test_train_vi_from_a_deterministic_checkpoint(tiny_setup: Path, tmp_path: Pa
     resumed, manifest = load_posterior(tmp_path / "vi" / "checkpoint")
     assert manifest["step"] == 3
     assert not torch.equal(sample_weights(resumed, 1, 0), sample_weights(bayes, 1, 0))
+
+
+def test_train_vi_with_analysis_inputs(tiny_setup: Path, tmp_path: Path, capsys) -> None:  # noqa: F811
+    vi = {"training": {"steps": 2, "batch_size": 2, "validate_every": 0, "analysis_input_probability": 0.5}}
+    (tmp_path / "vi.yaml").write_text(yaml.safe_dump(vi))
+    assert main(["-q", "train", "deterministic", "--config", str(tiny_setup / "train.yaml"), "--out", str(tmp_path / "det")]) == 0
+    args = ["-q", "train", "vi", "--from", str(tmp_path / "det" / "checkpoint"), "--config", str(tmp_path / "vi.yaml")]
+    capsys.readouterr()
+    assert main([*args, "--out", str(tmp_path / "no_analysis")]) == 2  # the synthetic store has no analysis.zarr beside it
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "analysis.zarr does not exist" in err and "analysis_input_probability" in err
+    assert not (tmp_path / "no_analysis").exists()  # nothing half-written
+    # any store with the training times serves as the analysis (here the truth itself)
+    assert main([*args, "--out", str(tmp_path / "vi"), "--analysis", str(tiny_setup / "data.zarr")]) == 0
+    _, manifest = load_posterior(tmp_path / "vi" / "checkpoint")
+    assert manifest["training"]["analysis_path"] == str(tiny_setup / "data.zarr") and manifest["step"] == 2

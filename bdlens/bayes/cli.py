@@ -44,7 +44,7 @@ def _vi(args: argparse.Namespace) -> int:
     from bdlens.training.batches import analysis_dataset, analysis_path
     from bdlens.training.deterministic import resolve_data_path
     from bdlens.training.distributed import Distributed
-    from bdlens.training.run import CHECKPOINT, open_run_dir
+    from bdlens.training.run import CHECKPOINT, check_run_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -60,7 +60,7 @@ def _vi(args: argparse.Namespace) -> int:
         raise BdlensError(f"{args.source} does not say which data it was trained on; pass --world")
     data_path = resolve_data_path(world)
     dist_info = Distributed.from_env()
-    open_run_dir(args.out, args.resume, args.overwrite, dist_info.main)
+    check_run_dir(args.out, args.resume, args.overwrite, dist_info.main)
     sets = make_datasets(data_config, data_path=data_path, splits=["train", "val"], in_memory=True)
     if sets["train"].stats.key != trained.stats.key:
         raise BdlensError(

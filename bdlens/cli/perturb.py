@@ -85,14 +85,14 @@ def _train_perturb(args: argparse.Namespace) -> int:
     from bdlens.configs import config_path
     from bdlens.perturbation.learned import PerturbConfig, train_perturbation
     from bdlens.training.distributed import Distributed
-    from bdlens.training.run import open_run_dir
+    from bdlens.training.run import check_run_dir
 
     if args.threads:
         torch.set_num_threads(args.threads)
     config_file = config_path(args.config)
     config = PerturbConfig.from_yaml(config_file)
     dist_info = Distributed.from_env()
-    open_run_dir(args.out, args.resume, args.overwrite, dist_info.main)
+    check_run_dir(args.out, args.resume, args.overwrite, dist_info.main)
     bayes, manifest, sets, data_path = _posterior_and_data(args.source, args.world, ["train", "val"])
     extra = {
         "data_config": manifest["data_config"],

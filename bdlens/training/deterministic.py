@@ -31,9 +31,9 @@ from bdlens.training.config import TrainConfig
 from bdlens.training.distributed import Distributed, batch_indices
 from bdlens.training.run import (
     CHECKPOINT,
+    check_run_dir,
     log_metrics,
     log_rank_agreement,
-    open_run_dir,
     read_metrics,
     read_state,
     save_state,
@@ -137,10 +137,12 @@ def train(
     """Train (or resume) a deterministic 3DEST into ``run_dir``; returns the final checkpoint dir."""
     dist_info = Distributed.from_env()
     dist_info.check_batch(cfg.batch_size)
-    run_dir = open_run_dir(run_dir, resume, overwrite, dist_info.main)
+    run_dir = check_run_dir(run_dir, resume, overwrite, dist_info.main)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     setup = prepare(cfg)
+    if dist_info.main:
+        run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = EarthSpecificTransformer(setup.model_config)
     loss_fn = WeightedL1Loss(setup.layout.grid.latitudes(), setup.layout.upper_variables, setup.layout.surface_variables)

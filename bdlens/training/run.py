@@ -26,11 +26,12 @@ STATE = "state.pt"
 CHECKPOINT = "checkpoint"
 
 
-def open_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False, main: bool = True) -> Path:
-    """Check and create ``run_dir`` (rank 0 only touches the disk); returns it as a Path.
+def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False, main: bool = True) -> Path:
+    """Check ``run_dir`` before any work starts (rank 0 only touches the disk); returns it as a Path.
 
     Raises if the directory holds anything and neither ``resume`` nor ``overwrite`` is given, or if
-    ``resume`` finds no ``state.pt``.
+    ``resume`` finds no ``state.pt``; with ``overwrite`` the old run is deleted. The trainer creates
+    the directory when it first writes, so a run that fails while loading its data leaves nothing.
     """
     run_dir = Path(run_dir)
     if not main:
@@ -43,7 +44,6 @@ def open_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = Fa
         if not overwrite:
             raise BdlensError(f"run directory {run_dir} is not empty; pass --resume to continue it or --overwrite to start over")
         shutil.rmtree(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
     return run_dir
 
 
