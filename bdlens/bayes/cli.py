@@ -21,11 +21,12 @@ def register_vi(train_subparsers: argparse._SubParsersAction) -> None:
         "vi",
         help="post-train a deterministic checkpoint with mean-field variational inference (epistemic uncertainty)",
         description="Mean-field Gaussian VI over the weights of a trained 3DEST (tempered ELBO, pyro SVI). "
-        "Writes OUT/metrics.jsonl and the posterior to OUT/checkpoint.",
+        "Writes OUT/metrics.jsonl, OUT/state.pt (exact resume) and the posterior to OUT/checkpoint. "
+        "Data-parallel under torchrun: `torchrun --nproc_per_node N -m bdlens train vi ...`.",
     )
     vi.add_argument("--from", dest="source", type=Path, required=True, help="deterministic checkpoint directory")
     vi.add_argument("--config", required=True, help="VI YAML (path or name in configs/), e.g. vi_demo")
-    vi.add_argument("--out", type=Path, required=True, help="run directory (metrics log, checkpoint/)")
+    vi.add_argument("--out", type=Path, required=True, help="run directory (metrics log, state.pt, checkpoint/)")
     add_data_options(vi, trained_on="checkpoint")
     vi.add_argument("--analysis", type=Path, help="analysis store for analysis_input_probability > 0 (default: analysis.zarr beside the truth)")
     add_run_mode(vi)

@@ -42,7 +42,7 @@ def register_perturb(train_subparsers: argparse._SubParsersAction) -> None:
         help="train the learned (μ, σ) perturbation network with fair CRPS on a frozen VI posterior",
         description="Train a small 3DEST that perturbs the latest input state at every step (SPEC §5), with fair CRPS over "
         "M members, the backbone frozen and an autoregressive curriculum. Writes OUT/metrics.jsonl, OUT/state.pt and "
-        "OUT/checkpoint.",
+        "OUT/checkpoint. Data-parallel under torchrun: `torchrun --nproc_per_node N -m bdlens train perturb ...`.",
     )
     p.add_argument("--from", dest="source", type=Path, required=True, help="VI posterior checkpoint directory (bdlens train vi)")
     p.add_argument("--config", required=True, help="perturbation YAML (path or name in configs/), e.g. perturb_demo")

@@ -17,6 +17,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     det = commands.add_parser(
         "deterministic",
         help="train the deterministic 3DEST for one step length (launch with torchrun for several processes)",
+        description="Train the 3DEST on one step Δ (AdamW, warm-up + cosine). Writes OUT/metrics.jsonl, OUT/state.pt "
+        "(exact resume) and OUT/checkpoint. Data-parallel under torchrun: `torchrun --nproc_per_node N -m bdlens train "
+        "deterministic ...`.",
     )
     det.add_argument("--config", required=True, help="training YAML (path or name in configs/), e.g. train_det_6h")
     det.add_argument("--out", type=Path, required=True, help="run directory (state, metrics log, final checkpoint/)")
