@@ -144,11 +144,71 @@ def test_physics_member_does_not_depend_on_member_count(physics_run: xr.Dataset,
     np.testing.assert_allclose(two.isel(time=0).values, six.isel(number=slice(0, 2)).values, rtol=0, atol=1e-3)
 
 
+@pytest.fixture(scope="module")
+def batched_runs(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, xr.Dataset]:
+    """Short runs keyed by (members, member_batch); one through the CLI to cover --member-batch."""
+    root = tmp_path_factory.mktemp("batched")
+    inits = ["2000-01-02T00", "2000-01-04T00"]
+    runs = {}
+    for members, batch in ((3, 1), (5, 2), (5, 3)):
+        out = physics_ensemble(small_world, inits, members=members, lead_hours=12, out=root / f"m{members}b{batch}.zarr", member_batch=batch)
+        runs[f"m{members}b{batch}"] = xr.open_zarr(out).load()
+    args = ["-q", "world", "ensemble", "--world", str(small_world), "--out", str(root / "cli.zarr"), "--members", "3", "--lead-hours", "12"]
+    assert main([*args, "--init", inits[0], "--init", inits[1], "--member-batch", "2"]) == 0
+    runs["m3b2"] = xr.open_zarr(root / "cli.zarr").load()
+    return runs
+
+
+def _assert_float32_close(actual: xr.Dataset, expected: xr.Dataset) -> None:
+    """Equal up to float32 round-off: measured ≤ 8.3e-6 of each field's largest magnitude (winds at
+    12 h); a pointwise rtol alone cannot work for fields that cross zero."""
+    for name in expected.data_vars:
+        want = expected[name].values
+        np.testing.assert_allclose(actual[name].values, want, rtol=1e-5, atol=2e-5 * float(np.abs(want).max()), err_msg=name)
+
+
+def test_physics_batched_equals_serial(batched_runs: dict[str, xr.Dataset]) -> None:
+    serial = batched_runs["m3b1"]
+    for key in ("m3b2", "m5b2", "m5b3"):
+        _assert_float32_close(batched_runs[key].isel(number=slice(0, 3)), serial)
+    # Batching is not a no-op: vmapped XLA kernels round differently in the last bits.
+    assert not np.array_equal(batched_runs["m3b2"].geopotential.values, serial.geopotential.values)
+
+
+def test_physics_member_does_not_depend_on_batching(batched_runs: dict[str, xr.Dataset]) -> None:
+    # Same batch shape (the last partial batch is padded): the member count changes nothing at all.
+    xr.testing.assert_identical(batched_runs["m5b2"].isel(number=slice(0, 3)), batched_runs["m3b2"])
+    _assert_float32_close(batched_runs["m5b3"], batched_runs["m5b2"])
+    # Members really differ from each other, so the comparisons above are member by member.
+    z = batched_runs["m5b2"].geopotential.isel(prediction_timedelta=0).values
+    assert np.abs(z[1] - z[0]).max() > 10.0
+
+
+def test_physics_batched_output_layout(batched_runs: dict[str, xr.Dataset], physics_run: xr.Dataset, small_world: Path) -> None:
+    ds = batched_runs["m5b3"]
+    truth = xr.open_zarr(small_world / "truth.zarr")
+    assert ds.geopotential.dims == physics_run.geopotential.dims
+    assert ds.mean_sea_level_pressure.dims == physics_run.mean_sea_level_pressure.dims
+    assert set(ds.data_vars) == set(physics_run.data_vars) and ds.attrs == physics_run.attrs
+    np.testing.assert_array_equal(ds.number.values, np.arange(5))
+    np.testing.assert_array_equal(ds.time.values, np.array(["2000-01-02T00", "2000-01-04T00"], dtype="datetime64[ns]"))
+    np.testing.assert_array_equal(ds.prediction_timedelta.values, np.array([0, 6, 12], dtype="timedelta64[h]").astype("timedelta64[ns]"))
+    for name in ("level", "latitude", "longitude"):
+        np.testing.assert_array_equal(ds[name].values, truth[name].values)
+    assert ds.geopotential.dtype == np.float32 and np.isfinite(ds.geopotential.values).all()
+    # Lead 0 of the ensemble mean is the analysis plus a mean of perturbations: close to the analysis.
+    analysis = xr.open_zarr(small_world / "analysis.zarr").temperature.sel(level=850, time=ds.time)
+    assert float(np.abs(ds.temperature.sel(level=850).isel(prediction_timedelta=0).mean("number") - analysis).mean()) < 1.0
+
+
 def test_cli_world_ensemble_rejects_bad_input(small_world: Path, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     code = main(["world", "ensemble", "--world", str(small_world), "--init", "2000-01-02T03", "--out", str(tmp_path / "x.zarr")])
     assert code == 2 and "not a restart time" in capsys.readouterr().err
     code = main(["world", "ensemble", "--world", str(small_world), "--init", "2000-01-02T00", "--members", "1", "--out", str(tmp_path / "x.zarr")])
     assert code == 2 and "at least 2" in capsys.readouterr().err
+    code = main(["world", "ensemble", "--world", str(small_world), "--init", "2000-01-02T00", "--member-batch", "0", "--out", str(tmp_path / "x.zarr")])
+    err = capsys.readouterr().err
+    assert code == 2 and "--member-batch must be at least 1 (got 0)" in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / "x.zarr").exists()
     code = main(["world", "summary", str(tmp_path)])
     assert code == 2 and "not a built demo world" in capsys.readouterr().err
