@@ -54,7 +54,16 @@ from bdlens.progress import bar
 from bdlens.training.batches import analysis_choice, collate
 from bdlens.training.distributed import Distributed, average_gradients, average_scalar, batch_indices
 from bdlens.training.ensemble_validation import channel_std, ensemble_scores
-from bdlens.training.run import CHECKPOINT, last_validation, log_metrics, log_rank_agreement, read_state, save_state, truncate_metrics
+from bdlens.training.run import (
+    CHECKPOINT,
+    last_validation,
+    log_metrics,
+    log_rank_agreement,
+    read_state,
+    restore,
+    save_state,
+    truncate_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -198,12 +207,8 @@ def train_vi(
     step, elapsed = 0, 0.0
     if resume:
         state = read_state(out_dir, config, "VI", may_change=("training.steps",))  # no schedule: a run can be extended
-        if len(state["torch_rng"]) != dist_info.world_size:
-            raise BdlensError(f"{out_dir} was trained on {len(state['torch_rng'])} processes; resume it on as many")
-        bayes.load_state_dict(state["bayes"])
-        optimiser.set_state(state["optimiser"])
-        torch.set_rng_state(state["torch_rng"][dist_info.rank])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
+        step, elapsed = restore(state, dist_info, bayes=bayes)
+        optimiser.set_state(state["optimiser"])  # pyro's optimiser keeps one torch optimiser per parameter
         log.info("resuming VI training from %s at step %d", out_dir, step)
     else:
         torch.manual_seed(settings.seed + 1_000_003 * dist_info.rank)  # each rank draws its own weight samples

@@ -76,7 +76,16 @@ from bdlens.progress import bar
 from bdlens.training.batches import collate_states, collate_targets, lead_targets
 from bdlens.training.distributed import Distributed, average_gradients, average_scalar, batch_indices
 from bdlens.training.ensemble_validation import ensemble_scores, fair_crps
-from bdlens.training.run import CHECKPOINT, last_validation, log_metrics, log_rank_agreement, read_state, save_state, truncate_metrics
+from bdlens.training.run import (
+    CHECKPOINT,
+    last_validation,
+    log_metrics,
+    log_rank_agreement,
+    read_state,
+    restore,
+    save_state,
+    truncate_metrics,
+)
 from bdlens.training.schedule import lr_factor
 
 log = logging.getLogger(__name__)
@@ -427,11 +436,7 @@ def train_perturbation(
     step, elapsed = 0, 0.0
     if resume:
         state = read_state(out_dir, config, "perturbation")
-        network.load_state_dict(state["network"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
-        torch.set_rng_state(state["torch_rng"][dist_info.rank])
+        step, elapsed = restore(state, dist_info, network=network, optimizer=optimizer, scheduler=scheduler)
         log.info("resumed %s at step %d", out_dir, step)
     if dist_info.main:
         truncate_metrics(out_dir, step)

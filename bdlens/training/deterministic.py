@@ -36,6 +36,7 @@ from bdlens.training.run import (
     log_rank_agreement,
     read_metrics,
     read_state,
+    restore,
     save_state,
     truncate_metrics,
 )
@@ -151,11 +152,7 @@ def train(
     step, elapsed = 0, 0.0
     if resume:
         state = read_state(run_dir, cfg, "training")
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        step, elapsed = int(state["step"]), float(state["elapsed"])
-        torch.set_rng_state(state["torch_rng"][dist_info.rank])
+        step, elapsed = restore(state, dist_info, model=model, optimizer=optimizer, scheduler=scheduler)
         log.info("resumed %s at step %d", run_dir, step)
     else:
         torch.manual_seed(cfg.seed + 1 + dist_info.rank)  # DropPath masks differ between ranks

@@ -120,3 +120,16 @@ def read_state(run_dir: Path, config: BaseModel, what: str, may_change: tuple[st
         allowed = f" (only {', '.join(may_change)} may change)" if may_change else ""
         raise BdlensError(f"{run_dir} was started with a different {what} config; resume with the same config{allowed}")
     return state
+
+
+def restore(state: dict[str, Any], dist_info: Distributed, **stateful: Any) -> tuple[int, float]:
+    """Resume from a :func:`read_state` dict: each keyword's object (model, optimiser, scheduler) gets
+    ``load_state_dict(state[key])``, this rank gets its RNG state back; returns (step, elapsed seconds).
+    A run must resume on as many processes as it was saved from (each rank has its own RNG stream)."""
+    saved_ranks = len(state["torch_rng"])
+    if saved_ranks != dist_info.world_size:
+        raise BdlensError(f"the run was saved from {saved_ranks} process(es); resume it on as many (now {dist_info.world_size})")
+    for key, obj in stateful.items():
+        obj.load_state_dict(state[key])
+    torch.set_rng_state(state["torch_rng"][dist_info.rank])
+    return int(state["step"]), float(state["elapsed"])
