@@ -25,9 +25,11 @@ from pyro.infer import SVI, TraceMeanField_ELBO
 from bdlens.bayes.objective import model_and_guide, tempered_loss
 from bdlens.bayes.posterior import PosteriorSettings, from_deterministic
 from bdlens.bayes.sampling import forward_members, forward_sample, sample_weights
+from bdlens.bayes.trainer import TrainingSettings, svi_optimiser
 from bdlens.data.tensors import Fields, stack_times
 from bdlens.grid import GRIDS
 from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss
+from bdlens.training.distributed import Distributed
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -91,7 +93,8 @@ def bench_svi(bayes, config: ModelConfig, batch: int, repeats: int) -> None:
 
     pyro.clear_param_store()
     model, guide = model_and_guide(bayes, loss_fn, beta, n_data)
-    svi = SVI(model, guide, pyro.optim.Adam({"lr": 1e-6}), TraceMeanField_ELBO())
+    # The trainer's optimiser: pyro's Adam behind the gradient averaging (a no-op on one process).
+    svi = SVI(model, guide, svi_optimiser(TrainingSettings(steps=1, lr_mu=1e-6, lr_rho=1e-6), Distributed()), TraceMeanField_ELBO())
     optimiser = torch.optim.Adam([post.mu, post.rho], lr=1e-6)
 
     def svi_step(validate: bool) -> Callable[[], float]:

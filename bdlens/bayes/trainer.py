@@ -142,7 +142,9 @@ def latitudes(bayes: BayesianTransformer, dataset: Dataset | None = None) -> np.
     return -90.0 + 180.0 / config.nlat * (np.arange(config.nlat) + 0.5)
 
 
-def _optimiser(settings: TrainingSettings, dist_info: Distributed) -> PyroOptim:
+def svi_optimiser(settings: TrainingSettings, dist_info: Distributed) -> PyroOptim:
+    """pyro's Adam with the learning rates of μ and ρ (and clipping) of ``settings``, averaging gradients over ranks."""
+
     def args(name: str) -> dict[str, float]:
         return {"lr": settings.lr_rho if name.endswith("rho") else settings.lr_mu}
 
@@ -203,7 +205,7 @@ def train_vi(
         out_dir.mkdir(parents=True, exist_ok=True)
 
     pyro.clear_param_store()
-    optimiser = _optimiser(settings, dist_info)
+    optimiser = svi_optimiser(settings, dist_info)
     step, elapsed = 0, 0.0
     if resume:
         state = read_state(out_dir, config, "VI", may_change=("training.steps",))  # no schedule: a run can be extended
