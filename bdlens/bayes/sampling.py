@@ -21,6 +21,7 @@ from torch.func import functional_call, vmap
 
 from bdlens.bayes.posterior import BayesianTransformer
 from bdlens.errors import BdlensError
+from bdlens.models.member_linear import member_batched
 
 State = tuple[Tensor, Tensor]
 
@@ -73,7 +74,8 @@ def forward_members(
     def member(theta: Tensor, u: Tensor, s: Tensor) -> State:
         return forward_sample(bayes, theta, u, s, constants)
 
-    return vmap(member, in_dims=(0, dims, dims), chunk_size=chunk_size)(weights, upper, surface)
+    with member_batched():  # linear layers as one fused baddbmm per layer (bdlens.models.member_linear)
+        return vmap(member, in_dims=(0, dims, dims), chunk_size=chunk_size)(weights, upper, surface)
 
 
 class PosteriorEnsemble:

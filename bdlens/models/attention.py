@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bdlens.models.member_linear import Linear
+
 MASK_VALUE = -100.0
 
 
@@ -103,8 +105,8 @@ class EarthAttention3D(nn.Module):
         super().__init__()
         self.heads = heads
         self.window = tuple(window)
-        self.qkv = nn.Linear(dim, 3 * dim, bias=qkv_bias)
-        self.proj = nn.Linear(dim, dim)
+        self.qkv = Linear(dim, 3 * dim, bias=qkv_bias)
+        self.proj = Linear(dim, dim)
         self.earth_bias = nn.Parameter(torch.empty(bias_table_rows(self.window), n_types, heads))
         nn.init.trunc_normal_(self.earth_bias, std=0.02)
         self.register_buffer("position_index", earth_position_index(self.window), persistent=False)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from bdlens.models.member_linear import Linear
+
 
 def pad_end(x: Tensor, sizes: dict[int, int]) -> Tensor:
     """Zero-pad dimensions of ``x`` at their end: ``sizes`` maps a (negative) dim to its padded length."""
@@ -53,8 +55,8 @@ class Mlp(nn.Module):
     def __init__(self, dim: int, ratio: float) -> None:
         super().__init__()
         hidden = int(dim * ratio)
-        self.fc1 = nn.Linear(dim, hidden)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc1 = Linear(dim, hidden)
+        self.fc2 = Linear(hidden, dim)
 
     def forward(self, x: Tensor) -> Tensor:
         """x: (..., C) → (..., C)."""
@@ -109,7 +111,7 @@ class PatchMerging(nn.Module):
     def __init__(self, dim: int) -> None:
         super().__init__()
         self.norm = nn.LayerNorm(4 * dim)
-        self.reduction = nn.Linear(4 * dim, 2 * dim, bias=False)
+        self.reduction = Linear(4 * dim, 2 * dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         b, z, h, w, c = x.shape
@@ -124,9 +126,9 @@ class PatchUpsample(nn.Module):
     def __init__(self, dim: int, nlat: int) -> None:
         super().__init__()
         self.nlat = nlat
-        self.expand = nn.Linear(2 * dim, 4 * dim, bias=False)
+        self.expand = Linear(2 * dim, 4 * dim, bias=False)
         self.norm = nn.LayerNorm(dim)
-        self.linear = nn.Linear(dim, dim, bias=False)
+        self.linear = Linear(dim, dim, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
         """(B, Z, H2, W2, 2C) → (B, Z, nlat, 2·W2, C)."""
