@@ -3,7 +3,7 @@
 A run directory holds ``state.pt`` (model, optimiser, schedule, RNG and step, for exact resume; read
 back with ``weights_only=True``), ``metrics.jsonl`` (training and validation log) and, at the end,
 ``checkpoint/`` (safetensors weights + manifest with config, normalisation statistics, provenance and
-validation scores). Multi-process training: launch with ``torchrun``; gloo on CPU, nccl on GPU.
+validation scores). Multi-process training: launch with ``torchrun`` (gloo, CPU processes).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Data-parallel training across ``torchrun`` processes (gloo on CPU, nccl on GPU), shared by the trainers.
+"""Data-parallel training across ``torchrun`` processes, shared by the trainers.
+
+The trainers keep models and batches on the CPU, so the process group is gloo's (nccl would need
+every tensor on a GPU; moving the trainers to GPUs is future work and would switch the backend too).
 
 Every rank holds the whole model and takes a disjoint slice of each global batch
 (:func:`batch_indices`); gradients are averaged over the ranks before each optimiser step, so all
@@ -31,7 +34,7 @@ class Distributed:
         """Read ``RANK``/``WORLD_SIZE`` (set by torchrun) and join the process group when there are several ranks."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+            dist.init_process_group("gloo")  # CPU tensors (see the module docstring)
         return cls(int(os.environ.get("RANK", "0")), world_size)
 
     @property
