@@ -116,6 +116,12 @@ class FieldLayout:
         return self.upper_variables + self.surface_variables
 
     @property
+    def channel_names(self) -> tuple[str, ...]:
+        """``<variable>_<level>`` for the upper-air channels, then the surface variables: the order of
+        a state flattened to channels (upper (V, Z) then surface V), as in the validation scores."""
+        return tuple(f"{v}_{z}" for v in self.upper_variables for z in self.levels) + self.surface_variables
+
+    @property
     def upper_shape(self) -> tuple[int, int, int, int]:
         """(V_upper, Z, H, W) of one upper-air state."""
         return (len(self.upper_variables), len(self.levels), self.grid.nlat, self.grid.nlon)

@@ -74,7 +74,7 @@ from bdlens.perturbation.initial import member_noise
 from bdlens.perturbation.patterns import init_keys_for, members_tuple
 from bdlens.progress import bar
 from bdlens.training.batches import collate_states, collate_targets, lead_targets
-from bdlens.training.distributed import Distributed, average_gradients, average_scalar, batch_indices
+from bdlens.training.distributed import Distributed, average_scalar, batch_indices, optimizer_step
 from bdlens.training.ensemble_validation import ensemble_scores, fair_crps
 from bdlens.training.run import (
     CHECKPOINT,
@@ -453,12 +453,7 @@ def train_perturbation(
             ensemble = PerturbedEnsemble(bayes, network, settings.members, step_seed(settings.seed, step), constants)
             ensemble.start([i for i, _ in chosen])
             loss = rollout_loss(ensemble, loss_fn, previous, current, targets)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            average_gradients(network.parameters(), dist_info)
-            grad_norm = torch.nn.utils.clip_grad_norm_(network.parameters(), settings.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            grad_norm = optimizer_step(loss, list(network.parameters()), optimizer, scheduler, settings.grad_clip, dist_info)
             step += 1
             elapsed += time.perf_counter() - tick
             progress.update(1)
@@ -466,7 +461,7 @@ def train_perturbation(
             if step % settings.log_every == 0 or step == settings.steps:
                 global_loss = average_scalar(loss.item(), dist_info)  # the loss of the whole batch
                 if dist_info.main:
-                    log_metrics(out_dir, {"step": step, "loss": global_loss, "rollout": rollout, "grad_norm": float(grad_norm),
+                    log_metrics(out_dir, {"step": step, "loss": global_loss, "rollout": rollout, "grad_norm": grad_norm,
                                           "lr": scheduler.get_last_lr()[0], "train_seconds": round(elapsed, 1)})
             validating = val_set is not None and settings.validate_every and (step % settings.validate_every == 0 or step == settings.steps)
             if validating and dist_info.main:

@@ -28,7 +28,7 @@ from bdlens.models.transformer import EarthSpecificTransformer, count_parameters
 from bdlens.progress import bar
 from bdlens.training.batches import analysis_choice, analysis_dataset, collate
 from bdlens.training.config import TrainConfig
-from bdlens.training.distributed import Distributed, batch_indices
+from bdlens.training.distributed import Distributed, batch_indices, optimizer_step
 from bdlens.training.run import (
     CHECKPOINT,
     check_run_dir,
@@ -115,14 +115,9 @@ def validate(model: torch.nn.Module, setup: Setup, n_samples: int, batch_size: i
             sums[label + "_surface"] = sums.get(label + "_surface", 0) + se_surface
     model.train(was_training)
     scores: dict[str, float] = {}
-    for label in ("model", "persistence"):
-        prefix = "" if label == "model" else "persistence/"
-        upper, surface = (sums[f"{label}_{part}"] / len(indices) for part in ("upper", "surface"))
-        for v, name in enumerate(setup.layout.upper_variables):
-            for z, level in enumerate(setup.layout.levels):
-                scores[f"{prefix}{name}_{level}"] = float(upper[v, z].sqrt())
-        for v, name in enumerate(setup.layout.surface_variables):
-            scores[f"{prefix}{name}"] = float(surface[v].sqrt())
+    for label, prefix in (("model", ""), ("persistence", "persistence/")):
+        mse = torch.cat([sums[f"{label}_upper"].flatten(), sums[f"{label}_surface"]]) / len(indices)  # channel order
+        scores.update({prefix + name: float(value.sqrt()) for name, value in zip(setup.layout.channel_names, mse, strict=True)})
     return scores
 
 
@@ -158,10 +153,10 @@ def train(
         torch.manual_seed(cfg.seed + 1 + dist_info.rank)  # DropPath masks differ between ranks
     if dist_info.main:
         truncate_metrics(run_dir, step)
-    net = torch.nn.parallel.DistributedDataParallel(model) if dist_info.world_size > 1 else model
     if dist_info.main:
         log.info("model: %.2f M parameters; %d train / %d val samples", count_parameters(model) / 1e6, len(setup.train), len(setup.val))
     model.train()
+    parameters = list(model.parameters())
     quiet_rank = {} if dist_info.main else {"disable": True}
     with bar(total=cfg.steps, initial=step, desc=f"train {cfg.step_hours}h", unit="step", **quiet_rank) as progress:
         while step < cfg.steps:
@@ -172,18 +167,14 @@ def train(
                 choice = analysis_choice(cfg.seed, step, dist_info.rank, len(indices), setup.model_config.n_input_times, cfg.analysis_input_probability)
                 analysis_inputs = (setup.train_analysis, choice)
             (upper, surface), target = collate(setup.train, indices, analysis_inputs)
-            loss = loss_fn(net(upper, surface), (target.upper, target.surface))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            optimizer.step()
-            scheduler.step()
+            loss = loss_fn(model(upper, surface), (target.upper, target.surface))
+            grad_norm = optimizer_step(loss, parameters, optimizer, scheduler, cfg.grad_clip, dist_info)
             step += 1
             elapsed += time.perf_counter() - tick
             progress.update(1)
             progress.set_postfix(loss=f"{loss.item():.4f}")
             if dist_info.main and (step % 10 == 0 or step == cfg.steps):
-                log_metrics(run_dir, {"step": step, "loss": loss.item(), "grad_norm": float(grad_norm), "lr": scheduler.get_last_lr()[0], "train_seconds": round(elapsed, 1)})
+                log_metrics(run_dir, {"step": step, "loss": loss.item(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "train_seconds": round(elapsed, 1)})
             if dist_info.main and (step % cfg.val_every == 0 or step == cfg.steps):
                 log_metrics(run_dir, {"step": step, "val": validate(model, setup, cfg.val_samples, cfg.batch_size)})
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:

@@ -4,7 +4,8 @@ The trainers keep models and batches on the CPU, so the process group is gloo's 
 every tensor on a GPU; moving the trainers to GPUs is future work and would switch the backend too).
 
 Every rank holds the whole model and takes a disjoint slice of each global batch
-(:func:`batch_indices`); gradients are averaged over the ranks before each optimiser step, so all
+(:func:`batch_indices`); gradients are averaged over the ranks before each optimiser step
+(:func:`average_gradients`, inside :func:`optimizer_step` and the VI trainer's pyro optimiser), so all
 ranks apply the same update and keep identical weights (:func:`max_difference_between_ranks`
 checks it). Each rank keeps its own RNG stream (dropout masks, weight samples), saved per rank
 (:func:`gather_rng_states`) so that a resumed run continues every stream exactly.
@@ -108,3 +109,18 @@ def max_difference_between_ranks(parameters: Iterable[torch.Tensor], dist_info: 
     gathered = [torch.empty_like(flat) for _ in range(dist_info.world_size)]
     dist.all_gather(gathered, flat)
     return max(float((g - gathered[0]).abs().max()) for g in gathered)
+
+
+def optimizer_step(
+    loss: torch.Tensor, parameters: list[torch.Tensor], optimizer: torch.optim.Optimizer,
+    scheduler: torch.optim.lr_scheduler.LRScheduler, grad_clip: float, dist_info: Distributed,
+) -> float:
+    """One update of a torch trainer: backward, gradients averaged over the ranks, norm clipped to
+    ``grad_clip``, optimiser and schedule stepped. Returns the gradient norm before clipping."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    average_gradients(parameters, dist_info)
+    grad_norm = torch.nn.utils.clip_grad_norm_(parameters, grad_clip)
+    optimizer.step()
+    scheduler.step()
+    return float(grad_norm)

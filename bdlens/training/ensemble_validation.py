@@ -37,15 +37,6 @@ def fair_crps(ensemble: Tensor, truth: Tensor) -> Tensor:
     return skill - spread / (m * (m - 1))
 
 
-def channel_names(dataset: Dataset) -> list[str] | None:
-    """``<variable>_<level>`` for the upper-air channels then the surface variables, in model order
-    (None when the dataset has no :class:`~bdlens.data.FieldLayout`)."""
-    layout = getattr(dataset, "layout", None)
-    if layout is None:
-        return None
-    return [f"{v}_{z}" for v in layout.upper_variables for z in layout.levels] + list(layout.surface_variables)
-
-
 def channel_std(dataset: Dataset) -> np.ndarray | None:
     """Per channel (model order), the standard deviation that turns normalised units into physical ones."""
     layout, stats = getattr(dataset, "layout", None), getattr(dataset, "stats", None)
@@ -80,8 +71,8 @@ def ensemble_scores(
     """
     leads = sorted(set(int(lead) for lead in leads))
     weights = torch.as_tensor(lat_weights(latitude if latitude is not None else dataset.layout.grid.latitudes()), dtype=torch.float32)[:, None]
-    names, std = (channel_names(dataset), channel_std(dataset)) if per_variable else (None, None)
-    if per_variable and (names is None or std is None):
+    std = channel_std(dataset) if per_variable else None
+    if per_variable and std is None:
         raise BdlensError("per-variable validation needs a dataset with a field layout and normalisation stats (a WeatherDataset)")
     plan = lead_targets(dataset, tuple(leads), max_forecasts)
     sums: dict[int, Tensor] = {}
@@ -114,7 +105,7 @@ def ensemble_scores(
             "forecasts": n, "members": size, "mse": mse, "variance": var,
         }
         if per_variable:
-            for c, name in enumerate(names):
+            for c, name in enumerate(dataset.layout.channel_names):
                 record[f"rmse_{name}"] = float(channel_means[1, c].sqrt()) * float(std[c])
                 record[f"spread_{name}"] = float(channel_means[2, c].sqrt()) * float(std[c])
         records.append(record)
