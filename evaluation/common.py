@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+
 import numpy as np
 import xarray as xr
 
@@ -59,3 +61,17 @@ def rmse_by_lead(forecast: xr.Dataset, truth_at_valid: xr.Dataset, key: str) -> 
 def spread_by_lead(forecast: xr.Dataset, key: str) -> list[float]:
     """Ensemble spread per lead over inits and space."""
     return spread(field(forecast, key), dims=["time", "latitude", "longitude"]).values.round(3).tolist()
+
+
+def print_table(table: dict[str, dict[str, list[float]]], lead_hours: Sequence[int], shown: Collection[int],
+                columns: Sequence[tuple[str, str, str]]) -> None:
+    """Print a Markdown table of ``table[field][series]`` (values per lead) at the leads in ``shown``.
+
+    ``columns``: (field, series, header) per column; Z500 to 0.1 m²/s², the others to 3 decimals.
+    """
+    print("| lead h | " + " | ".join(header for *_, header in columns) + " |")
+    print("|---" * (len(columns) + 1) + "|")
+    for i, hours in enumerate(lead_hours):
+        if hours in shown:
+            cells = [f"{table[f][series][i]:.{1 if f == 'z500' else 3}f}" for f, series, _ in columns]
+            print(f"| {hours} | " + " | ".join(cells) + " |")

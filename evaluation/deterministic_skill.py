@@ -21,7 +21,7 @@ from bdlens.forecast import deterministic_forecast
 from bdlens.models.pretrained import bundled_checkpoint, load_trained
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIELDS, demo_world_split, load_demo_world, rmse_by_lead, test_inits, verification  # noqa: E402
+from common import FIELDS, demo_world_split, load_demo_world, print_table, rmse_by_lead, test_inits, verification  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -66,12 +66,8 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"test inits {result['inits'][0]} … {result['inits'][1]} ({len(inits)}), latitude-weighted RMSE")
-    print("| lead h | Z500 model | Z500 persistence | Z500 climatology | T850 model | T850 persistence | T850 climatology |")
-    print("|---|---|---|---|---|---|---|")
-    for i, h in enumerate(lead_hours):
-        if h in (6, 12, 24, 48, 72, 120, 168, 240) or h == lead_hours[-1]:
-            z, t = table["z500"], table["t850"]
-            print(f"| {h} | {z['model'][i]:.1f} | {z['persistence'][i]:.1f} | {z['climatology'][i]:.1f} | {t['model'][i]:.3f} | {t['persistence'][i]:.3f} | {t['climatology'][i]:.3f} |")
+    columns = [(f, s, f"{f.upper()} {s}") for f in ("z500", "t850") for s in ("model", "persistence", "climatology")]
+    print_table(table, lead_hours, {6, 12, 24, 48, 72, 120, 168, 240, lead_hours[-1]}, columns)
     print(json.dumps(checks, indent=1))
     ok = all(c["beats_persistence_6h_to_10d"] and c["beats_climatology_to_3d"] for c in checks.values())
     print("PASS" if ok else "FAIL")

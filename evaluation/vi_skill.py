@@ -21,7 +21,7 @@ from bdlens.forecast import deterministic_forecast, posterior_forecast
 from bdlens.models.pretrained import bundled_checkpoint, load_trained
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIELDS, load_demo_world, rmse_by_lead, spread_by_lead, test_inits, verification  # noqa: E402
+from common import FIELDS, load_demo_world, print_table, rmse_by_lead, spread_by_lead, test_inits, verification  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,13 +59,9 @@ def main(argv: list[str] | None = None) -> int:
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))
     print(f"test inits {result['inits']}, K = {args.members}; latitude-weighted RMSE")
-    print("| lead h | Z500 det | Z500 VI mean | Z500 spread | T850 det | T850 VI mean | T850 spread |")
-    print("|---|---|---|---|---|---|---|")
-    for i, h in enumerate(lead_hours):
-        if h in (6, 12, 24, 48, 72, 96, 120):
-            z, t = table["z500"], table["t850"]
-            print(f"| {h} | {z['deterministic'][i]:.1f} | {z['posterior_mean'][i]:.1f} | {z['posterior_spread'][i]:.1f} | "
-                  f"{t['deterministic'][i]:.3f} | {t['posterior_mean'][i]:.3f} | {t['posterior_spread'][i]:.3f} |")
+    labels = {"deterministic": "det", "posterior_mean": "VI mean", "posterior_spread": "spread"}
+    columns = [(f, s, f"{f.upper()} {label}") for f in ("z500", "t850") for s, label in labels.items()]
+    print_table(table, lead_hours, {6, 12, 24, 48, 72, 96, 120}, columns)
     print("max ratio posterior-mean / deterministic:", {k: max(v) for k, v in ratios.items()})
     print("PASS" if ok else "FAIL")
     return 0 if ok else 1
