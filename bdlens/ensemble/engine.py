@@ -257,7 +257,8 @@ class Forecaster:
                           "bundled demo analyses" if data is None else ("in-memory Dataset" if isinstance(data_path, xr.Dataset) else str(data_path)),
                           "bundled demo models" if self.system.root == BUNDLED_DIR else str(self.system.root))
         group = design.draws if bayes else 1
-        chunk = min(members, group * math.ceil(min(members, CHUNK_MEMBERS) / group))
+        # Chunks (rounded up to whole weight groups) small enough that every process gets work.
+        chunk = min(members, group * math.ceil(min(CHUNK_MEMBERS, math.ceil(members / dist.world_size)) / group))
         batch = self.batch_size(batch_size, source, layout, group, chunk)
         plan = tuple(plan_rollout(source.steps, leads, source.n_input_times == 2))
         member_ids = np.arange(members)

@@ -1,0 +1,109 @@
+"""Cost of `bdlens ensemble` on this machine, for the bundled demo system and analyses.
+
+1. Wall time and peak RSS of a 100-member 10-day ensemble (the README's main job), and peak RSS at
+   2, 5 and 10 days: each in its own process (`bdlens ensemble`), peak RSS from getrusage of the
+   child. Flat RSS across leads shows that memory does not grow with the rollout.
+2. Cost per member-step of each system's step relative to the deterministic 3DEST's forward pass on
+   the same batch of members and the same inputs (goal for the hybrid: ≤ 1.2×), timed in
+   alternation, best of ``--repeats``.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_ensemble.py [--members 100] [--batch 20] [--repeats 5] [--skip-runs]
+"""
+
+from __future__ import annotations
+
+import argparse
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+
+import torch
+
+from bdlens.data import Fields, open_dataset
+from bdlens.ensemble import Forecast, Forecaster
+from bdlens.ensemble.design import Design
+from bdlens.ensemble.engine import BUNDLED_ANALYSIS, _initial_states, _source_layout
+from bdlens.models.lead_time import plan_rollout
+
+
+def timed_run(args: list[str]) -> tuple[float, float]:
+    """(wall seconds, peak RSS in MiB) of one `bdlens ensemble` process."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    tick = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "bdlens", "-q", "ensemble", *args], check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - tick
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return wall, max(peak, before) / 1024
+
+
+def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
+    """Best-of-``repeats`` seconds per call of each function, timed in alternation."""
+    best = {name: float("inf") for name in fns}
+    for fn in fns.values():
+        fn()  # warm-up
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            tick = time.perf_counter()
+            fn()
+            best[name] = min(best[name], time.perf_counter() - tick)
+    return best
+
+
+def step_costs(batch: int, repeats: int) -> dict[str, float]:
+    """Seconds per member-step of one 24 h step for each system on a batch of ``batch`` members."""
+    forecaster = Forecaster.from_pretrained(device="cpu")
+    analysis = open_dataset(BUNDLED_ANALYSIS).load()
+    init = analysis.time.values[-1:]
+    systems = {
+        "deterministic": (False, "none", 1),
+        "epistemic (posterior)": (True, "none", batch // 2),
+        "aleatoric (deterministic + sppt)": (False, "sppt", 1),
+        "hybrid (posterior + sppt)": (True, "sppt", batch // 2),
+    }
+    calls = {}
+    for name, (bayes, scheme, weights) in systems.items():
+        design = Design.of(batch, weights)
+        source, _ = forecaster.source(design, scheme, bayes, seed=0)
+        layout = _source_layout(source)
+        offsets = [0] + [-s for s in source.steps]
+        history = _initial_states(analysis, layout, init, offsets)
+        plan = tuple(plan_rollout(source.steps, [24], True))
+        call = plan[-1]
+
+        def one(source=source, history=history, plan=plan, call=call) -> None:
+            source.start(Forecast(0, tuple(range(batch)), plan))
+            states = source.initial({o: Fields(*(x.expand(batch, *x.shape[1:]) for x in f)) for o, f in history.items()})
+            source.step(states[-24], states[0], call)
+
+        calls[name] = one
+    seconds = interleaved(calls, repeats)
+    return {name: s / batch for name, s in seconds.items()}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--members", type=int, default=100)
+    parser.add_argument("--batch", type=int, default=20, help="members per batch for the step costs")
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--skip-runs", action="store_true", help="only the step costs")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    if not args.skip_runs:
+        print("| run | wall s | peak RSS MiB |\n|---|---|---|")
+        with tempfile.TemporaryDirectory() as tmp:
+            for lead in ("2d", "5d", "10d"):
+                wall, rss = timed_run(["--members", str(args.members), "--lead", lead, "--out", f"{tmp}/{lead}.zarr"])
+                print(f"| {args.members} members, {lead} | {wall:.1f} | {rss:.0f} |")
+    costs = step_costs(args.batch, args.repeats)
+    base = costs["deterministic"]
+    print(f"\n| system (24 h step, batch {args.batch}) | ms per member-step | × deterministic |\n|---|---|---|")
+    for name, cost in costs.items():
+        print(f"| {name} | {1e3 * cost:.2f} | {cost / base:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""The ensemble engine: reproducibility, batch/member/process independence, resume, overwrite safety,
+the stored decomposition, perturbation at every lead, and bad input (bundled models, small world)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import xarray as xr
+
+from bdlens.cli import main
+from bdlens.ensemble import Forecaster
+from bdlens.ensemble import engine as engine_module
+from bdlens.errors import BdlensError
+from bdlens.uncertainty import decompose
+
+INIT = "2000-01-10T00"
+
+
+@pytest.fixture(scope="module")
+def analysis(small_world: Path) -> xr.Dataset:
+    return xr.open_zarr(small_world / "analysis.zarr").load()
+
+
+@pytest.fixture(scope="module")
+def forecaster() -> Forecaster:
+    return Forecaster.from_pretrained(device="cpu")
+
+
+def run(forecaster: Forecaster, analysis: xr.Dataset, out: Path | None = None, **kw) -> xr.Dataset:
+    options = dict(init=[INIT], members=4, weights=2, lead="48h", output_step="24h", perturbation="sppt", seed=3, data=analysis)
+    return forecaster.ensemble(out=out, **(options | kw))
+
+
+def values(ds: xr.Dataset) -> np.ndarray:
+    return np.concatenate([ds[v].values.ravel() for v in sorted(ds.data_vars)])
+
+
+def test_seed_reproducibility_and_batch_and_member_independence(forecaster, analysis):
+    base = run(forecaster, analysis, batch_size=4)
+    again = run(forecaster, analysis, batch_size=2)  # another batch size: member values unchanged
+    np.testing.assert_array_equal(values(base), values(again))
+    other_seed = run(forecaster, analysis, seed=4)
+    assert not np.allclose(values(base), values(other_seed))
+    # Members 0..3 of an 8-member run with the same J = 2 are weight samples 0, 1: the same members.
+    bigger = run(forecaster, analysis, members=8, weights=4)
+    np.testing.assert_array_equal(values(bigger.isel(number=slice(0, 4))), values(base))
+    np.testing.assert_array_equal(bigger.weight_sample.values, [0, 0, 1, 1, 2, 2, 3, 3])
+    np.testing.assert_array_equal(bigger.perturbation_draw.values, [0, 1, 0, 1, 0, 1, 0, 1])
+
+
+def test_every_lead_of_a_perturbed_run_is_perturbed(forecaster, analysis):
+    # Deterministic weights, so any spread comes from SPPT; leads of 24 h steps only (24, 48 h).
+    for scheme in ("sppt", "ic"):
+        ds = run(forecaster, analysis, bayes=False, weights=None, perturbation=scheme)
+        spread = ds.geopotential.sel(level=500).std("number")
+        assert (spread.mean(("latitude", "longitude")) > 1.0).all(), scheme
+    none = run(forecaster, analysis, bayes=False, weights=None, perturbation="none")
+    assert float(none.geopotential.std("number").max()) == 0.0
+
+
+def test_learned_perturbation_uses_only_the_steps_it_can_perturb(forecaster, analysis):
+    with pytest.raises(BdlensError, match="cannot be reached"):
+        run(forecaster, analysis, perturbation="learned", lead="30h", output_step="10h")
+    ds = run(forecaster, analysis, perturbation="learned", lead="12h", output_step="6h")
+    assert "learned" in ds.attrs["system"]
+    assert (ds.temperature.sel(level=850).std("number").mean(("latitude", "longitude")) > 0).all()
+
+
+def test_stored_decomposition_equals_the_one_from_the_members(forecaster, analysis, tmp_path):
+    ds = run(forecaster, analysis, out=tmp_path / "fc.zarr", members=6, weights=3)
+    stored = xr.open_zarr(tmp_path / "fc.zarr", group="decomposition").load()
+    for name in ("geopotential", "2m_temperature"):
+        recomputed = decompose(ds[name])  # reads the member coordinates, reorders, splits: an independent path
+        for part in ("epistemic", "aleatoric", "total"):
+            np.testing.assert_allclose(stored[f"{name}_{part}_variance"].values, recomputed[part].values, rtol=2e-4, atol=1e-6)
+    assert ds.attrs["complete"] is True or ds.attrs["complete"] == 1
+    assert ds.attrs["network_evaluations_per_member_step"] == 1.0
+    assert ds.attrs["wall_seconds_per_member_step"] > 0
+
+
+def test_resume_after_a_kill_in_the_middle_of_a_lead_is_bit_identical(forecaster, analysis, tmp_path, monkeypatch):
+    straight = run(forecaster, analysis, out=tmp_path / "a.zarr", members=8, weights=4, batch_size=2).load()
+    writes = {"n": 0}
+    original = engine_module.write_region
+
+    def killed(*args, **kw):
+        writes["n"] += 1
+        if writes["n"] == 3:  # the second batch's first lead: a unit half written
+            raise KeyboardInterrupt
+        original(*args, **kw)
+
+    monkeypatch.setattr(engine_module, "write_region", killed)
+    monkeypatch.setattr(engine_module, "CHUNK_MEMBERS", 4)
+    with pytest.raises(KeyboardInterrupt):
+        run(forecaster, analysis, out=tmp_path / "b.zarr", members=8, weights=4, batch_size=2)
+    monkeypatch.setattr(engine_module, "write_region", original)
+    with pytest.raises(BdlensError, match="unfinished"):
+        engine_module.open_forecast(tmp_path / "b.zarr")
+    with pytest.raises(BdlensError, match="other options"):
+        run(forecaster, analysis, out=tmp_path / "b.zarr", members=8, weights=4, seed=5, resume=True)
+    resumed = run(forecaster, analysis, out=tmp_path / "b.zarr", members=8, weights=4, batch_size=2, resume=True).load()
+    np.testing.assert_array_equal(values(resumed), values(straight))
+
+
+def test_output_is_never_overwritten_without_being_asked(forecaster, analysis, tmp_path, capsys):
+    out = tmp_path / "fc.zarr"
+    run(forecaster, analysis, out=out)
+    with pytest.raises(BdlensError, match="already exists"):
+        run(forecaster, analysis, out=out)
+    run(forecaster, analysis, out=out, overwrite=True, seed=9)
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("keep me")
+    with pytest.raises(BdlensError, match="not written by bdlens"):
+        run(forecaster, analysis, out=foreign, overwrite=True)
+    assert (foreign / "notes.txt").read_text() == "keep me"
+
+
+@pytest.fixture(scope="module")
+def data_file(analysis, tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("data") / "analysis.zarr"
+    analysis.to_zarr(path, zarr_format=2)
+    return path
+
+
+def cli(capsys, *args: str) -> tuple[int, str]:
+    code = main(["-q", "ensemble", "--members", "4", "--weights", "2", "--lead", "24h", *args])
+    return code, capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--init", "1999-01-01T00"], "no analysis at 1999-01-01T00:00"),
+        (["--init", "2000-01-10T00", "2000-01-10T00"], "same time twice"),
+        (["--weights", "3"], "not a multiple of --weights 3"),
+        (["--no-bayes"], "cannot be combined with --no-bayes"),
+        (["--lead", "5h", "--output-step", "5h"], "cannot be reached"),
+        (["--lead", "soon"], "positive duration"),
+        (["--batch-size", "3"], "multiple of the 2 perturbation draws"),
+        (["--lead", "0h"], "positive duration"),
+        (["--threads", "0"], "--threads must be at least 1"),
+    ],
+)
+def test_bad_options_exit_2_with_one_line_and_write_nothing(capsys, tmp_path, data_file, args, message):
+    out = tmp_path / "fc.zarr"
+    init = [] if "--init" in args else ["--init", INIT]
+    code, err = cli(capsys, "--data", str(data_file), "--out", str(out), *init, *args)
+    assert code == 2, err
+    assert message in err and len(err.strip().splitlines()) == 1, err
+    assert not out.exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error of a machine without CUDA")
+def test_cuda_without_cuda_is_refused(capsys, tmp_path, data_file):
+    code, err = cli(capsys, "--data", str(data_file), "--init", INIT, "--out", str(tmp_path / "fc.zarr"), "--device", "cuda")
+    assert code == 2 and "no CUDA device" in err, err
+
+
+def test_bad_data_and_checkpoints_exit_2(capsys, tmp_path, analysis, data_file):
+    out = tmp_path / "fc.zarr"
+    missing = tmp_path / "missing.zarr"
+    analysis.drop_vars("temperature").to_zarr(missing, zarr_format=2)
+    code, err = cli(capsys, "--data", str(missing), "--init", INIT, "--out", str(out))
+    assert code == 2 and "temperature" in err, err
+    nan = tmp_path / "nan.zarr"
+    bad = analysis.copy(deep=True)
+    bad["geopotential"].loc[{"time": INIT}] = np.nan
+    bad.to_zarr(nan, zarr_format=2)
+    code, err = cli(capsys, "--data", str(nan), "--init", INIT, "--out", str(out))
+    assert code == 2 and "NaN" in err, err
+    coarse = tmp_path / "coarse.zarr"
+    analysis.isel(longitude=slice(0, None, 2)).to_zarr(coarse, zarr_format=2)
+    code, err = cli(capsys, "--data", str(coarse), "--init", INIT, "--out", str(out))
+    assert code == 2 and "grid" in err, err
+    # A corrupt checkpoint and a manifest of the wrong kind.
+    from bdlens.models.pretrained import BUNDLED_DIR
+
+    broken = tmp_path / "broken"
+    shutil.copytree(BUNDLED_DIR / "vi_6h", broken / "vi_6h")
+    weights = broken / "vi_6h" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    code, err = cli(capsys, "--checkpoint", str(broken), "--data", str(data_file), "--init", INIT, "--lead", "6h", "--output-step", "6h",
+                    "--out", str(out))
+    assert code == 2 and "corrupted" in err, err
+    wrong = tmp_path / "wrong"
+    (wrong / "x").mkdir(parents=True)
+    (wrong / "x" / "manifest.json").write_text('{"kind": "diffusion-ish"}')
+    code, err = cli(capsys, "--checkpoint", str(wrong), "--data", str(data_file), "--init", INIT, "--out", str(out))
+    assert code == 2 and "diffusion-ish" in err, err
+    existing = tmp_path / "existing.zarr"
+    existing.mkdir()
+    (existing / "x").write_text("user data")
+    code, err = cli(capsys, "--data", str(data_file), "--init", INIT, "--out", str(existing))
+    assert code == 2 and "already exists" in err, err
+    assert (existing / "x").read_text() == "user data"
+    assert not out.exists()
+
+
+@pytest.mark.slow
+def test_two_processes_write_the_same_store_as_one(tmp_path, data_file):
+    common = ["ensemble", "--members", "8", "--weights", "4", "--lead", "24h", "--init", INIT, "--data", str(data_file),
+              "--perturbation", "sppt", "--seed", "1", "--batch-size", "2"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, "-m", "bdlens", "-q", *common, "--out", str(tmp_path / "one.zarr")], env=env,
+                         capture_output=True, text=True)
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "-m", "bdlens", "-q", *common,
+                          "--out", str(tmp_path / "two.zarr")], env=env, capture_output=True, text=True)
+    assert two.returncode == 0, two.stderr
+    a, b = xr.open_zarr(tmp_path / "one.zarr").load(), xr.open_zarr(tmp_path / "two.zarr").load()
+    np.testing.assert_array_equal(values(a), values(b))
+    ledger = sorted(p.name for p in (tmp_path / "two.zarr" / ".bdlens-ledger").glob("*.json"))
+    assert ledger == ["0-0.json", "0-1.json"]
