@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Installs bdlens into ./.venv on a fresh machine. Usage: bash scripts/install.sh [main|test]
-#   main: the package with the demo world's dynamical core (what `bdlens ensemble` needs)
-#   test: main plus the test and cross-check libraries
+#   main: the package (what `bdlens ensemble` needs: the bundled models and analyses, no dynamical core)
+#   test: the package, the demo world's dynamical core (dinosaur, JAX) and the test and cross-check libraries
 # Why a script and not one pip line: torch-harmonics 0.8.0 must be built against the CPU torch
 # already in the environment (--no-build-isolation); an isolated build would pull a CUDA torch.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 extra="${1:-main}"
 case "$extra" in
-  main) spec=".[world]" ;;
+  main) spec="." ;;
   test) spec=".[test]" ;;
   *) echo "install.sh: unknown target '$extra' (use 'main' or 'test')" >&2; exit 2 ;;
 esac

@@ -32,7 +32,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--lead", default="10d", help="longest lead, e.g. 10d or 72h (default: 10d)")
     parser.add_argument("--output-step", default="24h", help="lead spacing of the output, e.g. 6h or 24h (default: 24h)")
     parser.add_argument("--init", nargs="+", metavar="TIME",
-                        help="init time(s), ISO (2002-07-01T00) or START/END/STEP ranges (default: the first init of the data)")
+                        help="init time(s), ISO (2002-07-01T00) or START/END/STEP ranges (default: the latest analysis time of the data)")
     parser.add_argument("--data", type=Path,
                         help="WB2/ERA5-layout zarr or netCDF with the analyses (default: the bundled demo analyses)")
     parser.add_argument("--checkpoint", type=Path,

@@ -8,7 +8,7 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add ``bdlens world {build,summary,ensemble}``."""
+    """Add ``bdlens world {build,summary,ensemble,export-analysis}``."""
     world = subparsers.add_parser("world", help="the embedded demo world (Held-Suarez dynamical core)")
     commands = world.add_subparsers(dest="world_command", metavar="COMMAND", required=True)
 
@@ -42,6 +42,20 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ens.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     ens.set_defaults(func=_ensemble)
 
+    export = commands.add_parser(
+        "export-analysis",
+        help="write the analyses at some init times (and the history the step models need) to a small zarr",
+        description="Export analysis states of a world, e.g. the bundled demo analyses of `bdlens ensemble`: "
+        "bdlens world export-analysis --init 2002-07-05T00 2002-09-03T00 2002-11-02T00 --overwrite",
+    )
+    export.add_argument("--world", type=Path, help="world directory (default: the default demo world, built or reused)")
+    export.add_argument("--init", nargs="+", required=True, metavar="TIME", help="init times, ISO")
+    export.add_argument("--history-hours", nargs="+", type=int, default=[6, 24],
+                        help="hours before each init also written (default: 6 24, the bundled step models)")
+    export.add_argument("--out", type=Path, help="output zarr (default: the package's bundled demo analyses)")
+    export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    export.set_defaults(func=_export)
+
 
 def _print_summary(world: Path) -> None:
     from bdlens.world.build import read_manifest
@@ -70,5 +84,19 @@ def _ensemble(args: argparse.Namespace) -> int:
     out = physics_ensemble(
         args.world, args.init_times, args.members, args.lead_hours, args.out, overwrite=args.overwrite, member_batch=args.member_batch
     )
+    print(out)
+    return 0
+
+
+def _export(args: argparse.Namespace) -> int:
+    import shlex
+    import sys
+
+    from bdlens.world.build import build
+    from bdlens.world.export import BUNDLED_ANALYSIS, export_analysis
+
+    world = args.world or build()
+    out = export_analysis(world, args.init, args.history_hours, args.out or BUNDLED_ANALYSIS,
+                          shlex.join(["bdlens", *sys.argv[1:]]), overwrite=args.overwrite)
     print(out)
     return 0

@@ -43,10 +43,10 @@ from bdlens.models.lead_time import greedy_schedule, plan_rollout, rollout
 from bdlens.models.pretrained import BUNDLED_DIR, load_trained
 from bdlens.outputs import mark_output, prepare_output
 from bdlens.progress import bar
+from bdlens.world.export import BUNDLED_ANALYSIS
 
 log = logging.getLogger(__name__)
 
-BUNDLED_ANALYSIS = Path(__file__).resolve().parent.parent / "assets" / "analysis" / "demo_analysis.zarr"
 # Members of one store chunk (rounded up to whole weight groups): few files, small regions.
 CHUNK_MEMBERS = 20
 # Physical bounds a member must stay within (K); outside them it is recorded, not hidden.
@@ -65,7 +65,7 @@ def parse_hours(text: str | int, what: str) -> int:
 def parse_inits(inits: Sequence[str | np.datetime64] | str | None, available: np.ndarray) -> np.ndarray:
     """Init times from ISO strings or ``START/END/STEP`` ranges (e.g. ``2002-07-01T00/2002-07-11T00/5d``)."""
     if inits is None:
-        return available[:1]
+        return np.asarray(available[-1:], dtype="datetime64[ns]")
     values: list[np.datetime64] = []
     for item in [inits] if isinstance(inits, str | np.datetime64) else inits:
         text = str(item)
@@ -203,7 +203,7 @@ class Forecaster:
     ) -> xr.Dataset:
         """Run an ensemble of ``members`` = K weight samples × J perturbation draws.
 
-        ``init``: ISO times or ``START/END/STEP`` ranges (default: the first init of the data);
+        ``init``: ISO times or ``START/END/STEP`` ranges (default: the latest analysis of the data);
         ``lead`` and ``output_step``: durations (``"10d"``, ``"72h"``); ``perturbation``: one of
         ``none`` and :data:`bdlens.ensemble.schemes.SCHEMES` (default: the system's calibrated
         choice); ``bayes=False`` uses the deterministic weights (K = 1); ``data``: a WB2/ERA5-layout
