@@ -20,6 +20,7 @@ from bdlens import __version__
 from bdlens.errors import BdlensError
 
 WEIGHTS = "model.safetensors"
+BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "models"
 MANIFEST = "manifest.json"
 
 
@@ -73,3 +74,12 @@ def load_state_into(model: torch.nn.Module, state: dict[str, torch.Tensor], sour
         )
         raise BdlensError(f"checkpoint {source} does not match the model configuration ({detail})")
     model.load_state_dict(state)
+
+
+def bundled_checkpoint(name: str) -> Path:
+    """Directory of a demo checkpoint shipped in the package (e.g. ``det_6h``)."""
+    path = BUNDLED_DIR / name
+    if not path.is_dir():
+        known = sorted(p.name for p in BUNDLED_DIR.iterdir()) if BUNDLED_DIR.is_dir() else []
+        raise BdlensError(f"no bundled checkpoint {name!r} (bundled: {', '.join(known) or 'none'})")
+    return path

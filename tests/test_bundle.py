@@ -9,7 +9,9 @@ import torch
 from safetensors.torch import load_file
 from test_training import tiny_setup  # noqa: F401  (tiny model, data and configs on a synthetic store)
 
+import bdlens.checkpoint as checkpoint
 import bdlens.models.pretrained as pretrained
+import bdlens.training.bundle as training_bundle
 from bdlens.bayes.posterior import POSTERIOR_WEIGHTS, PosteriorSettings, from_deterministic, load_posterior, save_posterior
 from bdlens.errors import BdlensError
 from bdlens.training.config import load_train_config
@@ -18,7 +20,8 @@ from bdlens.training.deterministic import train
 
 def test_posterior_bundle_names_the_deterministic_bundle_that_holds_its_prior_mean(tiny_setup: Path, tmp_path: Path,  # noqa: F811
                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(pretrained, "BUNDLED_DIR", tmp_path / "assets")
+    for module in (checkpoint, training_bundle):
+        monkeypatch.setattr(module, "BUNDLED_DIR", tmp_path / "assets")
     (tmp_path / "assets").mkdir()
     cfg, _ = load_train_config(tiny_setup / "train.yaml")
     det = train(cfg, tmp_path / "det")
@@ -29,15 +32,15 @@ def test_posterior_bundle_names_the_deterministic_bundle_that_holds_its_prior_me
     save_posterior(bayes, tmp_path / "vi", trained.stats.to_dict(), {"kind_note": "test"})
     assert any(k.startswith("prior_mean.") for k in load_file(tmp_path / "vi" / POSTERIOR_WEIGHTS))
 
-    alone = pretrained.bundle(tmp_path / "vi", "vi_alone")  # no deterministic bundle yet: the prior mean stays
+    alone = training_bundle.bundle(tmp_path / "vi", "vi_alone")  # no deterministic bundle yet: the prior mean stays
     assert any(k.startswith("prior_mean.") for k in load_file(alone / POSTERIOR_WEIGHTS))
 
-    pretrained.bundle(det, "det_tiny")
+    training_bundle.bundle(det, "det_tiny")
     (tmp_path / "assets" / "vi_tiny").mkdir()
     (tmp_path / "assets" / "vi_tiny" / "stale.json").write_text("{}")
     with pytest.raises(BdlensError, match="--overwrite"):
-        pretrained.bundle(tmp_path / "vi", "vi_tiny")
-    shared = pretrained.bundle(tmp_path / "vi", "vi_tiny", overwrite=True)
+        training_bundle.bundle(tmp_path / "vi", "vi_tiny")
+    shared = training_bundle.bundle(tmp_path / "vi", "vi_tiny", overwrite=True)
     assert not any(k.startswith("prior_mean.") for k in load_file(shared / POSTERIOR_WEIGHTS))
     assert (shared / POSTERIOR_WEIGHTS).stat().st_size < 0.6 * (alone / POSTERIOR_WEIGHTS).stat().st_size
     assert not (shared / "stale.json").exists()  # a replaced bundle is replaced whole

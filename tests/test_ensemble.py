@@ -181,7 +181,7 @@ def test_bad_data_and_checkpoints_exit_2(capsys, tmp_path, analysis, data_file):
     code, err = cli(capsys, "--data", str(coarse), "--init", INIT, "--out", str(out))
     assert code == 2 and "grid" in err, err
     # A corrupt checkpoint and a manifest of the wrong kind.
-    from bdlens.models.pretrained import BUNDLED_DIR
+    from bdlens.checkpoint import BUNDLED_DIR
 
     broken = tmp_path / "broken"
     shutil.copytree(BUNDLED_DIR / "vi_6h", broken / "vi_6h")

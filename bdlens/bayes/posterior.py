@@ -36,7 +36,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from bdlens.checkpoint import load_state_into, load_weights, read_manifest, save_checkpoint
+from bdlens.checkpoint import bundled_checkpoint, load_state_into, load_weights, read_manifest, save_checkpoint
 from bdlens.errors import BdlensError
 from bdlens.models import EarthSpecificTransformer, ModelConfig
 
@@ -256,8 +256,6 @@ def _prior_mean(extra: dict[str, Tensor], names: Sequence[str], bundle: str | No
     if all(PRIOR_MEAN + n in extra for n in names):
         return torch.cat([extra[PRIOR_MEAN + n].reshape(-1) for n in names])
     if bundle is not None:
-        from bdlens.models.pretrained import bundled_checkpoint
-
         weights = load_weights(bundled_checkpoint(bundle))
         return torch.cat([weights[n].reshape(-1) for n in names])
     return mu.clone()

@@ -48,7 +48,7 @@ def _bundle(args: argparse.Namespace) -> int:
     import json
 
     from bdlens.errors import BdlensError
-    from bdlens.models.pretrained import bundle
+    from bdlens.training.bundle import bundle
 
     extra = {}
     if args.scores is not None:

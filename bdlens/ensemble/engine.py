@@ -31,6 +31,7 @@ import xarray as xr
 
 from bdlens import __version__, streams
 from bdlens.bayes import load_posterior
+from bdlens.checkpoint import BUNDLED_DIR
 from bdlens.data import Fields, NormStats, open_dataset
 from bdlens.ensemble.base import Forecast, MemberSource
 from bdlens.ensemble.design import PERTURBATION_DRAW, WEIGHT_SAMPLE, Design, anova, split_members
@@ -40,7 +41,7 @@ from bdlens.ensemble.store import create_store, finalise, finished_units, open_f
 from bdlens.ensemble.system import System, load_system
 from bdlens.errors import BdlensError
 from bdlens.models.lead_time import greedy_schedule, plan_rollout, rollout
-from bdlens.models.pretrained import BUNDLED_DIR, load_trained
+from bdlens.models.pretrained import load_trained
 from bdlens.outputs import mark_output, prepare_output
 from bdlens.progress import bar
 from bdlens.world.export import BUNDLED_ANALYSIS

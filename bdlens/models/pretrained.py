@@ -1,13 +1,12 @@
-"""Loading trained 3DEST checkpoints, including the demo models bundled with the package."""
+"""Loading trained 3DEST checkpoints, including the demo models bundled with the package (found by
+:func:`bdlens.checkpoint.bundled_checkpoint`)."""
 
 from __future__ import annotations
 
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from bdlens.checkpoint import load_state_into, load_weights, read_manifest
 from bdlens.data import FieldLayout, Fields, NormStats
@@ -15,8 +14,6 @@ from bdlens.errors import BdlensError
 from bdlens.grid import GRIDS
 from bdlens.models.config import ModelConfig
 from bdlens.models.transformer import EarthSpecificTransformer
-
-BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "models"
 
 
 @dataclass
@@ -42,15 +39,6 @@ class TrainedModel:
         return self.layout.denormalise(Fields(upper, surface), self.stats)
 
 
-def bundled_checkpoint(name: str) -> Path:
-    """Directory of a demo checkpoint shipped in the package (e.g. ``det_6h``)."""
-    path = BUNDLED_DIR / name
-    if not path.is_dir():
-        known = sorted(p.name for p in BUNDLED_DIR.iterdir()) if BUNDLED_DIR.is_dir() else []
-        raise BdlensError(f"no bundled checkpoint {name!r} (bundled: {', '.join(known) or 'none'})")
-    return path
-
-
 def load_trained(path: str | Path, device: str | torch.device = "cpu") -> TrainedModel:
     """Load a deterministic checkpoint directory (``bdlens train deterministic`` output) in eval mode."""
     path = Path(path)
@@ -70,65 +58,3 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
         raise BdlensError(f"{path}: model grid {config.nlon}x{config.nlat} is not a supported grid")
     layout = FieldLayout(config.upper_variables, config.levels, config.surface_variables, grid)
     return TrainedModel(model, layout, stats, manifest, path)
-
-
-def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwrite: bool = False) -> Path:
-    """Copy a trained checkpoint into the package's bundled models as ``name``.
-
-    ``extra`` is merged into the manifest (e.g. the test-period scores that justified bundling).
-    An existing bundle is only replaced with ``overwrite``.
-    """
-    from bdlens.checkpoint import save_checkpoint
-
-    checkpoint = Path(checkpoint)
-    manifest = read_manifest(checkpoint)
-    target = BUNDLED_DIR / name
-    if target.exists() and not overwrite:
-        raise BdlensError(f"bundled checkpoint {name} exists; pass --overwrite to replace it")
-    # Refuse to bundle anything that does not load.
-    kind = manifest.get("kind")
-    if kind == "vi":
-        from bdlens.bayes import load_posterior
-
-        load_posterior(checkpoint)
-    elif kind == "perturbation":
-        from bdlens.perturbation.learned import load_perturbation
-
-        load_perturbation(checkpoint)
-    else:
-        load_trained(checkpoint)
-    manifest = {**manifest, **(extra or {}), "bundled_from": str(checkpoint)}
-    manifest.pop("bdlens_version", None)
-    # Built beside the target and swapped in whole: nothing of a replaced bundle lingers, and an
-    # interrupted bundling leaves the old bundle intact.
-    staging = BUNDLED_DIR / f".{name}.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
-    written = {"model.safetensors", "manifest.json"}
-    shared = _share_prior_mean(checkpoint, name) if kind == "vi" else None
-    if shared is not None:
-        from bdlens.bayes.posterior import POSTERIOR_WEIGHTS, PRIOR_MEAN_BUNDLE
-
-        tensors, prior_bundle = shared
-        manifest["posterior"] = {**manifest["posterior"], PRIOR_MEAN_BUNDLE: prior_bundle}
-        staging.mkdir(parents=True)
-        save_file(tensors, staging / POSTERIOR_WEIGHTS)
-        written.add(POSTERIOR_WEIGHTS)
-    save_checkpoint(staging, load_weights(checkpoint), manifest)
-    # Companion files (a posterior's ρ, a calibration.json) travel along; training state does not.
-    for extra_file in sorted(checkpoint.iterdir()):
-        if extra_file.is_file() and extra_file.name not in written and extra_file.suffix != ".pt":
-            shutil.copyfile(extra_file, staging / extra_file.name)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
-    return target
-
-
-def _share_prior_mean(checkpoint: Path, name: str) -> tuple[dict[str, torch.Tensor], str] | None:
-    """A VI posterior's ρ without its prior mean, and the bundled deterministic checkpoint that holds it."""
-    from bdlens.bayes.posterior import without_bundled_prior_mean
-
-    bundles = {
-        p.name: p for p in BUNDLED_DIR.iterdir()
-        if p.name not in (name, f".{name}.tmp") and (p / "manifest.json").is_file() and read_manifest(p).get("kind") == "deterministic"
-    }
-    return without_bundled_prior_mean(checkpoint, bundles)
