@@ -53,6 +53,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a bdlens forecast")
     parser.set_defaults(func=run)
 
+    cal = subparsers.add_parser(
+        "calibrate-ensemble",
+        help="tune a scheme's amplitude and the posterior temperature on ensembles from analyses (every step model)",
+        description=(
+            "Run the system's ensembles from the analysis at validation-period inits of a world, verify them against "
+            "its truth and search the perturbation amplitude (and posterior temperature) minimising "
+            "CRPS * (1 + penalty * ln^2 SSR). Writes OUT/ensemble.json; copy it beside the checkpoints to use it."
+        ),
+    )
+    cal.add_argument("--perturbation", choices=PERTURBATIONS[1:], required=True, help="the scheme to calibrate")
+    cal.add_argument("--checkpoint", type=Path, help="the system (default: the bundled demo models)")
+    cal.add_argument("--world", type=Path, help="world directory (default: the default demo world, built or reused)")
+    cal.add_argument("--config", default="calibrate_ensemble_demo", help="YAML (path or name in configs/)")
+    cal.add_argument("--default", action="store_true", help="also make this scheme the system's default perturbation")
+    cal.add_argument("--out", type=Path, required=True, help="directory for ensemble.json")
+    cal.add_argument("--overwrite", action="store_true", help="replace OUT/ensemble.json if it exists")
+    cal.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    cal.set_defaults(func=run_calibration)
+
 
 def run(args: argparse.Namespace) -> int:
     """Run the ensemble and print the per-lead summary."""
@@ -83,4 +102,41 @@ def run(args: argparse.Namespace) -> int:
         print(f"wrote {forecast.sizes['number']} members x {forecast.sizes['time']} init(s) x "
               f"{forecast.sizes['prediction_timedelta']} leads to {args.out}")
         print(summary_table(args.out))
+    return 0
+
+
+def run_calibration(args: argparse.Namespace) -> int:
+    """Calibrate one scheme of a system on the validation period of a world."""
+    import json
+
+    import numpy as np
+    import torch
+
+    from bdlens.configs import config_path
+    from bdlens.data import open_dataset
+    from bdlens.data.splits import load_data_config
+    from bdlens.ensemble.engine import Forecaster, parse_hours
+    from bdlens.training.calibration import EnsembleCalibrationConfig, calibrate_system, write_system_file
+    from bdlens.world.build import build
+
+    if args.threads is not None:
+        if args.threads < 1:
+            raise BdlensError(f"--threads must be at least 1, got {args.threads}")
+        torch.set_num_threads(args.threads)
+    config = EnsembleCalibrationConfig.from_yaml(config_path(args.config))
+    if (args.out / "ensemble.json").exists() and not args.overwrite:
+        raise BdlensError(f"{args.out / 'ensemble.json'} exists; pass --overwrite to replace it or choose another --out")
+    forecaster = Forecaster.from_pretrained(args.checkpoint)
+    world = args.world or build()
+    truth, analysis = open_dataset(world / "truth.zarr").load(), open_dataset(world / "analysis.zarr").load()
+    start, end = load_data_config(config_path("data_demo")).splits["validation"].bounds
+    lead = np.timedelta64(parse_hours(config.lead, "lead"), "h")
+    times = truth.time.sel(time=slice(start + np.timedelta64(24, "h"), end - lead)).values
+    inits = times[(times - times[0]) % np.timedelta64(24 * config.every_days, "h") == np.timedelta64(0)][: config.inits]
+    if len(inits) == 0:
+        raise BdlensError(f"the world's validation period has no init with {config.lead} of truth after it; use a longer world")
+    record = calibrate_system(forecaster, args.perturbation, analysis, truth, inits, config)
+    path = write_system_file(args.out, args.perturbation, record, forecaster.system.settings, args.default)
+    print(json.dumps({k: record[k] for k in ("amplitude", "temperature", "before", "after")}, indent=1, default=float))
+    print(f"wrote {path}")
     return 0

@@ -279,6 +279,7 @@ class Forecaster:
                 "prediction_timedelta": np.asarray(leads, dtype="timedelta64[h]").astype("timedelta64[ns]"),
                 WEIGHT_SAMPLE: ("number", design.weight_sample(member_ids)),
                 PERTURBATION_DRAW: ("number", design.perturbation_draw(member_ids)),
+                "latitude": analysis.latitude.values, "longitude": analysis.longitude.values,
             }
             mark_output(out, "forecast")  # first: a store that fails while being created is still ours to replace
             create_store(out, layout, coords, chunk, attrs)

@@ -49,11 +49,9 @@ def create_store(
         dims = ("number", "time", "prediction_timedelta") + (("level",) if len(spatial) == 3 else ()) + ("latitude", "longitude")
         shape = tuple(sizes.values()) + spatial
         data_vars[name] = (dims, da.full(shape, np.nan, dtype=np.float32, chunks=(chunk, 1, 1) + spatial))
-    full_coords = {
-        **coords,
-        "latitude": layout.grid.latitudes(),
-        "longitude": layout.grid.longitudes(),
-    }
+    # The data's own latitude/longitude when given (they may differ from the grid's by round-off, and
+    # the forecast must align exactly with the truth it is verified against).
+    full_coords = {"latitude": layout.grid.latitudes(), "longitude": layout.grid.longitudes(), **coords}
     if layout.upper_variables:
         full_coords["level"] = np.asarray(layout.levels, np.int64)
     ds = coordinate_attrs(xr.Dataset(data_vars, coords=full_coords, attrs=dict(attrs)))
