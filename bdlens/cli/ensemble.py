@@ -129,7 +129,7 @@ def run_calibration(args: argparse.Namespace) -> int:
     forecaster = Forecaster.from_pretrained(args.checkpoint)
     world = args.world or build()
     truth, analysis = open_dataset(world / "truth.zarr").load(), open_dataset(world / "analysis.zarr").load()
-    start, end = load_data_config(config_path("data_demo")).splits["validation"].bounds
+    start, end = load_data_config(config_path("data_demo")).splits["val"].bounds
     lead = np.timedelta64(parse_hours(config.lead, "lead"), "h")
     times = truth.time.sel(time=slice(start + np.timedelta64(24, "h"), end - lead)).values
     inits = times[(times - times[0]) % np.timedelta64(24 * config.every_days, "h") == np.timedelta64(0)][: config.inits]

@@ -60,6 +60,7 @@ def open_dataset(
     path: str | Path,
     variables: Sequence[str] | None = None,
     levels: Sequence[float] | None = None,
+    sparse_times: bool = False,
 ) -> xr.Dataset:
     """Open a WB2/ERA5-layout zarr store (v2 or v3) or netCDF file lazily (dask) in canonical layout.
 
@@ -69,7 +70,8 @@ def open_dataset(
     supported grids. Raises :class:`BdlensError` naming the file and the problem for a missing path,
     variable or level, an unknown dimension, an unsupported or irregular grid, or an irregular
     time axis. Missing time steps (gaps on a regular axis) are logged, not raised: the torch
-    dataset decides whether its step Δ can live with them.
+    dataset decides whether its step Δ can live with them (``sparse_times``: a set of states with
+    gaps by design, e.g. analyses to start forecasts from; the gaps are logged at INFO).
     """
     path = Path(path)
     if not path.exists():
@@ -80,7 +82,7 @@ def open_dataset(
     _check_dims(ds, path)
     ds = _canonical_level(ds, levels, path)
     ds = _canonical_horizontal(ds, path)
-    ds = _canonical_time(ds, path)
+    ds = _canonical_time(ds, path, sparse_times)
     return ds.transpose(*CANONICAL_DIMS, ..., missing_dims="ignore")
 
 
@@ -195,7 +197,7 @@ def _match_grid(lat: np.ndarray, lon: np.ndarray, path: Path) -> Grid:
         raise BdlensError(f"{path}: {err}") from err
 
 
-def _canonical_time(ds: xr.Dataset, path: Path) -> xr.Dataset:
+def _canonical_time(ds: xr.Dataset, path: Path, sparse_times: bool = False) -> xr.Dataset:
     if "time" not in ds.dims:
         return ds
     times = ds["time"].values
@@ -209,7 +211,8 @@ def _canonical_time(ds: xr.Dataset, path: Path) -> xr.Dataset:
     step = time_step(ds["time"].values, path)
     gaps = missing_times(ds["time"].values, step) if step is not None else np.array([], "datetime64[ns]")
     if gaps.size:
-        log.warning("%s: %d time step(s) missing from the %s axis, e.g. %s", path, gaps.size, format_timedelta(step), format_times(gaps))
+        # A set of analysis states to start forecasts from has gaps by design (``sparse_times``).
+        (log.info if sparse_times else log.warning)("%s: %d time step(s) missing from the %s axis, e.g. %s", path, gaps.size, format_timedelta(step), format_times(gaps))
     return ds
 
 

@@ -235,7 +235,7 @@ class Forecaster:
             raise BdlensError(f"--lead {lead} is not a multiple of --output-step {output_step}")
         leads = list(range(output_hours, lead_hours + 1, output_hours))
         data_path = BUNDLED_ANALYSIS if data is None else data
-        analysis = data_path if isinstance(data_path, xr.Dataset) else open_dataset(data_path)
+        analysis = data_path if isinstance(data_path, xr.Dataset) else open_dataset(data_path, sparse_times=True)
         init_times = parse_inits(init, analysis.time.values)
         dist = _distributed()
         inputs = [self.system.root] + ([] if isinstance(data_path, xr.Dataset) else [data_path])
