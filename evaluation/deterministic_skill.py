@@ -17,8 +17,9 @@ from pathlib import Path
 
 import numpy as np
 
-from bdlens.forecast import deterministic_forecast
-from bdlens.models.pretrained import bundled_checkpoint, load_trained
+from bdlens.checkpoint import bundled_checkpoint
+from bdlens.ensemble.rollout import deterministic_forecast
+from bdlens.models.pretrained import load_trained
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FIELDS, demo_world_split, load_demo_world, print_table, rmse_by_lead, test_inits, verification  # noqa: E402

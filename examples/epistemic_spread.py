@@ -18,10 +18,11 @@ import matplotlib
 matplotlib.use("Agg")  # files only: no display needed
 import matplotlib.pyplot as plt  # noqa: E402
 
+from bdlens.checkpoint import bundled_checkpoint  # noqa: E402
 from bdlens.data import open_dataset  # noqa: E402
+from bdlens.ensemble.rollout import posterior_forecast  # noqa: E402
 from bdlens.evaluate import evaluate, to_table  # noqa: E402
-from bdlens.forecast import posterior_forecast  # noqa: E402
-from bdlens.models.pretrained import bundled_checkpoint, load_trained  # noqa: E402
+from bdlens.models.pretrained import load_trained  # noqa: E402
 from bdlens.world.build import build  # noqa: E402
 
 

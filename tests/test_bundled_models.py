@@ -7,11 +7,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from bdlens.checkpoint import BUNDLED_DIR, bundled_checkpoint
 from bdlens.data import open_dataset
+from bdlens.ensemble.rollout import deterministic_forecast
 from bdlens.errors import BdlensError
-from bdlens.forecast import deterministic_forecast
 from bdlens.grid import lat_weights
-from bdlens.models.pretrained import BUNDLED_DIR, bundled_checkpoint, load_trained
+from bdlens.models.pretrained import load_trained
 
 
 @pytest.mark.parametrize("name", ["det_6h", "det_24h"])

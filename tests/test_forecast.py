@@ -11,8 +11,8 @@ from synthetic import synthetic_dataset
 
 from bdlens.checkpoint import save_checkpoint
 from bdlens.data import FieldLayout, compute_stats
+from bdlens.ensemble.rollout import deterministic_forecast
 from bdlens.errors import BdlensError
-from bdlens.forecast import deterministic_forecast
 from bdlens.grid import GRIDS
 from bdlens.models.config import ModelConfig
 from bdlens.models.pretrained import TrainedModel, load_trained
@@ -74,13 +74,13 @@ def test_hierarchical_forecast_matches_manual_composition(setup) -> None:
 
 def test_forecast_needs_the_analysis_history(setup) -> None:
     ds, _, models = setup
-    with pytest.raises(BdlensError, match="lacks .* time"):
+    with pytest.raises(BdlensError, match="no analysis at"):
         deterministic_forecast(models, ds, [ds.time.values[0]], [6])
 
 
 def test_posterior_forecast_members_are_reproducible_and_near_the_mean_model(setup, tmp_path: Path) -> None:
     from bdlens.bayes import PosteriorSettings, from_deterministic, save_posterior
-    from bdlens.forecast import posterior_forecast
+    from bdlens.ensemble.rollout import posterior_forecast
 
     ds, layout, models = setup
     paths = {}
@@ -89,7 +89,7 @@ def test_posterior_forecast_members_are_reproducible_and_near_the_mean_model(set
         paths[step] = save_posterior(bayes, tmp_path / f"vi_{step}", norm_stats=m.stats.to_dict())
     init = ds.time.values[8:10]
     three = posterior_forecast(paths, layout, ds, init, [6, 24, 30], members=3, seed=5)
-    two = posterior_forecast(paths, layout, ds, init, [6, 24, 30], members=2, seed=5, batch_size=1)
+    two = posterior_forecast(paths, layout, ds, init, [6, 24, 30], members=2, seed=5)
     assert three.geopotential.dims == ("number", "time", "prediction_timedelta", "level", "latitude", "longitude")
     # Member k does not depend on how many members or inits were computed together.
     np.testing.assert_allclose(two.geopotential.values, three.geopotential.isel(number=slice(0, 2)).values, rtol=1e-5, atol=1e-2)
@@ -101,40 +101,9 @@ def test_posterior_forecast_members_are_reproducible_and_near_the_mean_model(set
 
 
 def test_init_keys_are_whole_hours_since_1970() -> None:
-    from bdlens.forecast import init_keys
+    from bdlens.streams import init_key
 
     times = np.array(["1970-01-02T00", "1969-12-31T23", "2020-01-01T06"], dtype="datetime64[ns]")
-    assert init_keys(times) == [24, -1, (np.datetime64("2020-01-01T06") - np.datetime64("1970-01-01T00")) // np.timedelta64(1, "h")]
+    assert [init_key(t) for t in times] == [24, -1, (np.datetime64("2020-01-01T06") - np.datetime64("1970-01-01T00")) // np.timedelta64(1, "h")]
     with pytest.raises(BdlensError, match="whole hours"):
-        init_keys(np.array(["2020-01-01T06:30"], dtype="datetime64[ns]"))
-
-
-def test_learned_perturbation_forecast_does_not_depend_on_the_batch(setup, tmp_path: Path) -> None:
-    from bdlens.bayes import PosteriorSettings, from_deterministic, save_posterior
-    from bdlens.forecast import _run
-    from bdlens.perturbation.learned import LearnedPerturbationStep, PerturbationNetwork, PerturbConfig, save_perturbation
-
-    ds, layout, models = setup
-    model, stats = models[6].model, models[6].stats.to_dict()
-    vi = save_posterior(from_deterministic(model, PosteriorSettings(init_sigma_scale=1e-3)), tmp_path / "vi", norm_stats=stats)
-    config = PerturbConfig.model_validate({"network": {"embed_dim": 8, "heads": [1, 1, 1, 1], "init_sigma": 0.5}, "training": {"steps": 1}})
-    torch.manual_seed(0)
-    network = PerturbationNetwork(config.network.model_config_for(model.config), config.network.init_sigma, config.network.init_scale)
-    perturbation = save_perturbation(network, config, tmp_path / "p", stats)
-
-    def forecast(inits: np.ndarray, batch_size: int, seed: int = 3):
-        stepper = LearnedPerturbationStep(vi, perturbation, members=2, seed=seed, layout=layout)
-        return _run({6: stepper}, layout, model.config.n_input_times == 2, ds, inits, [6, 12], batch_size, 2)
-
-    t1, t2, t3 = ds.time.values[8:11]
-    together = forecast([t1, t2], batch_size=2)
-    one_by_one = forecast([t1, t2], batch_size=1)
-    with_t3 = forecast([t2, t3], batch_size=2)
-    alone = forecast([t2], batch_size=1)
-    for name in ("geopotential", "2m_temperature"):
-        np.testing.assert_array_equal(one_by_one[name].values, together[name].values)
-        for other in (with_t3, alone):
-            np.testing.assert_array_equal(other[name].sel(time=t2).values, together[name].sel(time=t2).values)
-    assert float(abs(together.geopotential.diff("number")).mean()) > 0  # the members differ
-    reseeded = forecast([t2], batch_size=1, seed=4)
-    assert not np.allclose(reseeded.geopotential.values, alone.geopotential.values)
+        init_key(np.datetime64("2020-01-01T06:30"))

@@ -33,14 +33,15 @@ from bdlens import __version__, streams
 from bdlens.bayes import load_posterior
 from bdlens.checkpoint import BUNDLED_DIR
 from bdlens.data import Fields, NormStats, open_dataset
-from bdlens.ensemble.base import Forecast, MemberSource
+from bdlens.ensemble.base import MemberSource
 from bdlens.ensemble.design import PERTURBATION_DRAW, WEIGHT_SAMPLE, Design, anova, split_members
 from bdlens.ensemble.members import DeterministicMembers, PosteriorMembers, PosteriorModel
+from bdlens.ensemble.rollout import _iso, history_offsets, initial_states, member_states
 from bdlens.ensemble.schemes import SCHEMES, SchemeContext, build_scheme
 from bdlens.ensemble.store import create_store, finalise, finished_units, open_forecast, record_unit, stored_attrs, unit_name, write_region
 from bdlens.ensemble.system import System, load_system
 from bdlens.errors import BdlensError
-from bdlens.models.lead_time import greedy_schedule, plan_rollout, rollout
+from bdlens.models.lead_time import greedy_schedule, plan_rollout
 from bdlens.models.pretrained import load_trained
 from bdlens.outputs import mark_output, prepare_output
 from bdlens.progress import bar
@@ -83,10 +84,6 @@ def parse_inits(inits: Sequence[str | np.datetime64] | str | None, available: np
     if len(np.unique(times)) != len(times):
         raise BdlensError("--init lists the same time twice; give each init time once")
     return times
-
-
-def _iso(t: np.datetime64) -> str:
-    return np.datetime_as_string(np.datetime64(t, "m"), unit="m")
 
 
 def available_memory(device: torch.device) -> int:
@@ -251,8 +248,8 @@ class Forecaster:
                     f"choose --lead/--output-step multiples of {min(source.steps)} h"
                 ) from None
         layout = _source_layout(source)
-        offsets = [0] + ([-s for s in source.steps] if source.n_input_times == 2 else [])
-        history = _initial_states(analysis, layout, init_times, offsets)
+        offsets = history_offsets(source)
+        history = initial_states(analysis, layout, init_times, offsets)
         request = Request(members, k, lead_hours, output_hours, perturbation, bayes, int(seed), used["temperature"],
                           used["amplitude"], tuple(_iso(t) for t in init_times),
                           "bundled demo analyses" if data is None else ("in-memory Dataset" if isinstance(data_path, xr.Dataset) else str(data_path)),
@@ -261,7 +258,7 @@ class Forecaster:
         # Chunks (rounded up to whole weight groups) small enough that every process gets work.
         chunk = min(members, group * math.ceil(min(CHUNK_MEMBERS, math.ceil(members / dist.world_size)) / group))
         batch = self.batch_size(batch_size, source, layout, group, chunk)
-        plan = tuple(plan_rollout(source.steps, leads, source.n_input_times == 2))
+        calls = len(plan_rollout(source.steps, leads, source.n_input_times == 2))
         member_ids = np.arange(members)
         attrs = {
             "bdlens_version": __version__,
@@ -291,16 +288,16 @@ class Forecaster:
         mine = [u for n, u in enumerate(units) if n % dist.world_size == dist.rank and unit_name(*u) not in done]
         with bar(total=len(mine), desc=f"ensemble ({source.describe()})", unit="unit", disable=not dist.main) as progress:
             for i, c in mine:
-                self._run_unit(source, out, history, init_times, (i, c), range(c * chunk, min((c + 1) * chunk, members)), batch, plan, leads)
+                self._run_unit(source, out, history, init_times, (i, c), range(c * chunk, min((c + 1) * chunk, members)), batch, calls, leads)
                 progress.update(1)
         dist.barrier()
         if dist.main:
-            _finish(out, design, source, len(plan), attrs)
+            _finish(out, design, source, attrs)
         dist.barrier()
         return open_forecast(out)
 
     def _run_unit(self, source: MemberSource, out: Path, history: dict[int, Fields], init_times: np.ndarray,
-                  unit: tuple[int, int], members: range, batch: int, plan: tuple, leads: list[int]) -> None:
+                  unit: tuple[int, int], members: range, batch: int, calls: int, leads: list[int]) -> None:
         i = unit[0]
         key = streams.init_key(init_times[i])
         lead_index = {lead: n for n, lead in enumerate(leads)}
@@ -309,12 +306,8 @@ class Forecaster:
         for start in range(members.start, members.stop, batch):
             ids = tuple(range(start, min(start + batch, members.stop)))
             tick = time.perf_counter()
-            source.start(Forecast(key, ids, plan))
-            n = len(ids)
-            states = source.initial({off: Fields(*(x[i : i + 1].to(self.device).expand(n, *x.shape[1:]) for x in f))
-                                     for off, f in history.items()})
-            steps = {s: source.step for s in source.steps}
-            for lead, state in rollout(steps, states, leads, source.n_input_times == 2, with_call=True):
+            one = {off: Fields(*(x[i : i + 1] for x in f)) for off, f in history.items()}
+            for lead, state in member_states(source, one, key, ids, leads, self.device):
                 cpu = Fields(state.upper.float().cpu(), state.surface.float().cpu())
                 seconds += time.perf_counter() - tick
                 out_of_bounds += _out_of_bounds(layout, cpu, ids, lead, _iso(init_times[i]))
@@ -323,7 +316,7 @@ class Forecaster:
                 write_region(out, ds, {"number": slice(ids[0], ids[-1] + 1), "time": slice(i, i + 1),
                                        "prediction_timedelta": slice(lead_index[lead], lead_index[lead] + 1)})
                 tick = time.perf_counter()
-        record_unit(out, unit_name(*unit), {"seconds": seconds, "member_steps": len(members) * len(plan), "out_of_bounds": out_of_bounds})
+        record_unit(out, unit_name(*unit), {"seconds": seconds, "member_steps": len(members) * calls, "out_of_bounds": out_of_bounds})
 
     def batch_size(self, requested: int | str, source: MemberSource, layout: Any, group: int, chunk: int) -> int:
         """Members per batch: ``requested`` (rounded to whole weight groups), or with ``"auto"`` the
@@ -385,23 +378,6 @@ def _layout(config: Any) -> Any:
     return FieldLayout(config.upper_variables, config.levels, config.surface_variables, grid)
 
 
-def _initial_states(analysis: xr.Dataset, layout: Any, init_times: np.ndarray, offsets: list[int]) -> dict[int, Fields]:
-    """The analyses each init needs (offset hours → (I, …) states), checked for presence, grid and NaN."""
-    needed = {off: init_times + np.timedelta64(off, "h") for off in offsets}
-    have = analysis.time.values.astype("datetime64[ns]")
-    for off, times in needed.items():
-        for t, t0 in zip(times, init_times, strict=True):
-            if not np.isin(t, have):
-                what = "the init time" if off == 0 else f"the state {-off} h before init {_iso(t0)}"
-                raise BdlensError(f"the data has no analysis at {_iso(t)} ({what}); choose --init times the data covers")
-    states = {off: layout.to_tensors(analysis.sel(time=times)) for off, times in needed.items()}
-    for off, f in states.items():
-        bad = [i for i in range(len(init_times)) if not (torch.isfinite(f.upper[i]).all() and torch.isfinite(f.surface[i]).all())]
-        if bad:
-            raise BdlensError(f"the analysis at {_iso(needed[off][bad[0]])} holds NaN or inf values; repair the data or choose another --init")
-    return states
-
-
 def _out_of_bounds(layout: Any, state: Fields, ids: tuple[int, ...], lead: int, init: str) -> list[dict[str, Any]]:
     bad = []
     names = list(layout.upper_variables) + list(layout.surface_variables)
@@ -417,7 +393,7 @@ def _out_of_bounds(layout: Any, state: Fields, ids: tuple[int, ...], lead: int, 
     return bad
 
 
-def _finish(out: Path, design: Design, source: MemberSource, calls: int, attrs: dict[str, Any]) -> None:
+def _finish(out: Path, design: Design, source: MemberSource, attrs: dict[str, Any]) -> None:
     units = finished_units(out)
     seconds = sum(u["seconds"] for u in units.values())
     member_steps = sum(u["member_steps"] for u in units.values())

@@ -12,14 +12,14 @@ state, the perturbation follows the flow. ``s`` is the calibrated amplitude (1 w
 The network starts harmless: its output convolutions are scaled by ``init_scale`` and the ρ bias
 set so that μ ≈ 0 and σ ≈ ``init_sigma`` everywhere.
 
-Ensembles (:class:`PerturbedEnsemble`, normalised units; :class:`LearnedPerturbationStep`, physical
-units, for :func:`bdlens.models.lead_time.rollout`): member k has posterior weight sample θ_k (drawn
+The training-time ensemble (:class:`PerturbedEnsemble`, normalised units; forecasts use
+:mod:`bdlens.ensemble.schemes.learned`): member k has posterior weight sample θ_k (drawn
 from (seed, k), fixed for the rollout, as in :class:`~bdlens.bayes.PosteriorEnsemble`) and its own
 noise: ε for member k of the forecast with *init key* i at step s comes from a generator seeded by
 (seed, i, k, s) alone (:func:`bdlens.streams.generator`, stream
 ``learned-perturbation``), so a member's forecast does not depend on which other members or which
 other initial times share its batch, nor on the batch size. The init keys of a batch are set by
-``start(init_keys)`` (:func:`bdlens.forecast._run` passes the init times in hours since 1970);
+``start(init_keys)``;
 without it they are the positions 0..B−1 in the batch (training and validation). The step counter
 restarts at ``start`` and whenever a rollout starts from a state shared by all members (the analysis).
 
@@ -39,8 +39,7 @@ and the corrected spread-skill ratio per lead (:func:`ensemble_scores`).
 Checkpoint: ``<run>/checkpoint`` with ``model.safetensors`` and a manifest of ``kind:
 "perturbation"``, the network's model config and init settings, the norm stats, the backbone (VI)
 checkpoint it was trained with, and provenance. A ``calibration.json`` beside it (written by
-``bdlens calibrate``) sets the default amplitude and posterior temperature of
-:class:`LearnedPerturbationStep`.
+``bdlens calibrate``) records the calibrated amplitude and posterior temperature.
 """
 
 from __future__ import annotations
@@ -65,9 +64,8 @@ from bdlens.bayes.sampling import PosteriorEnsemble
 from bdlens.bayes.trainer import ValidationSettings, latitudes
 from bdlens.checkpoint import load_state_into, load_weights, read_manifest, save_checkpoint
 from bdlens.configs import YamlConfig
-from bdlens.data import FieldLayout, Fields, NormStats
+from bdlens.data import Fields
 from bdlens.errors import BdlensError
-from bdlens.forecast import PosteriorStep
 from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss
 from bdlens.models.layers import PatchRecovery
 from bdlens.perturbation.initial import member_noise
@@ -275,43 +273,6 @@ class PerturbedEnsemble:
             current = tuple(x.reshape(k, b, *x.shape[1:]) for x in perturbed)
         self.step_index += 1
         return self.ensemble.step(previous, current)
-
-
-class LearnedPerturbationStep(PosteriorStep):
-    """A VI posterior with the learned perturbation as a physical-units step for K members.
-
-    Usable wherever :class:`bdlens.forecast.PosteriorStep` is (``rollout``, ``_run``). ``sigma_scale``
-    and ``temperature`` default to the ``calibration.json`` beside the perturbation checkpoint, else 1.
-    :meth:`start` keys the noise to the init times of the next rollout (see :class:`PerturbedEnsemble`).
-    """
-
-    def __init__(
-        self,
-        posterior: str | Path,
-        perturbation: str | Path,
-        members: int,
-        seed: int,
-        layout: FieldLayout,
-        sigma_scale: float | None = None,
-        temperature: float | None = None,
-    ) -> None:
-        super().__init__(posterior, members, seed, layout)
-        network, manifest = load_perturbation(perturbation)
-        if NormStats.from_dict(manifest["norm_stats"]).key != self.stats.key:
-            raise BdlensError(f"{perturbation} was trained with other normalisation statistics than the posterior {posterior}")
-        calibration = read_calibration(perturbation)
-        self.ensemble = PerturbedEnsemble(
-            self.ensemble.bayes,
-            network,
-            members,
-            seed,
-            sigma_scale=calibration.get("amplitude", 1.0) if sigma_scale is None else sigma_scale,
-            temperature=calibration.get("temperature", 1.0) if temperature is None else temperature,
-        )
-
-    def start(self, init_keys: Sequence[int]) -> None:
-        """Key the noise of the next rollout to these forecasts (init times in hours since 1970, one per forecast)."""
-        self.ensemble.start(init_keys)
 
 
 # ----------------------------------------------------------------------------------------------
