@@ -1,4 +1,4 @@
-"""The deterministic demo models shipped in the package: provenance and a skill sanity check."""
+"""The demo models shipped in the package: unchanged outputs, provenance, and skill recomputed on the small world."""
 
 from __future__ import annotations
 
@@ -6,12 +6,38 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from bundled_reference import NAMES, REFERENCE, bundled_outputs
 
+from bdlens.checkpoint import read_manifest
 from bdlens.data import open_dataset
 from bdlens.errors import BdlensError
 from bdlens.forecast import deterministic_forecast
 from bdlens.grid import lat_weights
 from bdlens.models.pretrained import BUNDLED_DIR, bundled_checkpoint, load_trained
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bundled_network_outputs_are_unchanged(name: str) -> None:
+    """The bundles predate the ``convention`` field: their manifests resolve to the legacy token layout
+    and the networks give the outputs recorded before the backbone moved to Pangu's (tests/bundled_reference.py)."""
+    torch.set_num_threads(1)
+    reference = np.load(REFERENCE)
+    for key, value in bundled_outputs(name).items():
+        np.testing.assert_allclose(value, reference[key], rtol=1e-5, atol=1e-5 * np.abs(reference[key]).max(), err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["det_6h", "det_24h", "vi_6h", "vi_24h", "perturb_6h"])
+def test_every_bundle_loads_as_a_legacy_model(name: str) -> None:
+    from bdlens.bayes import load_posterior
+    from bdlens.perturbation.learned import load_perturbation
+
+    directory = bundled_checkpoint(name)
+    loader = {"vi": lambda d: load_posterior(d)[0].config, "perturb": lambda d: load_perturbation(d)[0].config}.get(
+        name.split("_")[0], lambda d: load_trained(d).model.config
+    )
+    assert "convention" not in read_manifest(directory)["model_config"]
+    assert loader(directory).convention == "legacy"
 
 
 @pytest.mark.parametrize("name", ["det_6h", "det_24h"])
