@@ -146,3 +146,26 @@ def test_scores_do_not_depend_on_the_batch_size(world: dict) -> None:  # noqa: F
         for key in ("crps", "rmse", "spread"):
             assert a[key] == pytest.approx(b[key], rel=1e-5)
     assert one[0]["spread"] > 0
+
+
+def test_the_shipped_posterior_temperature_scales_each_weight_deviation() -> None:
+    """θ_k − μ = T·σ⊙ε_k, with ε_k member k's standard-normal draw, for the bundled learned-perturbation
+    ensemble at its calibrated temperature (calibration.json: T = 2) — not T² or √T, and not a scaled θ."""
+    from bdlens.bayes.sampling import member_generator
+    from bdlens.models.pretrained import bundled_checkpoint, load_trained
+    from bdlens.perturbation.learned import LearnedPerturbationStep, read_calibration
+
+    temperature = read_calibration(bundled_checkpoint("perturb_6h"))["temperature"]
+    assert temperature == 2
+    layout = load_trained(bundled_checkpoint("det_6h")).layout
+    step = LearnedPerturbationStep(bundled_checkpoint("vi_6h"), bundled_checkpoint("perturb_6h"), 2, 17, layout)
+    post = step.ensemble.bayes.posterior
+    with torch.no_grad():
+        for k, theta in enumerate(step.ensemble.ensemble.weights):
+            eps = torch.randn(post.size, generator=member_generator(17, k), dtype=post.mu.dtype).double()
+            assert abs(float(eps.mean())) < 0.01 and float(eps.std()) == pytest.approx(1.0, abs=0.01)
+            expected = temperature * post.sigma.double() * eps
+            # float32 weights: μ + T·σε is rounded to the float32 spacing of μ
+            rounding = 2 * torch.finfo(torch.float32).eps * post.mu.double().abs()
+            assert bool(((theta - post.mu).double() - expected).abs().le(rounding + 1e-5 * expected.abs()).all())
+            assert float(expected.abs().median()) > 100 * float(rounding.median())  # the deviations are resolved
