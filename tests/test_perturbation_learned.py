@@ -20,6 +20,7 @@ import bdlens.perturbation.learned as learned
 from bdlens.bayes.posterior import PosteriorSettings, from_deterministic, save_posterior
 from bdlens.checkpoint import save_checkpoint
 from bdlens.cli import main
+from bdlens.configs import portable_path
 from bdlens.data import Fields, make_datasets
 from bdlens.data.splits import load_data_config
 from bdlens.errors import BdlensError
@@ -230,7 +231,7 @@ def test_cli_trains_from_a_vi_checkpoint_and_refuses_a_deterministic_one(world: 
     args = ["-q", "train", "perturb", "--config", str(tmp_path / "perturb.yaml"), "--out", str(tmp_path / "run")]
     assert main([*args, "--from", str(world["vi"])]) == 0
     _, manifest = load_perturbation(tmp_path / "run" / "checkpoint")
-    assert manifest["backbone_checkpoint"] == str(world["vi"].resolve()) and manifest["norm_stats"]["key"] == world["train"].stats.key
+    assert manifest["backbone_checkpoint"] == portable_path(world["vi"]) and manifest["norm_stats"]["key"] == world["train"].stats.key
     capsys.readouterr()
     assert main([*args, "--from", str(world["vi"])]) == 2  # an existing run is neither overwritten nor resumed silently
     assert "--resume" in capsys.readouterr().err

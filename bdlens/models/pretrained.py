@@ -10,6 +10,7 @@ import torch
 from safetensors.torch import save_file
 
 from bdlens.checkpoint import load_state_into, load_weights, read_manifest
+from bdlens.configs import portable_path
 from bdlens.data import FieldLayout, Fields, NormStats
 from bdlens.errors import BdlensError
 from bdlens.grid import GRIDS
@@ -97,7 +98,7 @@ def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwri
         load_perturbation(checkpoint)
     else:
         load_trained(checkpoint)
-    manifest = {**manifest, **(extra or {}), "bundled_from": str(checkpoint)}
+    manifest = {**manifest, **(extra or {}), "bundled_from": portable_path(checkpoint)}
     manifest.pop("bdlens_version", None)
     # Built beside the target and swapped in whole: nothing of a replaced bundle lingers, and an
     # interrupted bundling leaves the old bundle intact.
