@@ -210,3 +210,23 @@ def test_block_equals_a_plain_softmax_reference_with_the_paper_bias_index(shifte
     x = torch.randn(2, *shape, 8, dtype=torch.float64)
     with torch.no_grad():
         torch.testing.assert_close(block(x), _reference_block(block, x, sign), rtol=1e-10, atol=1e-10)
+
+
+def test_the_two_shift_signs_differ_only_by_a_relabelling_of_window_types():
+    """With even windows, rolling by +half a window (Pangu) or −half a window (legacy) cuts the same
+    windows: Pangu's window i along an axis is the legacy window i − 1. A legacy block's bias table with
+    its window types relabelled that way gives a Pangu block the same output (SPEC §3)."""
+    torch.manual_seed(8)
+    window, shape = (2, 2, 4), (4, 6, 8)
+    legacy = EarthSpecificBlock(8, 2, window, shape, True, 2.0, 0.0, -1).double().eval()
+    pangu = EarthSpecificBlock(8, 2, window, shape, True, 2.0, 0.0, 1).double().eval()
+    n_z, n_h = pangu.padded[0] // window[0], pangu.padded[1] // window[1]
+    relabel = [((t // n_h - 1) % n_z) * n_h + (t % n_h - 1) % n_h for t in range(n_z * n_h)]
+    pangu.load_state_dict(legacy.state_dict())
+    with torch.no_grad():
+        legacy.attn.earth_bias.normal_(0.0, 1.0)
+        pangu.attn.earth_bias.copy_(legacy.attn.earth_bias[:, relabel])
+        x = torch.randn(1, *shape, 8, dtype=torch.float64)
+        torch.testing.assert_close(pangu(x), legacy(x), rtol=1e-12, atol=1e-12)
+        pangu.attn.earth_bias.copy_(legacy.attn.earth_bias)  # without the relabelling they differ
+        assert not torch.allclose(pangu(x), legacy(x))
