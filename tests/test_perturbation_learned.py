@@ -248,7 +248,7 @@ def test_ddp_two_processes_train_like_one_process_with_the_whole_batch(world: di
     (tmp_path / "perturb.yaml").write_text(json.dumps(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     args = ["-m", "bdlens", "-q", "train", "perturb", "--from", str(world["vi"]), "--config", str(tmp_path / "perturb.yaml"), "--out"]
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", *args, str(tmp_path / "ddp")]
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args, str(tmp_path / "ddp")]
     for cmd in (ddp, [sys.executable, *args, str(tmp_path / "one")]):
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
