@@ -1,7 +1,9 @@
-"""Locating the YAML configs that ship in the repository's ``configs/`` folder, and reading them."""
+"""Locating the YAML configs that ship in the repository's ``configs/`` folder, and reading them; paths
+as manifests record them (portable between machines)."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import ClassVar, Self
 
@@ -11,6 +13,37 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from bdlens.errors import BdlensError, validation_error
 
 CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
+REPOSITORY = CONFIG_DIR.parent
+CACHE = "$BDLENS_CACHE_DIR"  # how manifests write the bdlens cache directory
+
+
+def default_cache_dir() -> Path:
+    """``$BDLENS_CACHE_DIR`` or ``~/.cache/bdlens``."""
+    return Path(os.environ.get("BDLENS_CACHE_DIR", Path.home() / ".cache" / "bdlens"))
+
+
+def portable_path(path: str | Path) -> str:
+    """``path`` as a manifest records it, without the absolute paths of the machine that wrote it:
+    ``$BDLENS_CACHE_DIR/…`` inside the bdlens cache (demo worlds), else relative to the repository
+    (``configs/…``, ``bdlens/assets/…``, ``runs/…``), else to the working directory (where the command
+    ran); anything else as given. :func:`resolve_portable` reads it back."""
+    resolved = Path(path).resolve()
+    for root, prefix in ((default_cache_dir().resolve(), CACHE), (REPOSITORY, None), (Path.cwd(), None)):
+        if resolved.is_relative_to(root):
+            relative = resolved.relative_to(root).as_posix()
+            return relative if prefix is None else f"{prefix}/{relative}"
+    return str(path)
+
+
+def resolve_portable(recorded: str) -> Path:
+    """The local path of a :func:`portable_path`: ``$BDLENS_CACHE_DIR/…`` in this machine's cache, a
+    relative path from the working directory, else from the repository."""
+    if recorded == CACHE or recorded.startswith(f"{CACHE}/"):
+        return default_cache_dir() / recorded.removeprefix(CACHE).lstrip("/")
+    path = Path(recorded)
+    if path.is_absolute() or path.exists() or not (REPOSITORY / path).exists():
+        return path
+    return REPOSITORY / path
 
 
 def config_path(name_or_path: str | Path) -> Path:

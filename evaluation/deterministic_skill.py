@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import xarray as xr
 
 from bdlens.checkpoint import bundled_checkpoint
 from bdlens.ensemble.rollout import deterministic_forecast
@@ -23,6 +24,19 @@ from bdlens.models.pretrained import load_trained
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FIELDS, demo_world_split, load_demo_world, print_table, rmse_by_lead, test_inits, verification  # noqa: E402
+
+
+def skill_table(forecast: xr.Dataset, truth: xr.Dataset, analysis: xr.Dataset, climatology: xr.Dataset) -> dict[str, dict[str, list[float]]]:
+    """Latitude-weighted RMSE per lead of the forecast, persistence of the analysis and ``climatology``
+    (a time-mean state), for every headline field: ``table[field][series]`` = one value per lead."""
+    truth_valid = verification(truth, forecast)
+
+    def like_forecast(state: xr.Dataset) -> xr.Dataset:
+        # Variable by variable: broadcasting the whole Dataset would give MSLP the upper-air `level` dim.
+        return xr.Dataset({name: state[name].broadcast_like(forecast[name]) for name in forecast.data_vars})
+
+    series = (("model", forecast), ("persistence", like_forecast(analysis.sel(time=forecast.time))), ("climatology", like_forecast(climatology)))
+    return {key: {name: rmse_by_lead(fc, truth_valid, key) for name, fc in series} for key in FIELDS}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,13 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     lead_hours = list(range(6, args.max_lead_hours + 1, 6))
     inits = test_inits(truth, args.max_lead_hours, args.init_every_hours)
     forecast = deterministic_forecast(models, analysis, inits, lead_hours)
-    truth_valid = verification(truth, forecast)
-    persistence = analysis.sel(time=forecast.time).broadcast_like(forecast)
-    climatology = truth.sel(time=slice(*demo_world_split("train"))).mean("time").broadcast_like(forecast)
-    table = {
-        key: {name: rmse_by_lead(fc, truth_valid, key) for name, fc in (("model", forecast), ("persistence", persistence), ("climatology", climatology))}
-        for key in FIELDS
-    }
+    table = skill_table(forecast, truth, analysis, truth.sel(time=slice(*demo_world_split("train"))).mean("time"))
     result = {
         "inits": [str(inits[0])[:13], str(inits[-1])[:13], len(inits)],
         "lead_hours": lead_hours,

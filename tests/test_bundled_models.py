@@ -1,4 +1,4 @@
-"""The deterministic demo models shipped in the package: provenance and a skill sanity check."""
+"""The demo models shipped in the package: unchanged outputs, provenance, and skill recomputed on the small world."""
 
 from __future__ import annotations
 
@@ -6,13 +6,38 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
+from bundled_reference import NAMES, REFERENCE, bundled_outputs
 
-from bdlens.checkpoint import BUNDLED_DIR, bundled_checkpoint
+from bdlens.checkpoint import BUNDLED_DIR, bundled_checkpoint, read_manifest
 from bdlens.data import open_dataset
 from bdlens.ensemble.rollout import deterministic_forecast
 from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.models.pretrained import load_trained
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_bundled_network_outputs_are_unchanged(name: str) -> None:
+    """The bundles predate the ``convention`` field: their manifests resolve to the legacy token layout
+    and the networks give the outputs recorded before the backbone moved to Pangu's (tests/bundled_reference.py)."""
+    torch.set_num_threads(1)
+    reference = np.load(REFERENCE)
+    for key, value in bundled_outputs(name).items():
+        np.testing.assert_allclose(value, reference[key], rtol=1e-5, atol=1e-5 * np.abs(reference[key]).max(), err_msg=key)
+
+
+@pytest.mark.parametrize("name", ["det_6h", "det_24h", "vi_6h", "vi_24h", "perturb_6h"])
+def test_every_bundle_loads_as_a_legacy_model(name: str) -> None:
+    from bdlens.bayes import load_posterior
+    from bdlens.perturbation.learned import load_perturbation
+
+    directory = bundled_checkpoint(name)
+    loader = {"vi": lambda d: load_posterior(d)[0].config, "perturb": lambda d: load_perturbation(d)[0].config}.get(
+        name.split("_")[0], lambda d: load_trained(d).model.config
+    )
+    assert "convention" not in read_manifest(directory)["model_config"]
+    assert loader(directory).convention == "legacy"
 
 
 @pytest.mark.parametrize("name", ["det_6h", "det_24h"])
@@ -21,9 +46,12 @@ def test_bundled_model_has_its_provenance(name: str) -> None:
     training = model.manifest["training"]
     assert training["command"].startswith("bdlens train deterministic --config train_det_")
     assert training["seed"] == 0 and training["config"]["steps"] > 0
-    assert model.manifest["validation"]["geopotential_500"] < model.manifest["validation"]["persistence/geopotential_500"]
-    assert model.manifest["test_scores"]["checks"]["z500"]["beats_persistence_6h_to_10d"]
     assert model.step_hours == int(name.removeprefix("det_").removesuffix("h"))
+
+
+def test_bundled_manifests_record_no_absolute_paths() -> None:
+    for path in sorted(BUNDLED_DIR.glob("*/*.json")):
+        assert '"/' not in path.read_text(), f"{path} records an absolute path (see scripts/portable_provenance.py)"
 
 
 def test_package_stays_small() -> None:
@@ -36,20 +64,91 @@ def test_unknown_bundle_is_a_clear_error() -> None:
         bundled_checkpoint("nope")
 
 
-def test_bundled_models_beat_persistence_on_the_small_world(small_world: Path) -> None:
+LEADS = (6, 24, 48)
+HEADLINE = {"z500": ("geopotential", 500), "t850": ("temperature", 850)}
+
+
+@pytest.fixture(scope="module")
+def small_world_forecasts(small_world: Path) -> dict:
+    """Truth, analysis and the bundled deterministic forecast at every small-world init with two days ahead."""
     truth = open_dataset(small_world / "truth.zarr").load()
     analysis = open_dataset(small_world / "analysis.zarr").load()
     models = {h: load_trained(bundled_checkpoint(f"det_{h}h")) for h in (6, 24)}
-    inits = truth.time.values[4:40:8]
-    fc = deterministic_forecast(models, analysis, inits, [6, 24, 48])
-    weights = lat_weights(truth.latitude.values)[:, None]
-    for lead in (6, 24, 48):
-        valid = inits + np.timedelta64(lead, "h")
-        z_true = truth.geopotential.sel(level=500, time=valid).values
-        z_model = fc.geopotential.sel(level=500, prediction_timedelta=np.timedelta64(lead, "h")).values
-        z_persist = analysis.geopotential.sel(level=500, time=inits).values
-        rmse = lambda f: float(np.sqrt(np.mean((f - z_true) ** 2 * weights)))  # noqa: E731
-        assert rmse(z_model) < rmse(z_persist), lead
+    inits = truth.time.values[4:-8]  # a day of history, two days ahead: 72 inits
+    forecast = deterministic_forecast(models, analysis, inits, list(LEADS))
+    return {"truth": truth, "analysis": analysis, "inits": inits, "forecast": forecast, "layout": models[6].layout}
+
+
+def _rmse(field: np.ndarray, truth: np.ndarray, latitude: np.ndarray) -> float:
+    """Latitude-weighted RMSE over inits and grid (numpy, written out)."""
+    return float(np.sqrt(np.mean((field - truth) ** 2 * lat_weights(latitude)[:, None])))
+
+
+def test_bundled_deterministic_skill_recomputed_on_the_small_world(small_world_forecasts: dict) -> None:
+    """RMSE of the bundled det_6h + det_24h (hierarchical) forecast and of persistence, recomputed here.
+
+    The manifest's scores are from the default world's test period (12 sigma layers, 173 inits); the
+    small world is another world (8 layers, 21 days after a 100-day spin-up, 72 correlated inits), so
+    the like-for-like number is the skill ratio RMSE(model)/RMSE(persistence), which normalises out
+    how predictable the flow is. Measured: Z500 0.801 / 0.461 / 0.519 against the manifest's 0.771 /
+    0.445 / 0.490 at 6 / 24 / 48 h, T850 0.852 / 0.616 / 0.629 against 0.850 / 0.594 / 0.596: within
+    6 %; allowed 10 %. The absolute RMSEs agree within 7 % (allowed 10 %). MSLP is not compared: the
+    two worlds' lowest layers, and so their surface-pressure climates, differ (measured ratios
+    1.04 / 0.85 / 0.91 against 0.83 / 0.54 / 0.58). Also checked: `evaluation/deterministic_skill.py`
+    gives the same numbers on the same forecast, and its MSLP rows have one value per lead.
+    """
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
+    from deterministic_skill import skill_table
+
+    truth, analysis, inits, forecast = (small_world_forecasts[k] for k in ("truth", "analysis", "inits", "forecast"))
+    manifest = load_trained(bundled_checkpoint("det_6h")).manifest["test_scores"]
+    table = skill_table(forecast, truth, analysis, truth.mean("time"))
+    assert all(len(rows) == len(LEADS) and all(isinstance(v, float) for v in rows) for rows in table["mslp"].values())
+    latitude = truth.latitude.values
+    for key, (name, level) in HEADLINE.items():
+        for i, lead in enumerate(LEADS):
+            target = truth[name].sel(level=level, time=inits + np.timedelta64(lead, "h")).values
+            model = _rmse(forecast[name].sel(level=level, prediction_timedelta=np.timedelta64(lead, "h")).values, target, latitude)
+            persistence = _rmse(analysis[name].sel(level=level, time=inits).values, target, latitude)
+            assert table[key]["model"][i] == pytest.approx(model, rel=1e-3)
+            assert table[key]["persistence"][i] == pytest.approx(persistence, rel=1e-3)
+            j = manifest["lead_hours"].index(lead)
+            stored = manifest["rmse"][key]
+            assert model / persistence == pytest.approx(stored["model"][j] / stored["persistence"][j], rel=0.10), (key, lead)
+            assert model == pytest.approx(stored["model"][j], rel=0.10), (key, lead)
+
+
+def test_bundled_posterior_skill_recomputed_on_the_small_world(small_world_forecasts: dict) -> None:
+    """4 posterior members of vi_6h + vi_24h against the bundled deterministic forecast, recomputed here.
+
+    Like for like with the manifest (10 members, default world): the posterior mean is as good as the
+    deterministic model (its mean-square error less the s²/K that a K-member mean adds, within 2 %, the
+    manifest's own criterion; measured +0.7 %), and the epistemic spread relative to the deterministic
+    RMSE is within 25 % of the manifest's (measured Z500 0.173 / 0.239 against 0.157 / 0.251 at 6 / 24 h,
+    T850 0.214 / 0.209 against 0.196 / 0.219: 4 weight samples instead of 10, and another world).
+    """
+    from bdlens.ensemble.rollout import posterior_forecast
+
+    truth, deterministic = small_world_forecasts["truth"], small_world_forecasts["forecast"]
+    inits, leads, members = small_world_forecasts["inits"][::2], [6, 24], 4
+    posteriors = {h: bundled_checkpoint(f"vi_{h}h") for h in (6, 24)}
+    posterior = posterior_forecast(posteriors, small_world_forecasts["layout"], small_world_forecasts["analysis"], inits, leads, members=members)
+    manifest = read_manifest(bundled_checkpoint("vi_6h"))["test_scores"]
+    latitude = truth.latitude.values
+    for key, (name, level) in HEADLINE.items():
+        for lead in leads:
+            step = np.timedelta64(lead, "h")
+            target = truth[name].sel(level=level, time=inits + step).values
+            det = _rmse(deterministic[name].sel(level=level, prediction_timedelta=step, time=inits).values, target, latitude)
+            ens = posterior[name].sel(level=level, prediction_timedelta=step).values
+            variance = float(np.mean(ens.var(axis=0, ddof=1) * lat_weights(latitude)[:, None]))
+            debiased = np.sqrt(_rmse(ens.mean(axis=0), target, latitude) ** 2 - variance / members)
+            assert debiased / det == pytest.approx(1.0, abs=0.02), (key, lead)
+            j = manifest["lead_hours"].index(lead)
+            stored = manifest["rmse"][key]
+            assert np.sqrt(variance) / det == pytest.approx(stored["posterior_spread"][j] / stored["deterministic"][j], rel=0.25), (key, lead)
 
 
 @pytest.mark.parametrize("name", ["vi_6h", "vi_24h"])
@@ -58,8 +157,6 @@ def test_bundled_posterior_has_its_provenance(name: str) -> None:
 
     bayes, manifest = load_posterior(bundled_checkpoint(name))
     assert manifest["training"]["command"].startswith("bdlens train vi --from runs/det_")
-    assert manifest["test_scores"]["pass"] is True
-    assert max(max(r) for r in manifest["test_scores"]["ratio_posterior_mean_to_deterministic"].values()) <= 1.02
     assert float(bayes.posterior.sigma.min()) > 0
 
 
@@ -83,15 +180,45 @@ def test_bundled_posterior_spread_grows_far_outside_the_training_distribution(sm
     assert spreads[8.0] > 2.0 * spreads[0.0]
 
 
-def test_bundled_perturbation_network_is_calibrated_and_traceable() -> None:
+@pytest.mark.slow
+def test_bundled_perturbation_calibration_recomputed_on_the_small_world(small_world: Path) -> None:
+    """vi_6h + perturb_6h at the calibrated amplitude and posterior temperature against the uncalibrated
+    ensemble (1, 1), scored here as `bdlens calibrate` scores (8 members, leads 1 and 4 steps, normalised
+    units, the manifest's statistics) on 8 small-world forecasts. calibration.json claims, on the default
+    world's validation period: fair CRPS no worse (0.12233 → 0.12227) and the pooled corrected
+    spread-skill ratio closer to 1 (0.958 → 0.986). Measured here: CRPS 0.1477 → 0.1457, pooled
+    spread-skill 0.895 → 0.952, lead-4 spread-skill 0.880 → 0.942 (the manifest's after: 0.967).
+    Allowed: CRPS at most 1 % worse, |SSR − 1| at most 0.02 worse, lead-4 SSR of the calibrated
+    ensemble within 0.1 of the manifest's.
+    """
     import json
 
-    from bdlens.perturbation.learned import load_perturbation
+    from bdlens.bayes import load_posterior
+    from bdlens.data import NormStats
+    from bdlens.data.torch_dataset import WeatherDataset
+    from bdlens.perturbation.learned import PerturbedEnsemble, load_perturbation
+    from bdlens.training.ensemble_validation import ensemble_scores
 
     directory = bundled_checkpoint("perturb_6h")
-    network, manifest = load_perturbation(directory)
-    assert manifest["kind"] == "perturbation"
-    assert manifest["training"]["command"].startswith("bdlens train perturb --from bdlens/assets/models/vi_6h")
     calibration = json.loads((directory / "calibration.json").read_text())
-    assert calibration["after"]["crps"] <= calibration["before"]["crps"] * 1.01
-    assert abs(calibration["after"]["spread_skill"] - 1) <= abs(calibration["before"]["spread_skill"] - 1) + 1e-9
+    assert calibration["provenance"]["command"].startswith("bdlens calibrate --vi bdlens/assets/models/vi_6h")
+    network, manifest = load_perturbation(directory)
+    assert manifest["training"]["command"].startswith("bdlens train perturb --from bdlens/assets/models/vi_6h")
+    bayes, _ = load_posterior(bundled_checkpoint("vi_6h"))
+    layout = load_trained(bundled_checkpoint("det_6h")).layout
+    data = WeatherDataset(open_dataset(small_world / "truth.zarr"), layout, "6h", stats=NormStats.from_dict(manifest["norm_stats"]),
+                          input_steps=2, in_memory=True)
+    settings = calibration["config"]
+
+    def scores(amplitude: float, temperature: float) -> tuple[float, float, float]:
+        ensemble = PerturbedEnsemble(bayes, network, settings["members"], settings["seed"], sigma_scale=amplitude, temperature=temperature)
+        rows = ensemble_scores(ensemble, data, settings["leads"], 8, settings["batch_size"])
+        members = settings["members"]
+        pooled = np.sqrt(sum(r["variance"] for r in rows) / sum(r["mse"] for r in rows) * (members + 1) / members)
+        return float(np.mean([r["crps"] for r in rows])), float(pooled), rows[-1]["spread_skill"]
+
+    crps_before, ssr_before, _ = scores(1.0, 1.0)
+    crps_after, ssr_after, ssr_after_last = scores(calibration["amplitude"], calibration["temperature"])
+    assert crps_after <= 1.01 * crps_before
+    assert abs(ssr_after - 1) <= abs(ssr_before - 1) + 0.02
+    assert ssr_after_last == pytest.approx(calibration["after"]["per_lead"][-1]["spread_skill"], abs=0.1)

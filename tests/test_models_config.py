@@ -62,3 +62,14 @@ def test_unreadable_config_is_a_clear_error(tmp_path):
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     with pytest.raises(BdlensError, match="must be a YAML mapping"):
         ModelConfig.from_yaml(tmp_path / "list.yaml")
+
+
+def test_new_configs_use_pangus_convention_and_old_manifests_resolve_to_legacy():
+    config = ModelConfig.from_yaml(CONFIGS / "model_demo.yaml")
+    assert config.convention == "pangu" and config.ground_up
+    stored = config.model_dump(mode="json")
+    assert ModelConfig.from_manifest(stored, "manifest").convention == "pangu"
+    del stored["convention"]  # a manifest written before the field existed
+    assert ModelConfig.from_manifest(stored, "manifest").convention == "legacy"
+    with pytest.raises(BdlensError, match="convention"):
+        ModelConfig.from_manifest({**stored, "convention": "swin"}, "manifest")

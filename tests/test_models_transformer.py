@@ -88,23 +88,26 @@ def test_odd_latitudes_and_levels_pad_at_the_end_and_crop():
     upper, surface, _ = inputs(config)
     with torch.no_grad():
         out_upper, out_surface = model(upper, surface)
-        # Padding goes at the end: the south-most rows of the embedding do not see it.
+        # Padding goes at the end: the south-most rows of the embedding do not see it, nor do the lowest
+        # levels (they come first in Pangu's ground-up order, so the padded level is above 250 hPa).
         stacked_upper, stacked_surface = upper.reshape(1, 4, 3, 9, 32), surface.reshape(1, 6, 9, 32)
         tokens = model.embed(stacked_upper, stacked_surface)
-        padded_upper = F.pad(stacked_upper, (0, 0, 0, 1, 0, 1))
+        padded_upper = F.pad(stacked_upper.flip(2), (0, 0, 0, 1, 0, 1))
         padded_surface = F.pad(stacked_surface, (0, 0, 0, 1))
         torch.testing.assert_close(tokens[:, 1:].permute(0, 4, 1, 2, 3), model.embed.upper(padded_upper))
         torch.testing.assert_close(tokens[:, 0].permute(0, 3, 1, 2), model.embed.surface(padded_surface))
     assert out_upper.shape == (1, 2, 3, 9, 32) and out_surface.shape == (1, 3, 9, 32)
 
 
-def test_patch_recovery_crops_the_end():
+@pytest.mark.parametrize("ground_up", [True, False])
+def test_patch_recovery_crops_the_end(ground_up):
     torch.manual_seed(3)
-    recovery = PatchRecovery(4, 2, 3, (2, 2, 2), (3, 9))
+    recovery = PatchRecovery(4, 2, 3, (2, 2, 2), (3, 9), ground_up)
     tokens = torch.randn(1, 3, 5, 4, 4)
     upper, surface = recovery(tokens)
-    full = recovery.upper(tokens[:, 1:].permute(0, 4, 1, 2, 3))
-    torch.testing.assert_close(upper, full[:, :, :3, :9])
+    full = recovery.upper(tokens[:, 1:].permute(0, 4, 1, 2, 3))[:, :, :3, :9]
+    # Pangu's tokens run from the ground up; the output levels are in ascending hPa again.
+    torch.testing.assert_close(upper, full.flip(2) if ground_up else full)
     torch.testing.assert_close(surface, recovery.surface(tokens[:, 0].permute(0, 3, 1, 2))[:, :, :9])
 
 
@@ -203,3 +206,56 @@ def test_wrong_input_shapes_are_clear_errors():
         model(upper[:, :1], surface)
     with pytest.raises(BdlensError, match="constants"):
         model(upper, surface, torch.zeros(1, 12, 32))
+
+
+def _surface_token_response(config: ModelConfig, level: int) -> float:
+    """Change of the surface token after the embedding and the first (unshifted) block when the input
+    at pressure ``level`` changes."""
+    torch.manual_seed(5)
+    model = EarthSpecificTransformer(config).double().eval()
+    upper, surface, _ = inputs(config, dtype=torch.float64)
+    bumped = upper.clone()
+    bumped[:, :, :, config.levels.index(level)] += 1.0
+
+    def surface_token(u: torch.Tensor) -> torch.Tensor:
+        tokens = model.embed(u.flatten(1, 2), surface.flatten(1, 2))
+        return model.encoder1.blocks[0](tokens)[:, 0]
+
+    with torch.no_grad():
+        return float((surface_token(bumped) - surface_token(upper)).abs().max())
+
+
+def test_levels_enter_from_the_ground_up_so_the_surface_attends_to_1000_hpa():
+    """Pangu's order (1000 → 50 hPa): the surface token shares its vertical window with the lowest levels.
+    The legacy order (ascending hPa) put it beside the top levels, never seeing 1000 hPa in one block."""
+    levels = [50, 100, 500, 850, 925, 1000]  # three level tokens of two levels, plus the surface token
+    pangu = tiny_config(levels=levels, window=[2, 2, 4])
+    legacy = tiny_config(levels=levels, window=[2, 2, 4], convention="legacy")
+    assert pangu.convention == "pangu" and pangu.token_shape(1)[0] == 4
+    assert _surface_token_response(pangu, 1000) > 1e-3
+    assert _surface_token_response(pangu, 50) == 0.0
+    assert _surface_token_response(legacy, 1000) == 0.0
+    assert _surface_token_response(legacy, 50) > 1e-3
+
+
+@pytest.mark.parametrize("convention", ["pangu", "legacy"])
+def test_embedding_then_recovery_keeps_every_level_in_place(convention):
+    """With one grid point per patch and identity weights, recovery ∘ embedding is the identity: the
+    level flip of Pangu's order is undone on the way out."""
+    config = tiny_config(n_input_times=1, embed_dim=6, heads=[1, 1, 1, 1], patch=[1, 1, 1], convention=convention)
+    model = EarthSpecificTransformer(config)
+    upper, surface, _ = inputs(config, batch=2)
+    with torch.no_grad():
+        for conv in (model.embed.upper, model.embed.surface, model.recovery.upper, model.recovery.surface):
+            conv.bias.zero_()
+            conv.weight.zero_()
+        for i in range(config.n_upper):
+            model.embed.upper.weight[i, i] = 1.0
+            model.recovery.upper.weight[i, i] = 1.0  # the recovery reads the 2C channels of [skip, decoder]
+        for i in range(config.n_surface):
+            model.embed.surface.weight[i, i] = 1.0
+            model.recovery.surface.weight[i, i] = 1.0
+        tokens = model.embed(upper[:, 0], surface[:, 0])
+        out_upper, out_surface = model.recovery(torch.cat([tokens, torch.zeros_like(tokens)], dim=-1))
+    torch.testing.assert_close(out_upper, upper[:, 0], rtol=0, atol=0)
+    torch.testing.assert_close(out_surface, surface[:, 0], rtol=0, atol=0)

@@ -146,3 +146,29 @@ def test_scores_do_not_depend_on_the_batch_size(world: dict) -> None:  # noqa: F
         for key in ("crps", "rmse", "spread"):
             assert a[key] == pytest.approx(b[key], rel=1e-5)
     assert one[0]["spread"] > 0
+
+
+def test_the_shipped_posterior_temperature_scales_each_weight_deviation() -> None:
+    """θ_k − μ = T·σ⊙ε_k, with ε_k member k's standard-normal draw, for the bundled learned-perturbation
+    ensemble at its calibrated temperature (calibration.json: T = 2) — not T² or √T, and not a scaled θ."""
+    from bdlens import streams
+    from bdlens.bayes.sampling import WEIGHT_STREAM
+    from bdlens.checkpoint import bundled_checkpoint
+    from bdlens.ensemble import Design, Forecast, Forecaster
+    from bdlens.perturbation.learned import read_calibration
+
+    temperature = read_calibration(bundled_checkpoint("perturb_6h"))["temperature"]
+    assert temperature == 2
+    source, used = Forecaster.from_pretrained(device="cpu").source(Design(2, 1), "none", True, seed=17, temperature=temperature)
+    assert used["temperature"] == 2
+    source.start(Forecast(0, (0, 1)))  # the engine's posterior members: weight samples 0 and 1 of every step model
+    post = source.models[6].bayes.posterior
+    with torch.no_grad():
+        for k, theta in enumerate(source.weights[6]):
+            eps = torch.randn(post.size, generator=streams.generator(17, WEIGHT_STREAM, k), dtype=post.mu.dtype).double()
+            assert abs(float(eps.mean())) < 0.01 and float(eps.std()) == pytest.approx(1.0, abs=0.01)
+            expected = temperature * post.sigma.double() * eps
+            # float32 weights: μ + T·σε is rounded to the float32 spacing of μ
+            rounding = 2 * torch.finfo(torch.float32).eps * post.mu.double().abs()
+            assert bool(((theta - post.mu).double() - expected).abs().le(rounding + 1e-5 * expected.abs()).all())
+            assert float(expected.abs().median()) > 100 * float(rounding.median())  # the deviations are resolved

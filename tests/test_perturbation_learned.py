@@ -20,6 +20,7 @@ import bdlens.perturbation.learned as learned
 from bdlens.bayes.posterior import PosteriorSettings, from_deterministic, save_posterior
 from bdlens.checkpoint import save_checkpoint
 from bdlens.cli import main
+from bdlens.configs import portable_path
 from bdlens.data import make_datasets
 from bdlens.data.splits import load_data_config
 from bdlens.errors import BdlensError
@@ -228,7 +229,7 @@ def test_cli_trains_from_a_vi_checkpoint_and_refuses_a_deterministic_one(world: 
     args = ["-q", "train", "perturb", "--config", str(tmp_path / "perturb.yaml"), "--out", str(tmp_path / "run")]
     assert main([*args, "--from", str(world["vi"])]) == 0
     _, manifest = load_perturbation(tmp_path / "run" / "checkpoint")
-    assert manifest["backbone_checkpoint"] == str(world["vi"].resolve()) and manifest["norm_stats"]["key"] == world["train"].stats.key
+    assert manifest["backbone_checkpoint"] == portable_path(world["vi"]) and manifest["norm_stats"]["key"] == world["train"].stats.key
     capsys.readouterr()
     assert main([*args, "--from", str(world["vi"])]) == 2  # an existing run is neither overwritten nor resumed silently
     assert "--resume" in capsys.readouterr().err
@@ -245,7 +246,7 @@ def test_ddp_two_processes_train_like_one_process_with_the_whole_batch(world: di
     (tmp_path / "perturb.yaml").write_text(json.dumps(config))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     args = ["-m", "bdlens", "-q", "train", "perturb", "--from", str(world["vi"]), "--config", str(tmp_path / "perturb.yaml"), "--out"]
-    ddp = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29519", *args, str(tmp_path / "ddp")]
+    ddp = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *args, str(tmp_path / "ddp")]
     for cmd in (ddp, [sys.executable, *args, str(tmp_path / "one")]):
         result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ import torch
 
 from bdlens.errors import BdlensError
 from bdlens.grid import GRIDS, UPPER_AIR_VARIABLES, WB2_LEVELS, lat_weights
+from bdlens.perturbation.patterns import UnresolvedScaleWarning
 from bdlens.perturbation.sppt import R_DRY, SPPT, SPPTConfig, VerticalTaper, apply_sppt, load_sppt_config
 
 GRID = GRIDS["64x32"]
@@ -214,3 +217,42 @@ def test_sppt_class_config_and_errors(tmp_path):
     bad.write_text("scales: [{sigma: 0.5, tau_hours: -1, length_km: 500}]\n")
     with pytest.raises(BdlensError, match="invalid SPPT config"):
         load_sppt_config(bad)
+
+
+def test_shipped_sppt_on_the_demo_levels_against_a_column_by_column_reference():
+    """configs/perturbation_sppt.yaml on the demo model's own levels (100…925 hPa, no humidity): the lowest
+    level is 925 hPa, where μ ≈ 0.47, so the geopotential perturbation starts from μ r ΔΦ there and every
+    level above adds the hypsometric thickness change of its layer."""
+    from bdlens.models import ModelConfig
+
+    demo = ModelConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "model_demo.yaml")
+    levels, upper_vars = list(demo.levels), demo.upper_variables
+    config = load_sppt_config("perturbation_sppt")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UnresolvedScaleWarning)  # the 500 km scale on the 64×32 grid
+        sppt = SPPT(GRID, levels, upper_vars, SURFACE, config)
+        state = sppt.step(sppt.init(seed=3, members=2))
+        r = sppt.pattern.field(state)[:, 0].double().numpy()
+    states = tuple(s.double() for s in _states(upper_vars=upper_vars, levels=levels))
+    x_u, x_s, f_u, f_s = (s.numpy() for s in states)
+    upper, surface = sppt.perturb(state, *states)
+
+    p = np.asarray(levels, dtype=np.float64)
+    ramp = np.clip(np.minimum(np.log(p / 100) / np.log(2), np.log(1000 / p) / np.log(1000 / 850)), 0, 1)
+    mu = np.sin(np.pi / 2 * ramp) ** 2  # the shipped taper: 0 at 100 and 1000 hPa, 1 from 200 to 850 hPa
+    assert mu[-1] == pytest.approx(0.4681, abs=1e-4) and mu[0] == 0.0
+    expected = f_u.copy()
+    iz, it = upper_vars.index("geopotential"), upper_vars.index("temperature")
+    for v in range(len(upper_vars)):
+        for k in range(len(levels)):
+            expected[:, v, k] = f_u[:, v, k] + mu[k] * r * (f_u[:, v, k] - x_u[:, v, k])
+    dphi = mu[-1] * r * (f_u[:, iz, -1] - x_u[:, iz, -1])  # the bottom level keeps its own SPPT perturbation
+    assert np.abs(dphi).max() > 100.0  # m²/s²: the bottom-level term is exercised
+    expected[:, iz, -1] = f_u[:, iz, -1] + dphi
+    for k in range(len(levels) - 2, -1, -1):  # upwards, layer by layer (dry: T_v = T)
+        dt_mean = 0.5 * ((expected[:, it, k] - f_u[:, it, k]) + (expected[:, it, k + 1] - f_u[:, it, k + 1]))
+        dphi = dphi + R_DRY * dt_mean * math.log(p[k + 1] / p[k])
+        expected[:, iz, k] = f_u[:, iz, k] + dphi
+    np.testing.assert_allclose(upper.numpy(), expected, rtol=1e-12, atol=1e-8)
+    np.testing.assert_array_equal(surface.numpy(), f_s)  # μ(1000 hPa) = 0: surface fields unperturbed
+    assert not np.allclose(f_s, x_s)

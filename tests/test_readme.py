@@ -49,3 +49,48 @@ def test_version_and_nonsense_flags(capsys: pytest.CaptureFixture) -> None:
     with pytest.raises(SystemExit) as exit_info:
         main(["world", "build", "--no-such-flag"])
     assert exit_info.value.code == 2 and "unrecognized arguments: --no-such-flag" in capsys.readouterr().err
+
+
+def _bundled_row(name: str) -> str:
+    readme = (ROOT / "README.md").read_text()
+    return next(line for line in readme.splitlines() if line.startswith(f"| `{name}`"))
+
+
+def test_bundled_model_claims_are_what_the_committed_scripts_wrote() -> None:
+    """Every number of the README's bundled-models table is read here from the result the named script
+    or command wrote (evaluation/results/*.json, calibration.json, the manifests), rounded as printed."""
+    import json
+
+    from bdlens.models import count_parameters
+    from bdlens.models.pretrained import bundled_checkpoint, load_trained
+    from bdlens.perturbation.learned import load_perturbation
+
+    det = json.loads((ROOT / "evaluation" / "results" / "deterministic_skill.json").read_text())
+    row = _bundled_row("det_6h")
+    z500 = det["rmse"]["z500"]
+    shown = [round(z500["model"][det["lead_hours"].index(h)]) for h in (6, 24, 72, 120)]
+    assert "Z500 RMSE " + " / ".join(map(str, shown)) + " m²/s² at 6 h / 1 d / 3 d / 5 d" in row
+    assert det["checks"]["z500"]["beats_persistence_6h_to_10d"] and det["lead_hours"][-1] == 240
+    assert f"climatology to {det['checks']['z500']['climatology_crossover_hours'] - 6} h" in row
+    assert f"{count_parameters(load_trained(bundled_checkpoint('det_6h')).model) / 1e6:.1f} M parameters" in row
+
+    vi = json.loads((ROOT / "evaluation" / "results" / "vi_skill.json").read_text())
+    row = _bundled_row("vi_6h")
+    worst = {k: (max(r) - 1) * 100 for k, r in vi["ratio_posterior_mean_to_deterministic"].items()}
+    assert f"{vi['members']}-member posterior mean within {worst['z500']:.2f} % (Z500) / {worst['t850']:.1f} % (T850)" in row
+    spread = vi["rmse"]["z500"]["posterior_spread"]
+    shown = [round(spread[vi["lead_hours"].index(h)]) for h in (6, 24, 120)]
+    assert "epistemic Z500 spread " + " / ".join(map(str, shown)) + " m²/s² at 6 h / 1 d / 5 d" in row
+
+    directory = bundled_checkpoint("perturb_6h")
+    calibration = json.loads((directory / "calibration.json").read_text())
+    network, manifest = load_perturbation(directory)
+    row = _bundled_row("perturb_6h")
+    assert f"({round(count_parameters(network), -3) // 1000:.0f} k parameters)" in row
+    training = manifest["perturb_config"]["training"]
+    assert f"fair CRPS over {training['members']} members and a 1→{training['curriculum']['max_rollout']}-step curriculum" in row
+    assert f"amplitude {calibration['amplitude']:.2f}, posterior temperature {calibration['temperature']:g}" in row
+    before, after = calibration["before"], calibration["after"]
+    assert f"fair CRPS {before['crps']:.5f} → {after['crps']:.5f}" in row
+    assert f"corrected spread-skill {before['spread_skill']:.3f} → {after['spread_skill']:.3f}" in row
+    assert calibration["provenance"]["command"].startswith("bdlens calibrate --vi bdlens/assets/models/vi_6h")

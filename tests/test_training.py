@@ -131,7 +131,7 @@ def test_checkpoint_errors_are_clear(tmp_path: Path) -> None:
 
 def test_ddp_two_cpu_processes_end_with_identical_weights(tiny_setup: Path, tmp_path: Path) -> None:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", "29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            "-m", "bdlens", "-q", "train", "deterministic", "--config", str(tiny_setup / "train.yaml"), "--out", str(tmp_path / "ddp")]
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-2000:]

@@ -117,3 +117,16 @@ def test_calibration_identity_holds_for_calibrated_and_fails_for_underdispersive
     narrow = mu + (calibrated - mu) * 0.7
     ratio, se = _calibration_stats(narrow, truth)
     assert ratio - 1 > 8 * se
+
+
+def test_calibration_identity_uses_m_plus_one_over_m_with_a_sample_that_tells_it_from_m_over_m_minus_one():
+    """M = 4: (M+1)/M = 1.25 and M/(M−1) = 1.33 differ by 6.7 %; 200 000 points put that at > 10 standard errors."""
+    rng = np.random.default_rng(11)
+    m, n = 4, 200_000
+    mu, sigma = rng.normal(size=n), rng.uniform(0.5, 2.0, n)
+    truth = xr.DataArray(mu + sigma * rng.normal(size=n), dims=("time",))
+    calibrated = xr.DataArray(mu + sigma * rng.normal(size=(m, n)), dims=("number", "time"))
+    ratio, se = _calibration_stats(calibrated, truth)
+    wrong = ratio * (m + 1) / m / (m / (m - 1))  # the ratio an M/(M−1) factor would give on the same sample
+    assert abs(ratio - 1) < 4 * se
+    assert 1 - wrong > 10 * se

@@ -38,7 +38,7 @@ def _vi(args: argparse.Namespace) -> int:
 
     from bdlens.bayes.posterior import from_deterministic
     from bdlens.bayes.trainer import VIConfig, train_vi
-    from bdlens.configs import config_path
+    from bdlens.configs import config_path, portable_path
     from bdlens.data import DataConfig, make_datasets
     from bdlens.errors import BdlensError
     from bdlens.models.pretrained import load_trained
@@ -70,14 +70,14 @@ def _vi(args: argparse.Namespace) -> int:
         )
     extra = {
         "data_config": manifest["data_config"],
-        "source_checkpoint": str(args.source),
-        "training": {"command": shlex.join(["bdlens", *sys.argv[1:]]), "config_file": str(config_file), "data_path": str(data_path),
-                     "processes": dist_info.world_size},
+        "source_checkpoint": portable_path(args.source),
+        "training": {"command": shlex.join(["bdlens", *sys.argv[1:]]), "config_file": portable_path(config_file),
+                     "data_path": portable_path(data_path), "processes": dist_info.world_size},
     }
     analysis = None
     if config.training.analysis_input_probability > 0:
         analysis = analysis_dataset(sets["train"], data_config, data_path, args.analysis)
-        extra["training"]["analysis_path"] = str(analysis_path(data_path, args.analysis))
+        extra["training"]["analysis_path"] = portable_path(analysis_path(data_path, args.analysis))
     train_vi(
         from_deterministic(trained.model, config.posterior),
         sets["train"],

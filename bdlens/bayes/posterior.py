@@ -239,7 +239,7 @@ def load_posterior(directory: str | Path, device: torch.device | str = "cpu") ->
     except (FileNotFoundError, SafetensorError) as err:
         raise BdlensError(f"{directory / POSTERIOR_WEIGHTS} is missing or corrupted ({err}); the posterior is incomplete") from None
     settings = PosteriorSettings.model_validate({k: v for k, v in manifest["posterior"].items() if k not in ("names", PRIOR_MEAN_BUNDLE)})
-    base = EarthSpecificTransformer(ModelConfig.from_dict(manifest["model_config"], source=f"{directory}/manifest.json"))
+    base = EarthSpecificTransformer(ModelConfig.from_manifest(manifest["model_config"], source=f"{directory}/manifest.json"))
     load_state_into(base, state, directory)
     names = manifest["posterior"]["names"]
     shapes = [state[n].shape for n in names]

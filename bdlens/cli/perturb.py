@@ -75,14 +75,16 @@ def _posterior_and_data(source: Path, world: str | None, splits: list[str]) -> t
 
 
 def _provenance(source: Path, config_file: Path, data_path: Path) -> dict[str, Any]:
-    return {"command": shlex.join(["bdlens", *sys.argv[1:]]), "config_file": str(config_file), "data_path": str(data_path),
-            "source_checkpoint": str(source)}
+    from bdlens.configs import portable_path
+
+    return {"command": shlex.join(["bdlens", *sys.argv[1:]]), "config_file": portable_path(config_file),
+            "data_path": portable_path(data_path), "source_checkpoint": portable_path(source)}
 
 
 def _train_perturb(args: argparse.Namespace) -> int:
     import torch
 
-    from bdlens.configs import config_path
+    from bdlens.configs import config_path, portable_path
     from bdlens.perturbation.learned import PerturbConfig, train_perturbation
     from bdlens.training.distributed import Distributed
     from bdlens.training.run import check_run_dir
@@ -96,7 +98,7 @@ def _train_perturb(args: argparse.Namespace) -> int:
     bayes, manifest, sets, data_path = _posterior_and_data(args.source, args.world, ["train", "val"])
     extra = {
         "data_config": manifest["data_config"],
-        "backbone_checkpoint": str(args.source.resolve()),
+        "backbone_checkpoint": portable_path(args.source),
         "training": {**_provenance(args.source, config_file, data_path), "processes": dist_info.world_size},
     }
     checkpoint = train_perturbation(

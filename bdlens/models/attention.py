@@ -44,30 +44,39 @@ def bias_table_rows(window: tuple[int, int, int]) -> int:
     return wz**2 * wh**2 * (2 * ww - 1)
 
 
-def shift_regions(padded: tuple[int, int], window: tuple[int, int, int], device: torch.device | str | None = None) -> Tensor:
+def shift_regions(
+    padded: tuple[int, int], window: tuple[int, int, int], sign: int = 1, device: torch.device | str | None = None
+) -> Tensor:
     """Region label 0..8 of every rolled (pressure, latitude) token of a shifted block, shape (Zp, Hp).
 
     ``padded`` is the (pressure, latitude) token count after padding to whole windows. The input was
-    rolled by −(wz//2, wh//2) there, so the last window of each axis holds tokens from both ends;
-    each axis splits into 3 parts (untouched windows, the tail of the last window, the part that
-    wrapped around from the start) and the plane into 3×3 regions.
+    rolled there by ``sign``·(wz//2, wh//2): with Pangu's +half window (``sign`` = 1) the *first*
+    window of each axis holds tokens from both ends (its head wrapped around from the end), with the
+    legacy −half window (``sign`` = −1) the *last* one does (its tail wrapped around from the start).
+    Each axis splits into 3 parts (the wrapped part, the rest of that window, the untouched windows)
+    and the plane into 3×3 regions.
     """
     labels = []
     for size, win in zip(padded, window[:2], strict=True):
         position = torch.arange(size, device=device)
-        labels.append((position >= size - win).long() + (position >= size - win // 2).long())
+        if sign > 0:
+            labels.append((position >= win // 2).long() + (position >= win).long())
+        else:
+            labels.append((position >= size - win).long() + (position >= size - win // 2).long())
     return labels[0][:, None] * 3 + labels[1][None, :]
 
 
-def shift_mask(padded: tuple[int, int], window: tuple[int, int, int], device: torch.device | str | None = None) -> Tensor:
-    """Additive mask of a shifted block, shape (nTypes, N, N): 0 for allowed pairs, −100 for pairs
-    from different :func:`shift_regions`.
+def shift_mask(
+    padded: tuple[int, int], window: tuple[int, int, int], sign: int = 1, device: torch.device | str | None = None
+) -> Tensor:
+    """Additive mask of a shifted block (rolled by ``sign``·half a window), shape (nTypes, N, N): 0 for
+    allowed pairs, −100 for pairs from different :func:`shift_regions`.
 
     Longitude does not enter: tokens rolled across the dateline are true neighbours, so the mask is
     the same for every longitude window (they share the batch axis).
     """
     (zp, hp), (wz, wh, ww) = padded, window
-    region = shift_regions(padded, window, device)
+    region = shift_regions(padded, window, sign, device)
     region = region.reshape(zp // wz, wz, hp // wh, wh).permute(0, 2, 1, 3).reshape(-1, wz * wh)
     region = region[:, :, None].expand(-1, -1, ww).reshape(region.shape[0], -1)  # (nTypes, N)
     different = region[:, :, None] != region[:, None, :]

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import yaml
@@ -26,6 +26,13 @@ class ModelConfig(BaseModel):
     encoder stage 2 (2×), decoder stage 2 (2×), decoder stage 1 (``embed_dim``). ``window`` and
     ``patch`` are (pressure, latitude, longitude) sizes in tokens and grid points. ``residual`` makes
     the network predict the increment X_{t+Δ} − X_t (original Pangu-Weather: false).
+
+    ``convention`` fixes how tokens are laid out inside the network (SPEC §3): ``"pangu"`` (the
+    default) feeds the levels from the ground up (1000 → 50 hPa), so the surface token shares its
+    vertical window with the near-surface levels, and rolls shifted windows by +half a window, as
+    Pangu-Weather's pseudocode does; ``"legacy"`` is the convention of checkpoints written before this
+    field existed (levels in ascending hPa, the surface token beside the top level, rolled by −half a
+    window). :meth:`from_manifest` resolves a stored config without the field to ``"legacy"``.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -48,6 +55,7 @@ class ModelConfig(BaseModel):
     drop_path: float = Field(default=0.0, ge=0, lt=1)
     residual: bool = False
     checkpoint: bool = False
+    convention: Literal["pangu", "legacy"] = "pangu"
 
     @model_validator(mode="before")
     @classmethod
@@ -137,6 +145,20 @@ class ModelConfig(BaseModel):
             return cls.model_validate(data)
         except ValidationError as err:
             raise validation_error(source, err) from None
+
+    @classmethod
+    def from_manifest(cls, data: dict[str, Any], source: str) -> ModelConfig:
+        """The ``model_config`` stored in a checkpoint manifest; one written before ``convention`` existed
+        is a legacy model (see the class docstring), so that old checkpoints give the outputs they were
+        trained to give."""
+        if not isinstance(data, dict):
+            raise BdlensError(f"{source}: model_config must be a mapping of model settings")
+        return cls.from_dict({"convention": "legacy", **data}, source=source)
+
+    @property
+    def ground_up(self) -> bool:
+        """Whether levels enter the network from the ground up (Pangu's order) rather than in ascending hPa."""
+        return self.convention == "pangu"
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:

@@ -1,6 +1,7 @@
 """Token layers of the 3DEST: patch embedding and recovery, patch merging and up-sampling, DropPath.
 
-Token tensors are (B, Z, H, W, C): pressure (surface token first), latitude, longitude, channels.
+Token tensors are (B, Z, H, W, C): pressure (surface token first, then the levels from the ground up in
+Pangu's order, or in ascending hPa for legacy models), latitude, longitude, channels.
 Levels and latitudes are zero-padded at the end to whole patches and cropped again after recovery;
 longitude is never padded (the configuration guarantees whole patches and windows).
 """
@@ -66,18 +67,24 @@ class Mlp(nn.Module):
 class PatchEmbedding(nn.Module):
     """Conv3d (kernel = stride = patch) over upper air, Conv2d over surface; surface → pressure token 0.
 
-    Upper input (B, C_u, Z, H, W) and surface input (B, C_s, H, W), where the channels stack the
-    input times (and constants on the surface) → tokens (B, ⌈Z/pz⌉+1, ⌈H/ph⌉, W/pw, dim).
+    Upper input (B, C_u, Z, H, W) with levels in ascending hPa and surface input (B, C_s, H, W), where
+    the channels stack the input times (and constants on the surface) → tokens
+    (B, ⌈Z/pz⌉+1, ⌈H/ph⌉, W/pw, dim). With ``ground_up`` the levels are flipped first (Pangu's order,
+    1000 → 50 hPa), so token 1 holds the lowest levels, beside the surface token; the level padding
+    then goes to the top.
     """
 
-    def __init__(self, upper_channels: int, surface_channels: int, dim: int, patch: tuple[int, int, int]) -> None:
+    def __init__(self, upper_channels: int, surface_channels: int, dim: int, patch: tuple[int, int, int], ground_up: bool = True) -> None:
         super().__init__()
         self.patch = tuple(patch)
+        self.ground_up = ground_up
         self.upper = nn.Conv3d(upper_channels, dim, kernel_size=self.patch, stride=self.patch)
         self.surface = nn.Conv2d(surface_channels, dim, kernel_size=self.patch[1:], stride=self.patch[1:])
 
     def forward(self, upper: Tensor, surface: Tensor) -> Tensor:
         pz, ph, _ = self.patch
+        if self.ground_up:
+            upper = upper.flip(-3)
         nlat = ceil_to(upper.shape[-2], ph)
         upper = pad_end(upper, {-3: ceil_to(upper.shape[-3], pz), -2: nlat})
         surface = pad_end(surface, {-2: nlat})
@@ -88,12 +95,16 @@ class PatchEmbedding(nn.Module):
 class PatchRecovery(nn.Module):
     """Transposed convolutions back to grid points, cropping the end padding of levels and latitude.
 
-    Tokens (B, Zt, Ht, Wt, dim) → upper (B, V_u, Z, H, W), surface (B, V_s, H, W).
+    Tokens (B, Zt, Ht, Wt, dim) → upper (B, V_u, Z, H, W) with levels in ascending hPa (flipped back
+    from Pangu's order with ``ground_up``, as in :class:`PatchEmbedding`), surface (B, V_s, H, W).
     """
 
-    def __init__(self, dim: int, n_upper: int, n_surface: int, patch: tuple[int, int, int], shape: tuple[int, int]) -> None:
+    def __init__(
+        self, dim: int, n_upper: int, n_surface: int, patch: tuple[int, int, int], shape: tuple[int, int], ground_up: bool = True
+    ) -> None:
         super().__init__()
         self.shape = tuple(shape)  # (levels, latitudes) to crop to
+        self.ground_up = ground_up
         self.upper = nn.ConvTranspose3d(dim, n_upper, kernel_size=tuple(patch), stride=tuple(patch))
         self.surface = nn.ConvTranspose2d(dim, n_surface, kernel_size=tuple(patch[1:]), stride=tuple(patch[1:]))
 
@@ -102,7 +113,7 @@ class PatchRecovery(nn.Module):
         x = x.permute(0, 4, 1, 2, 3)
         surface = self.surface(x[:, :, 0])[:, :, :nh]
         upper = self.upper(x[:, :, 1:])[:, :, :nz, :nh]
-        return upper, surface
+        return (upper.flip(-3) if self.ground_up else upper), surface
 
 
 class PatchMerging(nn.Module):

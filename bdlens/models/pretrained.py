@@ -46,7 +46,7 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     if manifest.get("kind") != "deterministic":
         raise BdlensError(f"{path} holds a {manifest.get('kind')!r} checkpoint; a deterministic one is needed here")
     try:
-        config = ModelConfig.model_validate(manifest["model_config"])
+        config = ModelConfig.from_manifest(manifest["model_config"], source=f"{path}/manifest.json")
         stats = NormStats.from_dict(manifest["norm_stats"])
     except (KeyError, ValueError) as err:
         raise BdlensError(f"{path}: manifest lacks a valid model_config or norm_stats ({err}); retrain or restore it") from err

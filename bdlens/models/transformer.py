@@ -8,7 +8,8 @@ Output X_{t+Δ} in the same normalised layout for one time: upper (B, V_u, Z, H,
 (B, V_s, H, W) — the per-time layout of ``bdlens.data``, so the input of the next step is a
 ``torch.stack`` of two outputs along dim 1.
 
-Pipeline: patch embedding (surface = pressure token 0) → stage 1 (C) → merge 2×2 (2C) → stage 2 →
+Pipeline: patch embedding (surface = pressure token 0, levels from the ground up as in Pangu-Weather
+unless the config's ``convention`` is ``"legacy"``; see :class:`~bdlens.models.ModelConfig`) → stage 1 (C) → merge 2×2 (2C) → stage 2 →
 stage 2 → up-sample (C) → stage 1 → concatenate the stage-1 encoder output (2C) → patch recovery.
 Every parameter is a plain ``nn.Linear`` / ``nn.Conv*`` weight or ``nn.Parameter`` and the forward
 pass has no in-place updates and no data-dependent control flow, so it runs under
@@ -31,8 +32,9 @@ class EarthSpecificBlock(nn.Module):
     """One res-post-norm block: x += DropPath(LN(Attn(x))); x += DropPath(LN(MLP(x))).
 
     ``shape`` is the (Z, H, W) token count; levels and latitudes are zero-padded at the end to whole
-    windows for the attention and cropped afterwards. A shifted block rolls by −(wz/2, wh/2, ww/2)
-    (each axis by its own half window) before partitioning and rolls back afterwards.
+    windows for the attention and cropped afterwards. A shifted block rolls by
+    ``shift_sign``·(wz/2, wh/2, ww/2) (each axis by its own half window; +1 as in Pangu's pseudocode,
+    −1 for legacy models) before partitioning and rolls back afterwards.
     """
 
     def __init__(
@@ -44,19 +46,20 @@ class EarthSpecificBlock(nn.Module):
         shifted: bool,
         mlp_ratio: float,
         drop_path: float,
+        shift_sign: int = 1,
     ) -> None:
         super().__init__()
         self.window = tuple(window)
         self.shape = tuple(shape)
         self.padded = (ceil_to(shape[0], window[0]), ceil_to(shape[1], window[1]), shape[2])
-        self.shift = tuple(w // 2 for w in window) if shifted else (0, 0, 0)
+        self.shift = tuple(shift_sign * (w // 2) for w in window) if shifted else (0, 0, 0)
         n_types = (self.padded[0] // window[0]) * (self.padded[1] // window[1])
         self.attn = EarthAttention3D(dim, heads, self.window, n_types)
         self.norm1 = nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
         self.norm2 = nn.LayerNorm(dim)
         self.drop_path = DropPath(drop_path)
-        mask = shift_mask(self.padded[:2], self.window) if shifted else None
+        mask = shift_mask(self.padded[:2], self.window, shift_sign) if shifted else None
         self.register_buffer("mask", mask, persistent=False)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -64,10 +67,10 @@ class EarthSpecificBlock(nn.Module):
         z, h, _ = self.shape
         y = pad_end(x, {-4: self.padded[0], -3: self.padded[1]})
         if any(self.shift):
-            y = torch.roll(y, shifts=tuple(-s for s in self.shift), dims=(1, 2, 3))
+            y = torch.roll(y, shifts=self.shift, dims=(1, 2, 3))
         y = window_reverse(self.attn(window_partition(y, self.window), self.mask), self.window, self.padded)
         if any(self.shift):
-            y = torch.roll(y, shifts=self.shift, dims=(1, 2, 3))
+            y = torch.roll(y, shifts=tuple(-s for s in self.shift), dims=(1, 2, 3))
         y = y[:, :z, :h]
         x = x + self.drop_path(self.norm1(y))
         return x + self.drop_path(self.norm2(self.mlp(x)))
@@ -86,11 +89,12 @@ class EarthSpecificStage(nn.Module):
         mlp_ratio: float,
         drop_path: list[float],
         use_checkpoint: bool = False,
+        shift_sign: int = 1,
     ) -> None:
         super().__init__()
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList(
-            EarthSpecificBlock(dim, heads, window, shape, i % 2 == 1, mlp_ratio, drop_path[i]) for i in range(depth)
+            EarthSpecificBlock(dim, heads, window, shape, i % 2 == 1, mlp_ratio, drop_path[i], shift_sign) for i in range(depth)
         )
 
     def forward(self, x: Tensor) -> Tensor:
@@ -113,9 +117,9 @@ class EarthSpecificTransformer(nn.Module):
         dim = c.embed_dim
         stage1, stage2 = c.token_shape(1), c.token_shape(2)
         rates = c.drop_path_rates()
-        stage = dict(window=c.window, mlp_ratio=c.mlp_ratio, use_checkpoint=c.checkpoint)
+        stage = dict(window=c.window, mlp_ratio=c.mlp_ratio, use_checkpoint=c.checkpoint, shift_sign=1 if c.ground_up else -1)
         self.embed = PatchEmbedding(
-            c.n_input_times * c.n_upper, c.n_input_times * c.n_surface + len(c.constants), dim, c.patch
+            c.n_input_times * c.n_upper, c.n_input_times * c.n_surface + len(c.constants), dim, c.patch, c.ground_up
         )
         self.encoder1 = EarthSpecificStage(dim, c.depths[0], c.heads[0], shape=stage1, drop_path=rates[0], **stage)
         self.merge = PatchMerging(dim)
@@ -123,7 +127,7 @@ class EarthSpecificTransformer(nn.Module):
         self.decoder2 = EarthSpecificStage(2 * dim, c.depths[2], c.heads[2], shape=stage2, drop_path=rates[2], **stage)
         self.upsample = PatchUpsample(dim, stage1[1])
         self.decoder1 = EarthSpecificStage(dim, c.depths[3], c.heads[3], shape=stage1, drop_path=rates[3], **stage)
-        self.recovery = PatchRecovery(2 * dim, c.n_upper, c.n_surface, c.patch, (c.n_levels, c.nlat))
+        self.recovery = PatchRecovery(2 * dim, c.n_upper, c.n_surface, c.patch, (c.n_levels, c.nlat), c.ground_up)
         self.apply(_init_weights)
 
     def forward(self, upper: Tensor, surface: Tensor, constants: Tensor | None = None) -> tuple[Tensor, Tensor]:

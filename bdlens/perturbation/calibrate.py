@@ -45,7 +45,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from bdlens.bayes.posterior import BayesianTransformer
-from bdlens.configs import YamlConfig
+from bdlens.configs import YamlConfig, portable_path
 from bdlens.data import FieldLayout, Fields, NormStats
 from bdlens.errors import BdlensError
 from bdlens.perturbation.learned import CALIBRATION, PerturbedEnsemble, load_perturbation
@@ -293,8 +293,8 @@ def calibrate_checkpoint(
         "after": result["after"],
         "history": [{k: v for k, v in r.items() if k != "per_lead"} for r in result["history"]],
         "config": config.model_dump(mode="json"),
-        "posterior_checkpoint": None if vi_dir is None else str(Path(vi_dir).resolve()),
-        "perturbation_checkpoint": None if perturb is None else str(Path(perturb).resolve()),
+        "posterior_checkpoint": None if vi_dir is None else portable_path(vi_dir),
+        "perturbation_checkpoint": None if perturb is None else portable_path(perturb),
         "sppt_config": None if sppt is None else str(sppt),
         "provenance": provenance or {},
     }

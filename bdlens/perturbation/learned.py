@@ -137,7 +137,8 @@ class NetworkSettings(BaseModel):
 
     def model_config_for(self, backbone: ModelConfig) -> ModelConfig:
         """The network's :class:`ModelConfig`: the backbone's fields and grid with these sizes
-        (window and patch default to the backbone's)."""
+        (window and patch default to the backbone's) and the default token convention (a new network
+        is laid out as Pangu does, whatever convention an older backbone was trained with)."""
         if self.n_input_times > backbone.n_input_times:
             raise BdlensError(
                 f"the perturbation network cannot take {self.n_input_times} input times: the backbone only gets {backbone.n_input_times}"
@@ -145,7 +146,7 @@ class NetworkSettings(BaseModel):
         data = backbone.model_dump() | {
             "embed_dim": self.embed_dim, "depths": self.depths, "heads": self.heads, "n_input_times": self.n_input_times,
             "mlp_ratio": self.mlp_ratio, "window": self.window or backbone.window, "patch": self.patch or backbone.patch,
-            "drop_path": 0.0, "residual": False, "checkpoint": False,
+            "drop_path": 0.0, "residual": False, "checkpoint": False, "convention": ModelConfig.model_fields["convention"].default,
         }
         return ModelConfig.from_dict(data, source="perturbation network")
 
@@ -163,7 +164,7 @@ class PerturbationNetwork(nn.Module):
         self.net = EarthSpecificTransformer(config)
         c = config
         # Twice the output channels: μ then ρ for every upper-air and surface field.
-        self.net.recovery = PatchRecovery(2 * c.embed_dim, 2 * c.n_upper, 2 * c.n_surface, c.patch, (c.n_levels, c.nlat))
+        self.net.recovery = PatchRecovery(2 * c.embed_dim, 2 * c.n_upper, 2 * c.n_surface, c.patch, (c.n_levels, c.nlat), c.ground_up)
         rho0 = float(inverse_softplus(torch.tensor(init_sigma, dtype=torch.float64)))
         with torch.no_grad():
             for conv, n in ((self.net.recovery.upper, c.n_upper), (self.net.recovery.surface, c.n_surface)):
@@ -488,7 +489,7 @@ def load_perturbation(directory: str | Path, device: torch.device | str = "cpu")
         )
     if manifest.get("norm_stats") is None:
         raise BdlensError(f"{directory}/manifest.json has no norm_stats; retrain it with `bdlens train perturb`")
-    config = ModelConfig.from_dict(manifest["model_config"], source=f"{directory}/manifest.json")
+    config = ModelConfig.from_manifest(manifest["model_config"], source=f"{directory}/manifest.json")
     network = PerturbationNetwork(config)
     load_state_into(network, load_weights(directory), directory)
     return network.to(device).eval(), manifest

@@ -14,6 +14,7 @@ import torch
 from safetensors.torch import save_file
 
 from bdlens.checkpoint import BUNDLED_DIR, load_weights, read_manifest, save_checkpoint
+from bdlens.configs import portable_path
 from bdlens.errors import BdlensError
 
 # kind → "module:function" that loads a checkpoint of that kind (imported on use).
@@ -45,7 +46,7 @@ def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwri
     # Refuse to bundle anything that does not load.
     kind = manifest.get("kind")
     _load(kind, checkpoint)
-    manifest = {**manifest, **(extra or {}), "bundled_from": str(checkpoint)}
+    manifest = {**manifest, **(extra or {}), "bundled_from": portable_path(checkpoint)}
     manifest.pop("bdlens_version", None)
     # Built beside the target and swapped in whole: nothing of a replaced bundle lingers, and an
     # interrupted bundling leaves the old bundle intact.

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 from bdlens.checkpoint import save_checkpoint
-from bdlens.configs import config_path
+from bdlens.configs import config_path, portable_path, resolve_portable
 from bdlens.data import DataConfig, FieldLayout, Fields, NormStats, WeatherDataset, load_data_config, make_datasets
 from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
@@ -46,12 +46,13 @@ log = logging.getLogger(__name__)
 
 
 def resolve_data_path(world: str) -> Path:
-    """'demo' / 'small' → that demo world's truth store (built or reused from the cache); else a path."""
+    """'demo' / 'small' → that demo world's truth store (built or reused from the cache); else a path,
+    possibly as a manifest records it (:func:`bdlens.configs.portable_path`)."""
     if world in ("demo", "small"):
         from bdlens.world.build import build
 
         return build(small=world == "small") / "truth.zarr"
-    path = Path(world)
+    path = resolve_portable(str(world))
     if not path.exists():
         raise BdlensError(f"world/data path {path} does not exist; use 'demo', 'small' or a WB2 zarr/netCDF path")
     return path
@@ -197,12 +198,12 @@ def _write_checkpoint(
         "norm_stats": setup.stats.to_dict(),
         "training": {
             "command": command,
-            "config_file": str(config_file) if config_file else None,
+            "config_file": portable_path(config_file) if config_file else None,
             "config": json.loads(cfg.model_dump_json()),
             "seed": cfg.seed,
             "steps": cfg.steps,
             "train_seconds": round(elapsed, 1),
-            "data_path": str(setup.data_path),
+            "data_path": portable_path(setup.data_path),
             "parameters": count_parameters(model),
         },
         "validation": val[-1]["val"] if val else {},

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from pathlib import Path
 from typing import Any
@@ -22,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from bdlens import __version__
-from bdlens.configs import config_path
+from bdlens.configs import config_path, default_cache_dir
 from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.progress import bar
@@ -35,11 +34,6 @@ log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
 TIME_CHUNK = 40  # saved times per integration chunk and per zarr chunk (10 days at 6 h)
-
-
-def default_cache_dir() -> Path:
-    """``$BDLENS_CACHE_DIR`` or ``~/.cache/bdlens``."""
-    return Path(os.environ.get("BDLENS_CACHE_DIR", Path.home() / ".cache" / "bdlens"))
 
 
 def resolve_config(config: WorldConfig | str | Path | None, small: bool) -> WorldConfig:
