@@ -112,7 +112,8 @@ def test_init_keys_are_whole_hours_since_1970() -> None:
 def test_learned_perturbation_forecast_does_not_depend_on_the_batch(setup, tmp_path: Path) -> None:
     from bdlens.bayes import PosteriorSettings, from_deterministic, save_posterior
     from bdlens.forecast import _run
-    from bdlens.perturbation.learned import LearnedPerturbationStep, PerturbationNetwork, PerturbConfig, save_perturbation
+    from bdlens.perturbation.learned import LearnedPerturbationStep, PerturbationNetwork, save_perturbation
+    from bdlens.training.perturbation import PerturbConfig
 
     ds, layout, models = setup
     model, stats = models[6].model, models[6].stats.to_dict()
@@ -120,7 +121,7 @@ def test_learned_perturbation_forecast_does_not_depend_on_the_batch(setup, tmp_p
     config = PerturbConfig.model_validate({"network": {"embed_dim": 8, "heads": [1, 1, 1, 1], "init_sigma": 0.5}, "training": {"steps": 1}})
     torch.manual_seed(0)
     network = PerturbationNetwork(config.network.model_config_for(model.config), config.network.init_sigma, config.network.init_scale)
-    perturbation = save_perturbation(network, config, tmp_path / "p", stats)
+    perturbation = save_perturbation(network, config.network, tmp_path / "p", stats)
 
     def forecast(inits: np.ndarray, batch_size: int, seed: int = 3):
         stepper = LearnedPerturbationStep(vi, perturbation, members=2, seed=seed, layout=layout)

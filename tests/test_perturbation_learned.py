@@ -16,7 +16,7 @@ from interrupt import stop_after_saving
 from test_training import tiny_setup  # noqa: F401  (tiny model, data and configs on a synthetic store)
 from torch.utils.data import default_collate
 
-import bdlens.perturbation.learned as learned
+import bdlens.training.loop as loop
 from bdlens.bayes.posterior import PosteriorSettings, from_deterministic, save_posterior
 from bdlens.checkpoint import save_checkpoint
 from bdlens.cli import main
@@ -28,22 +28,24 @@ from bdlens.metrics import crps
 from bdlens.models import EarthSpecificTransformer, ModelConfig
 from bdlens.models.lead_time import rollout
 from bdlens.perturbation.learned import (
-    CurriculumSettings,
-    EnsembleCRPSLoss,
     LearnedPerturbationStep,
     PerturbationNetwork,
-    PerturbConfig,
     PerturbedEnsemble,
     State,
-    curriculum_rollout,
     load_perturbation,
-    rollout_loss,
     save_perturbation,
-    train_perturbation,
-    validate_perturbation,
 )
 from bdlens.perturbation.patterns import member_generator
 from bdlens.training.ensemble_validation import fair_crps
+from bdlens.training.perturbation import (
+    CurriculumSettings,
+    EnsembleCRPSLoss,
+    PerturbConfig,
+    curriculum_rollout,
+    rollout_loss,
+    train_perturbation,
+    validate_perturbation,
+)
 
 
 @pytest.fixture(scope="module")
@@ -211,7 +213,7 @@ def test_resume_is_exact(world: dict, tmp_path: Path, monkeypatch: pytest.Monkey
     config = perturb_config()
     stats = {"key": "k"}
     straight = train_perturbation(world["bayes"], world["train"], config, tmp_path / "straight", norm_stats=stats)
-    stop_after_saving(monkeypatch, learned, 2)
+    stop_after_saving(monkeypatch, loop, 2)
     with pytest.raises(KeyboardInterrupt):
         train_perturbation(world["bayes"], world["train"], config, tmp_path / "partial", norm_stats=stats)
     monkeypatch.undo()
@@ -268,7 +270,7 @@ def test_ddp_two_processes_train_like_one_process_with_the_whole_batch(world: di
 def test_physical_step_in_rollout_matches_the_normalised_ensemble_and_reads_calibration(world: dict, tmp_path: Path) -> None:
     net = network(world)
     val = world["val"]
-    save_perturbation(net, perturb_config(), tmp_path / "p", val.stats.to_dict())
+    save_perturbation(net, perturb_config().network, tmp_path / "p", val.stats.to_dict())
     (tmp_path / "p" / "calibration.json").write_text(json.dumps({"amplitude": 1.7, "temperature": 2.0}))
     stepper = LearnedPerturbationStep(world["vi"], tmp_path / "p", members=3, seed=4, layout=val.layout)
     assert (stepper.ensemble.sigma_scale, stepper.ensemble.size) == (1.7, 3)
