@@ -15,17 +15,24 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bdlens train {deterministic,…}``."""
     train = subparsers.add_parser("train", help="train models on the demo world or WB2 data")
     commands = train.add_subparsers(dest="train_command", metavar="COMMAND", required=True)
-    det = commands.add_parser(
-        "deterministic",
-        help="train the deterministic 3DEST for one step length (launch with torchrun for several processes)",
-        description="Train the 3DEST on one step Δ (AdamW, warm-up + cosine). Writes OUT/metrics.jsonl, OUT/state.pt "
-        "(exact resume) and OUT/checkpoint. Data-parallel under torchrun: `torchrun --nproc_per_node N -m bdlens train "
-        "deterministic ...`.",
+    # The trainers that start from a training YAML (model, data, world, optimisation) rather than a checkpoint.
+    from_config = (
+        ("deterministic", "train the deterministic 3DEST for one step length", "Train the 3DEST on one step Δ (AdamW, warm-up + cosine).",
+         "train_det_6h"),
+        ("diffusion", "train the conditional EDM diffusion baseline on the 3DEST backbone",
+         "Denoising score matching of a 3DEST denoiser conditioned on (X_{t-Δ}, X_t) with adaptive layer norms on the noise "
+         "level (SPEC §8, docs/diffusion.md).", "diffusion_demo"),
     )
-    det.add_argument("--config", required=True, help="training YAML (path or name in configs/), e.g. train_det_6h")
-    det.add_argument("--out", type=Path, required=True, help="run directory (state, metrics log, final checkpoint/)")
-    add_run_mode(det)
-    det.set_defaults(func=_deterministic)
+    for name, summary, what, example in from_config:
+        command = commands.add_parser(
+            name, help=f"{summary} (launch with torchrun for several processes)",
+            description=f"{what} Writes OUT/metrics.jsonl, OUT/state.pt (exact resume) and OUT/checkpoint. "
+            f"Data-parallel under torchrun: `torchrun --nproc_per_node N -m bdlens train {name} ...`.",
+        )
+        command.add_argument("--config", required=True, help=f"training YAML (path or name in configs/), e.g. {example}")
+        command.add_argument("--out", type=Path, required=True, help="run directory (state, metrics log, final checkpoint/)")
+        add_run_mode(command)
+        command.set_defaults(func=_from_config)
 
     bundle = commands.add_parser("bundle", help="copy a trained checkpoint into the package's bundled demo models")
     bundle.add_argument("checkpoint", type=Path, help="checkpoint directory (RUN/checkpoint)")
@@ -71,15 +78,17 @@ def _bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deterministic(args: argparse.Namespace) -> int:
-    from bdlens.training.config import load_train_config
+def _from_config(args: argparse.Namespace) -> int:
+    from bdlens.training.config import TrainConfig, load_train_config
     from bdlens.training.deterministic import train
+    from bdlens.training.diffusion import DiffusionConfig, DiffusionObjective
 
-    cfg, path = load_train_config(args.config)
+    diffusion = args.train_command == "diffusion"
+    cfg, path = load_train_config(args.config, DiffusionConfig if diffusion else TrainConfig)
     command = shlex.join(["bdlens", *sys.argv[1:]])
-    print(train(cfg, args.out, config_file=path, resume=args.resume, overwrite=args.overwrite, command=command))
+    objective = DiffusionObjective if diffusion else None
+    print(train(cfg, args.out, config_file=path, resume=args.resume, overwrite=args.overwrite, command=command, objective=objective))
     return 0
-
 
 def _vi(args: argparse.Namespace) -> int:
     import torch

@@ -14,7 +14,7 @@
 
 from bdlens.data.normalization import NormStats, compute_stats, default_stats_path, load_or_compute_stats, stats_key
 from bdlens.data.reader import check_finite, missing_times, open_dataset, time_step
-from bdlens.data.sources import analysis_dataset, analysis_path, checkpoint_datasets, resolve_data_path
+from bdlens.data.sources import analysis_dataset, analysis_path, checkpoint_datasets, residual_stats, resolve_data_path
 from bdlens.data.splits import DataConfig, TimeRange, load_data_config
 from bdlens.data.tensors import FieldLayout, Fields, NormTensors, stack_times
 from bdlens.data.torch_dataset import WeatherDataset, make_datasets
@@ -38,6 +38,7 @@ __all__ = [
     "make_datasets",
     "missing_times",
     "open_dataset",
+    "residual_stats",
     "resolve_data_path",
     "stack_times",
     "stats_key",

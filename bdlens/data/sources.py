@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from bdlens.data.normalization import NormStats, load_or_compute_stats
 from bdlens.data.reader import open_dataset
 from bdlens.data.splits import DataConfig
 from bdlens.data.torch_dataset import WeatherDataset, make_datasets
@@ -73,3 +74,13 @@ def checkpoint_datasets(
         )
     return sets, data_config, data_path
 
+
+def residual_stats(data_config: DataConfig, data_path: Path) -> NormStats:
+    """Mean and std of the tendency X(t + Δ) − X(t) (Δ the config's step) over the training split,
+    per variable and level: the scale of a residual target (diffusion). Cached beside the data as
+    ``<data>.residual<Δ>.normstats.json``."""
+    variables = data_config.upper_variables + data_config.surface_variables
+    ds = open_dataset(data_path, variables=variables, levels=data_config.levels if data_config.upper_variables else None)
+    hours = int(data_config.step_timedelta / np.timedelta64(1, "h"))
+    path = data_path.with_name(f"{data_path.name}.residual{hours}h.normstats.json")
+    return load_or_compute_stats(ds, path, data_config.splits["train"].bounds, variables, difference_step=data_config.step_timedelta)

@@ -26,6 +26,10 @@ class ModelConfig(BaseModel):
     encoder stage 2 (2×), decoder stage 2 (2×), decoder stage 1 (``embed_dim``). ``window`` and
     ``patch`` are (pressure, latitude, longitude) sizes in tokens and grid points. ``residual`` makes
     the network predict the increment X_{t+Δ} − X_t (original Pangu-Weather: false).
+    ``conditioning_dim`` > 0 turns every block's layer norms into adaptive layer norms driven by a
+    conditioning vector of that width (the diffusion denoiser's noise embedding,
+    :mod:`bdlens.models.diffusion`); such a denoiser takes a third input, the noisy state. 0 (the
+    default) is the plain 3DEST, so existing checkpoints load unchanged.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -37,7 +41,7 @@ class ModelConfig(BaseModel):
     grid: str | None = None
     nlat: int = Field(gt=0)
     nlon: int = Field(gt=0)
-    n_input_times: int = Field(default=2, ge=1, le=2)
+    n_input_times: int = Field(default=2, ge=1, le=3)
     step_hours: int = Field(default=6, gt=0)
     embed_dim: int = Field(gt=0)
     depths: tuple[int, int, int, int]
@@ -48,6 +52,7 @@ class ModelConfig(BaseModel):
     drop_path: float = Field(default=0.0, ge=0, lt=1)
     residual: bool = False
     checkpoint: bool = False
+    conditioning_dim: int = Field(default=0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -76,6 +81,8 @@ class ModelConfig(BaseModel):
             # bdlens.data lays channels out in this order; any other order would silently swap fields.
             if list(names) != sorted(names, key=known.index):
                 raise ValueError(f"list {list(names)} in the canonical order of {known}")
+        if self.n_input_times == 3 and not self.conditioning_dim:
+            raise ValueError("n_input_times must be 1 or 2 (3 only for a noise-conditioned diffusion denoiser)")
         if not self.upper_variables or not self.surface_variables or not self.levels:
             raise ValueError("upper_variables, surface_variables and levels must not be empty")
         if list(self.levels) != sorted(set(self.levels)) or not set(self.levels) <= set(WB2_LEVELS):
