@@ -42,8 +42,8 @@ from torch import Tensor, nn
 from bdlens.checkpoint import load_state_into, load_weights, read_manifest
 from bdlens.data import FieldLayout, Fields, NormStats
 from bdlens.errors import BdlensError
-from bdlens.grid import GRIDS
 from bdlens.models.config import ModelConfig
+from bdlens.models.pretrained import layout_of
 from bdlens.models.transformer import EarthSpecificTransformer
 
 KIND = "diffusion"
@@ -296,7 +296,7 @@ class DiffusionMembers:
 
     def __init__(self, directory: str | Path, seed: int, sampler: SamplerSettings | None = None, device: str | torch.device = "cpu") -> None:
         denoiser, manifest = load_diffusion(directory, device)
-        self.layout = layout_of(denoiser.config)
+        self.layout = layout_of(denoiser.config, directory)
         self.stats = NormStats.from_dict(manifest["norm_stats"])
         self.scaling = ResidualScaling(self.layout, self.stats, NormStats.from_dict(manifest["residual_stats"])).to(device)
         settings = sampler or SamplerSettings.model_validate(manifest.get("sampler", {}))
@@ -325,14 +325,6 @@ class DiffusionMembers:
     def describe(self) -> str:
         settings = self.sampler.settings
         return f"diffusion (Heun, {settings.steps} steps{f', churn {settings.churn:g}' if settings.churn else ''})"
-
-
-def layout_of(config: ModelConfig) -> FieldLayout:
-    """The field layout of a model config (its variables, levels and named grid)."""
-    grid = next((g for g in GRIDS.values() if (g.nlat, g.nlon) == (config.nlat, config.nlon)), None)
-    if grid is None:
-        raise BdlensError(f"model grid {config.nlon}x{config.nlat} is not a supported grid")
-    return FieldLayout(config.upper_variables, config.levels, config.surface_variables, grid)
 
 
 def load_diffusion(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Denoiser, dict[str, Any]]:
