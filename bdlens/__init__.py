@@ -13,4 +13,12 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+__all__ = ["Forecaster", "__version__"]
+
+
+def __getattr__(name: str):  # lazy: `import bdlens` stays light (no torch) until the API is used
+    if name == "Forecaster":
+        from bdlens.ensemble import Forecaster
+
+        return Forecaster
+    raise AttributeError(f"module 'bdlens' has no attribute {name!r}")

@@ -4,7 +4,7 @@ Members y_kj (k = weight sample θ_k, j = perturbation draw ξ_kj) are identifie
 ``weight_sample`` and ``perturbation_draw`` on the member dimension. The design must be balanced:
 K ≥ 2 weight samples, each with the same J ≥ 2 draws.
 
-One-way random-effects ANOVA (unbiased for any K, J ≥ 2):
+One-way random-effects ANOVA (unbiased for any K, J ≥ 2; :func:`bdlens.ensemble.design.anova`):
     aleatoric  Â = mean_k s_k²                    (within-group variance, divisor J − 1)
     epistemic  Ê = s²(group means) − Â / J        (divisor K − 1; may be negative on small samples)
     total      = Ê + Â
@@ -17,13 +17,11 @@ from collections.abc import Hashable, Sequence
 import numpy as np
 import xarray as xr
 
+from bdlens.ensemble.design import PERTURBATION_DRAW, WEIGHT_SAMPLE, anova
 from bdlens.errors import BdlensError
 from bdlens.metrics.crps import crps
 from bdlens.metrics.probabilistic import mean_variance_and_mse
 from bdlens.metrics.weighting import annotate, require_members, resolve_dims, weighted_mean, whole_members
-
-WEIGHT_SAMPLE = "weight_sample"
-PERTURBATION_DRAW = "perturbation_draw"
 
 
 def has_design(forecast: xr.DataArray | xr.Dataset, member_dim: Hashable = "number") -> bool:
@@ -66,10 +64,8 @@ def decompose(forecast: xr.DataArray, member_dim: Hashable = "number", dims: Seq
     """
     split = grouped(forecast, member_dim)
     n_draws = split.sizes[PERTURBATION_DRAW]
-    aleatoric = split.var(PERTURBATION_DRAW, ddof=1, skipna=False).mean(WEIGHT_SAMPLE)
-    epistemic = split.mean(PERTURBATION_DRAW, skipna=False).var(WEIGHT_SAMPLE, ddof=1, skipna=False) - aleatoric / n_draws
     reduce_dims = resolve_dims(forecast, dims, exclude=(member_dim,))
-    out = xr.Dataset({"epistemic": epistemic, "aleatoric": aleatoric, "total": epistemic + aleatoric})
+    out = anova(split)
     return annotate(
         weighted_mean(out, reduce_dims),
         reduce_dims,

@@ -35,7 +35,7 @@ from bdlens.perturbation.learned import (
     load_perturbation,
     save_perturbation,
 )
-from bdlens.perturbation.patterns import member_generator
+from bdlens.streams import generator as stream_generator
 from bdlens.training.ensemble_validation import fair_crps
 from bdlens.training.perturbation import (
     CurriculumSettings,
@@ -173,7 +173,7 @@ def test_forecast_noise_is_keyed_by_init_not_by_batch(world: dict) -> None:
     size = upper[0, 0].numel()
     for k in range(2):
         for b, key in enumerate((keys[1], keys[3])):
-            generator = member_generator(9, k, 4, "learned-perturbation", key)
+            generator = stream_generator(9, "learned-perturbation", k, 4, key)
             draw = torch.randn(size + surface[0, 0].numel(), generator=generator, dtype=torch.float64).float()
             torch.testing.assert_close(upper[k, b].flatten(), draw[:size], rtol=0, atol=0)
             torch.testing.assert_close(surface[k, b].flatten(), draw[size:], rtol=0, atol=0)

@@ -31,7 +31,6 @@ _EXPORTS = {
     "PosteriorEnsemble": "sampling",
     "forward_members": "sampling",
     "forward_sample": "sampling",
-    "member_generator": "sampling",
     "sample_weights": "sampling",
 }
 __all__ = sorted(_EXPORTS)

@@ -1,7 +1,7 @@
 """Posterior weight samples and their forecasts in one batched forward pass (SPEC §4).
 
-Member k's weights are θ_k = μ + σ ⊙ ε_k with ε_k ~ N(0, I) drawn from a generator seeded by
-(seed, k) alone, so member k is the same whether it is drawn among 4 members or among 32, and
+Member k's weights are θ_k = μ + σ ⊙ ε_k with ε_k ~ N(0, I) drawn from the generator of
+(seed, "posterior-weights", k) alone (:func:`bdlens.streams.generator`), so member k is the same whether it is drawn among 4 members or among 32, and
 whatever else is batched with it. The K members then run as one pass: ``torch.func.vmap`` over a
 ``functional_call`` of the backbone with stacked weights (linear layers become batched matmuls),
 not K serial passes. θ_k is held fixed for a member's whole rollout (:class:`PosteriorEnsemble`).
@@ -14,35 +14,28 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
 import torch
 from torch import Tensor
 from torch.func import functional_call, vmap
 
+from bdlens import streams
 from bdlens.bayes.posterior import BayesianTransformer
 from bdlens.errors import BdlensError
 from bdlens.models.member_linear import member_batched
 
 State = tuple[Tensor, Tensor]
-
-
-def member_generator(seed: int, member: int) -> torch.Generator:
-    """The CPU generator of member ``member`` for ``seed`` (independent streams via numpy's SeedSequence)."""
-    if member < 0:
-        raise BdlensError(f"member indices must be non-negative, got {member}")
-    state = np.random.SeedSequence([int(seed) & 0xFFFFFFFFFFFFFFFF, int(member)]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
+WEIGHT_STREAM = "posterior-weights"
 
 
 def sample_weights(bayes: BayesianTransformer, members: int | Sequence[int], seed: int) -> Tensor:
     """Weight samples θ_k = μ + σ ε_k, shape (K, P), for members ``range(members)`` or the given indices.
 
-    ε_k is drawn on the CPU from :func:`member_generator` (so it is the same on every device) and
+    ε_k is drawn on the CPU from :func:`bdlens.streams.generator` (so it is the same on every device) and
     moved to μ's device.
     """
     indices = range(members) if isinstance(members, int) else members
     post = bayes.posterior
-    eps = torch.stack([torch.randn(post.size, generator=member_generator(seed, k), dtype=post.mu.dtype) for k in indices])
+    eps = torch.stack([torch.randn(post.size, generator=streams.generator(seed, WEIGHT_STREAM, k), dtype=post.mu.dtype) for k in indices])
     return post.mu + post.sigma * eps.to(post.mu.device)
 
 

@@ -107,13 +107,16 @@ def rollout(
     history: Mapping[int, State],
     leads: Collection[int],
     two_times: bool = True,
+    with_call: bool = False,
 ) -> Iterator[tuple[int, State]]:
     """Run the anchored greedy plan; yield (lead hours, state) for every requested lead, ascending.
 
     ``models`` maps step hours → callable(previous, current) returning the state one step later
     (``previous`` is None when ``two_times`` is false). ``history`` maps hours relative to the
     initial time (0, and −Δ per step for two-time models) → analysis states. States no later call
-    needs are dropped as the rollout goes, so memory stays at a few states.
+    needs are dropped as the rollout goes, so memory stays at a few states. With ``with_call`` each
+    callable also gets the :class:`Call` it makes, ``fn(previous, current, call)`` (stochastic members
+    key their noise to ``call.lead``).
     """
     plan = plan_rollout(models.keys(), leads, two_times)
     needed = {0} | {c.previous for c in plan if c.previous is not None and c.previous <= 0}
@@ -131,7 +134,8 @@ def rollout(
     states = {lead: history[lead] for lead in needed}
     for i, call in enumerate(plan):
         previous = states[call.previous] if call.previous is not None else None
-        states[call.lead] = models[call.step](previous, states[call.current])
+        extra = (call,) if with_call else ()
+        states[call.lead] = models[call.step](previous, states[call.current], *extra)
         if call.lead in wanted:
             yield call.lead, states[call.lead]
         for lead in (call.current, call.previous, call.lead):

@@ -4,7 +4,7 @@ network's tendency with physical constraints (:mod:`.sppt`), initial-condition p
 perturb``) and amplitude calibration (:mod:`.calibrate`, ``bdlens calibrate``)."""
 
 from bdlens.perturbation.initial import BredVectors, bred_vectors, gaussian_perturbation, random_field_perturbation, rms_norm
-from bdlens.perturbation.patterns import SPPT_SCALES, PatternScale, PatternState, SphericalPattern, UnresolvedScaleWarning, member_generator
+from bdlens.perturbation.patterns import SPPT_SCALES, PatternScale, PatternState, SphericalPattern, UnresolvedScaleWarning
 from bdlens.perturbation.sppt import SPPT, SPPTConfig, VerticalTaper, apply_sppt, load_sppt_config
 
 __all__ = [
@@ -21,7 +21,6 @@ __all__ = [
     "bred_vectors",
     "gaussian_perturbation",
     "load_sppt_config",
-    "member_generator",
     "random_field_perturbation",
     "rms_norm",
 ]

@@ -4,7 +4,7 @@ Gaussian random fields and bred vectors.
 All return *perturbations* δ (add them, or ± pairs, to the analysis) on physical fields: upper air
 (B, V_u, Z, H, W) and surface (B, V_s, H, W), latitude ascending, one row per member. Every member
 draws from its own generator derived from (seed, stream, member) (see
-:func:`bdlens.perturbation.patterns.member_generator`), so member m's perturbation does not depend
+:func:`bdlens.streams.generator`), so member m's perturbation does not depend
 on the batch it was drawn in.
 """
 
@@ -17,9 +17,10 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from bdlens import streams
 from bdlens.errors import BdlensError
 from bdlens.grid import Grid
-from bdlens.perturbation.patterns import PatternScale, SphericalPattern, member_generator, members_tuple
+from bdlens.perturbation.patterns import PatternScale, SphericalPattern, members_tuple
 
 #: A model state: one tensor or a tuple of tensors (e.g. (upper, surface)), batch dimension first.
 State = torch.Tensor | tuple[torch.Tensor, ...]
@@ -98,7 +99,7 @@ def member_noise(
     keys = (None,) if inits is None else tuple(int(i) for i in inits)
     flat = torch.stack(
         [
-            torch.randn(sum(sizes), generator=member_generator(seed, m, step, stream, i), dtype=torch.float64)
+            torch.randn(sum(sizes), generator=streams.generator(seed, stream, m, step, i), dtype=torch.float64)
             for m in members_tuple(members)
             for i in keys
         ]

@@ -16,7 +16,7 @@ Ensembles (:class:`PerturbedEnsemble`, normalised units; :class:`LearnedPerturba
 units, for :func:`bdlens.models.lead_time.rollout`): member k has posterior weight sample θ_k (drawn
 from (seed, k), fixed for the rollout, as in :class:`~bdlens.bayes.PosteriorEnsemble`) and its own
 noise: ε for member k of the forecast with *init key* i at step s comes from a generator seeded by
-(seed, i, k, s) alone (:func:`bdlens.perturbation.patterns.member_generator`, stream
+(seed, i, k, s) alone (:func:`bdlens.streams.generator`, stream
 ``learned-perturbation``), so a member's forecast does not depend on which other members or which
 other initial times share its batch, nor on the batch size. The init keys of a batch are set by
 ``start(init_keys)`` (:func:`bdlens.forecast._run` passes the init times in hours since 1970);

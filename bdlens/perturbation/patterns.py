@@ -28,8 +28,8 @@ up to 1.4° off). So the normalised associated Legendre functions come from
 order (no flip anywhere), and the longitude synthesis is ``torch.fft.irfft`` — the same two
 operations as :class:`torch_harmonics.InverseRealSHT`, which the tests check against on 240×121.
 
-Seeding. The noise of member m at step k comes from its own generator seeded from
-(seed, stream, m, k) through :class:`numpy.random.SeedSequence`, so member m's pattern does not
+Seeding. The noise of member m at step k comes from its own generator of (seed, stream, m, k)
+(:func:`bdlens.streams.generator`), so member m's pattern does not
 depend on which members share its batch, and the state (coefficients + step counter) is a plain
 value: stepping the same state twice gives the same result, and a rollout can be resumed. A state
 for several forecasts at once (``inits``: one integer key per forecast, e.g. its init time) draws
@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import math
 import warnings
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 from torch_harmonics.legendre import legpoly
 
+from bdlens import streams
 from bdlens.errors import BdlensError
 from bdlens.grid import EARTH_RADIUS_M, GRIDS, Grid
 
@@ -126,27 +126,6 @@ def spectral_std(scale: PatternScale, truncation: int) -> np.ndarray:
     weights[0] = 0.0
     c2 = 4 * math.pi * scale.sigma**2 / weights.sum()
     return np.sqrt(c2 * np.exp(-scale.kappa * degrees * (degrees + 1))) * (degrees > 0)
-
-
-def member_generator(
-    seed: int, member: int, step: int = 0, stream: str = "pattern", init: int | None = None
-) -> torch.Generator:
-    """A CPU generator for one member and step, independent of every other (seed, stream, member, step).
-
-    ``stream`` names the use (e.g. "pattern", "gaussian-ic") so that different perturbations drawn
-    from the same run seed are not correlated. ``init`` (any int64, e.g. the forecast's init time in
-    hours since 1970) keys the generator to one forecast as well: (seed, stream, member, step, init).
-    """
-    key: tuple[int, ...] = (zlib.crc32(stream.encode()), int(member), int(step))
-    if init is not None:
-        # SeedSequence takes non-negative words: the key's two's complement, always as two 32-bit words
-        # (a plain int would take one or two), so that different inits never assemble to the same words.
-        unsigned = int(init) % 2**64
-        key += (unsigned & 0xFFFFFFFF, unsigned >> 32)
-    state = np.random.SeedSequence(int(seed), spawn_key=key).generate_state(2, dtype=np.uint32)
-    generator = torch.Generator()
-    generator.manual_seed((int(state[0]) << 31) ^ int(state[1]))
-    return generator
 
 
 def members_tuple(members: int | Sequence[int]) -> tuple[int, ...]:
@@ -259,7 +238,7 @@ class SphericalPattern:
         sizes = [channels * amp.numel() for amp in self._amplitudes]
         keys = (None,) if inits is None else inits
         draws = torch.stack(
-            [torch.randn(sum(sizes), generator=member_generator(state_seed, m, step, stream, i)) for m in members for i in keys]
+            [torch.randn(sum(sizes), generator=streams.generator(state_seed, stream, m, step, i)) for m in members for i in keys]
         ).to(self.device, self.dtype)
         return [
             chunk.reshape(len(members) * len(keys), channels, *amp.shape) * amp

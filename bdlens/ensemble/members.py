@@ -1,0 +1,127 @@
+"""Backbone member sources: deterministic 3DEST weights and VI posterior weight samples.
+
+Both take physical states (N, …) and run one step model per call of the rollout, each model with
+its own normalisation statistics. Perturbation schemes wrap them (:mod:`bdlens.ensemble.schemes`).
+
+Posterior members (docs/ensemble.md): member i uses weight sample k = i // J of *every* step model,
+θ_k = μ + T·σ ⊙ ε_k with ε_k from (seed, ``"posterior-weights"``, k) (:mod:`bdlens.streams`), the
+same for every init, held for the whole rollout (docs/science.md, "Epistemic part"). The members of a
+batch are whole weight groups (the engine aligns batches to J), so the J draws of θ_k run in one
+vmapped pass with the batch axis holding the draws (:func:`bdlens.bayes.forward_members`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import torch
+
+from bdlens.bayes import BayesianTransformer
+from bdlens.bayes.sampling import forward_members, sample_weights
+from bdlens.data import FieldLayout, Fields, NormStats
+from bdlens.ensemble.base import Forecast, History
+from bdlens.ensemble.design import Design
+from bdlens.errors import BdlensError
+from bdlens.models.lead_time import Call
+from bdlens.models.pretrained import TrainedModel
+
+
+def _two_times(n_input_times: set[int]) -> int:
+    if len(n_input_times) != 1:
+        raise BdlensError("the step models disagree on the number of input times; use models trained together")
+    return n_input_times.pop()
+
+
+def _times(previous: Fields | None, current: Fields, n_input_times: int) -> list[Fields]:
+    if n_input_times == 1:
+        return [current]
+    if previous is None:
+        raise BdlensError("this model takes two input times: the rollout must pass the state at t−Δ")
+    return [previous, current]
+
+
+class DeterministicMembers:
+    """Every member runs the same deterministic 3DEST weights (aleatoric-only and IC-perturbed systems)."""
+
+    network_evaluations = 1
+
+    def __init__(self, models: Mapping[int, TrainedModel]) -> None:
+        if not models:
+            raise BdlensError("no deterministic models given")
+        self.models = dict(models)
+        self.steps = tuple(sorted(self.models))
+        self.n_input_times = _two_times({m.model.config.n_input_times for m in self.models.values()})
+
+    def start(self, forecast: Forecast) -> None:
+        pass
+
+    def initial(self, history: History) -> History:
+        return history
+
+    @torch.no_grad()
+    def step(self, previous: Fields | None, current: Fields, call: Call) -> Fields:
+        model = self.models[call.step]
+        return model.step(previous if self.n_input_times == 2 else None, current)
+
+    def describe(self) -> str:
+        return "deterministic"
+
+
+@dataclass
+class PosteriorModel:
+    """One step model's VI posterior with what it needs on physical fields."""
+
+    bayes: BayesianTransformer
+    layout: FieldLayout
+    stats: NormStats
+
+
+class PosteriorMembers:
+    """Members with posterior weight samples: member i uses θ_{i // J} (see the module docstring)."""
+
+    network_evaluations = 1
+
+    def __init__(self, models: Mapping[int, PosteriorModel], design: Design, seed: int, temperature: float = 1.0) -> None:
+        if not models:
+            raise BdlensError("no posteriors given")
+        if not temperature > 0:
+            raise BdlensError(f"the posterior temperature must be positive, got {temperature}")
+        self.models = dict(models)
+        self.design, self.seed, self.temperature = design, int(seed), float(temperature)
+        self.steps = tuple(sorted(self.models))
+        self.n_input_times = _two_times({m.bayes.config.n_input_times for m in self.models.values()})
+        self.weights: dict[int, torch.Tensor] = {}
+        self.groups = 0
+
+    def start(self, forecast: Forecast) -> None:
+        members = forecast.members
+        draws = self.design.draws
+        if len(members) % draws or members[0] % draws or list(members) != list(range(members[0], members[0] + len(members))):
+            raise BdlensError(f"a posterior batch must hold whole weight groups of {draws} consecutive members, got {members[:4]}…")
+        ks = sorted(set(self.design.weight_sample(members).tolist()))
+        self.groups = len(ks)
+        # θ_k = μ + T·σ ε_k (drawn per batch, not cached: memory stays flat however large K is).
+        self.weights = {}
+        for step, model in self.models.items():
+            mu = model.bayes.posterior.mu.detach()
+            self.weights[step] = mu + self.temperature * (sample_weights(model.bayes, ks, self.seed).detach() - mu)
+
+    def initial(self, history: History) -> History:
+        return history
+
+    @torch.no_grad()
+    def step(self, previous: Fields | None, current: Fields, call: Call) -> Fields:
+        model = self.models[call.step]
+        n = current.upper.shape[0]
+        k, j = self.groups, n // self.groups
+        norm = [model.layout.normalise(f, model.stats) for f in _times(previous, current, self.n_input_times)]
+        # (N, …) → (K_b, J, T, …): the draws of one weight sample are the batch of its vmapped pass.
+        upper = torch.stack([f.upper for f in norm], 1).reshape(k, j, len(norm), *current.upper.shape[1:])
+        surface = torch.stack([f.surface for f in norm], 1).reshape(k, j, len(norm), *current.surface.shape[1:])
+        out_upper, out_surface = forward_members(model.bayes, self.weights[call.step], upper, surface)
+        out = Fields(out_upper.reshape(n, *out_upper.shape[2:]), out_surface.reshape(n, *out_surface.shape[2:]))
+        return model.layout.denormalise(out, model.stats)
+
+    def describe(self) -> str:
+        return "posterior" if self.temperature == 1.0 else f"posterior (temperature {self.temperature:g})"

@@ -1,0 +1,51 @@
+"""Perturbation schemes: each wraps a member source (:class:`bdlens.ensemble.base.Wrapped`).
+
+A scheme is one module here with a ``build(inner, context) -> MemberSource`` function, registered
+by name in :data:`SCHEMES`; ``bdlens ensemble --perturbation NAME`` and
+:meth:`bdlens.ensemble.Forecaster.ensemble` pick it from there. ``context`` carries what a scheme may
+need (:class:`SchemeContext`). The amplitude multiplies the scheme's spread (calibrated per scheme
+by ``bdlens calibrate``); see docs/ensemble.md.
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from bdlens.data import FieldLayout, NormStats
+from bdlens.ensemble.base import MemberSource
+from bdlens.errors import BdlensError
+
+
+@dataclass(frozen=True)
+class SchemeContext:
+    """What a scheme is built from: the run seed, its amplitude, the fields, each step model's
+    normalisation statistics, the checkpoint directories it may read, and its settings."""
+
+    seed: int
+    amplitude: float
+    layout: FieldLayout
+    stats: Mapping[int, NormStats]
+    checkpoints: Mapping[str, Path] = field(default_factory=dict)
+    settings: Mapping[str, Any] = field(default_factory=dict)
+
+
+# name → module defining ``build(inner, context)``; imported on use (the learned scheme loads torch modules
+# the others do not need).
+SCHEMES: dict[str, str] = {
+    "sppt": "bdlens.ensemble.schemes.sppt",
+    "learned": "bdlens.ensemble.schemes.learned",
+    "ic": "bdlens.ensemble.schemes.initial",
+}
+
+
+def build_scheme(name: str, inner: MemberSource, context: SchemeContext) -> MemberSource:
+    """``inner`` wrapped in the registered scheme ``name`` (``"none"`` returns ``inner``)."""
+    if name == "none":
+        return inner
+    if name not in SCHEMES:
+        raise BdlensError(f"unknown perturbation {name!r}; choose one of: none, {', '.join(sorted(SCHEMES))}")
+    return importlib.import_module(SCHEMES[name]).build(inner, context)
