@@ -21,29 +21,28 @@ i = 0 … N−1, and σ_N = 0 (:func:`sigma_schedule`); the last step is a plain
 costs 2N − 1 network evaluations (39 at N = 20). Optional stochastic churn: at σ_i in
 [churn_min, churn_max] the state is first noised up to σ̂ = (1 + γ)σ_i, γ = min(churn/N, √2 − 1).
 
-**Members** (:class:`DiffusionMembers`): the sampler as a member source of the ensemble engine; every
-draw of member m of the forecast with init key i producing lead L comes from one generator of
-(seed, "diffusion", m, L, i) (:func:`noise_generator`), so a member does not depend on its batch.
+**Randomness** (:class:`DiffusionSampler`): every draw of member m of the forecast with init key i
+producing lead L comes from one generator of (seed, "diffusion", i, m, L) (:func:`bdlens.streams.generator`),
+so a member does not depend on its batch. The member source of the ensemble engine is
+:class:`bdlens.ensemble.diffusion.DiffusionMembers`.
 """
 
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import Tensor, nn
 
+from bdlens import streams
 from bdlens.checkpoint import load_state_into, load_weights, read_manifest
 from bdlens.data import FieldLayout, Fields, NormStats
 from bdlens.errors import BdlensError
 from bdlens.models.config import ModelConfig
-from bdlens.models.pretrained import layout_of
 from bdlens.models.transformer import EarthSpecificTransformer
 
 KIND = "diffusion"
@@ -209,18 +208,6 @@ def heun_sample(
     return x, evaluations
 
 
-def noise_generator(seed: int, member: int, lead: int, init: int) -> torch.Generator:
-    """The CPU generator of (seed, "diffusion", member, lead, init key), independent of every other key.
-
-    The same derivation as ``bdlens.streams.generator`` (SeedSequence of (crc32(stream), member,
-    step, init as two 32-bit words)), which replaces it once that module is on main.
-    """
-    unsigned = int(init) % 2**64
-    key = (zlib.crc32(NOISE_STREAM.encode()), int(member), int(lead), unsigned & 0xFFFFFFFF, unsigned >> 32)
-    state = np.random.SeedSequence(int(seed) % 2**64, spawn_key=key).generate_state(2, dtype=np.uint32)
-    return torch.Generator().manual_seed((int(state[0]) << 31) ^ int(state[1]))
-
-
 class DiffusionSampler:
     """Samples X_{t+Δ} for rows (member, init key) from normalised (X_{t−Δ}, X_t); see :meth:`sample`."""
 
@@ -232,14 +219,16 @@ class DiffusionSampler:
     @torch.no_grad()
     def sample(self, previous: Fields | None, current: Fields, rows: Sequence[tuple[int, int]], lead: int) -> tuple[Fields, int]:
         """Normalised next states (N, …) and the network evaluations per row; row n is member
-        ``rows[n][0]`` of the forecast with init key ``rows[n][1]``, its noise from
-        :func:`noise_generator` (seed, member, ``lead``, init) alone."""
+        ``rows[n][0]`` of the forecast with init key ``rows[n][1]``, its noise from the generator of
+        (seed, "diffusion", member, ``lead``, init) alone."""
         condition = [current] if self.denoiser.config.n_input_times == 1 else [previous, current]
         if any(c is None for c in condition):
             raise BdlensError("this diffusion model takes two input times: pass the state at t−Δ as `previous`")
+        if len(rows) != current.upper.shape[0]:
+            raise BdlensError(f"{len(rows)} (member, init) keys were given for {current.upper.shape[0]} states; give one per row")
         shapes = (current.upper.shape[1:], current.surface.shape[1:])
         sizes = [math.prod(s) for s in shapes]
-        generators = [noise_generator(self.seed, member, lead, init) for member, init in rows]
+        generators = [streams.generator(self.seed, NOISE_STREAM, member, lead, init) for member, init in rows]
         dtype = current.upper.dtype
 
         def noise() -> Tensor:
@@ -287,44 +276,6 @@ class DiffusionEnsemble:
             return None
         shared = state[0].ndim == 5  # upper (B, V, Z, H, W), not (K, B, …)
         return Fields(*(x.expand(self.size, *x.shape) if shared else x for x in state))
-
-
-class DiffusionMembers:
-    """The diffusion sampler as a member source of the ensemble engine (``bdlens.ensemble.base``):
-    physical units in and out, one row per member of one forecast; member m's noise at lead L of the
-    forecast with init key i comes from (seed, "diffusion", m, L, i) alone."""
-
-    def __init__(self, directory: str | Path, seed: int, sampler: SamplerSettings | None = None, device: str | torch.device = "cpu") -> None:
-        denoiser, manifest = load_diffusion(directory, device)
-        self.layout = layout_of(denoiser.config, directory)
-        self.stats = NormStats.from_dict(manifest["norm_stats"])
-        self.scaling = ResidualScaling(self.layout, self.stats, NormStats.from_dict(manifest["residual_stats"])).to(device)
-        settings = sampler or SamplerSettings.model_validate(manifest.get("sampler", {}))
-        self.sampler = DiffusionSampler(denoiser, self.scaling, settings, seed)
-        self.steps = (denoiser.config.step_hours,)
-        self.n_input_times = denoiser.config.n_input_times
-        self.network_evaluations = settings.network_evaluations
-        self.members: tuple[int, ...] = ()
-        self.init_key = 0
-
-    def start(self, forecast: Any) -> None:
-        """Key the next batch: ``forecast.init_key`` and ``forecast.members`` (one row per member)."""
-        self.init_key, self.members = int(forecast.init_key), tuple(int(m) for m in forecast.members)
-
-    def initial(self, history: Any) -> Any:
-        return history
-
-    def step(self, previous: Fields | None, current: Fields, call: Any) -> Fields:
-        """The members' states at ``call.lead`` (hours) from those at ``call.previous`` / ``call.current``."""
-        if call.step not in self.steps:
-            raise BdlensError(f"this diffusion model steps {self.steps[0]} h, not {call.step} h")
-        norm = lambda f: None if f is None else self.layout.normalise(f, self.stats)  # noqa: E731
-        out, _ = self.sampler.sample(norm(previous), norm(current), [(m, self.init_key) for m in self.members], call.lead)
-        return self.layout.denormalise(out, self.stats)
-
-    def describe(self) -> str:
-        settings = self.sampler.settings
-        return f"diffusion (Heun, {settings.steps} steps{f', churn {settings.churn:g}' if settings.churn else ''})"
 
 
 def load_diffusion(directory: str | Path, device: str | torch.device = "cpu") -> tuple[Denoiser, dict[str, Any]]:
