@@ -26,11 +26,11 @@ from torch.func import vmap
 from bdlens.bayes.objective import model_and_guide, tempered_loss
 from bdlens.bayes.posterior import PosteriorSettings, from_deterministic
 from bdlens.bayes.sampling import forward_members, forward_sample, sample_weights
-from bdlens.bayes.trainer import TrainingSettings, svi_optimiser
 from bdlens.data.tensors import Fields, stack_times
 from bdlens.grid import GRIDS
 from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss
 from bdlens.training.distributed import Distributed
+from bdlens.training.vi import TrainingSettings, svi_optimiser
 
 ROOT = Path(__file__).resolve().parents[1]
 

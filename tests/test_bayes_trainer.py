@@ -20,17 +20,17 @@ from test_bayes_posterior import deterministic
 from test_perturbation_learned import world  # noqa: F401  (tiny posterior and its WeatherDatasets)
 from test_training import tiny_setup  # noqa: F401  (tiny model, data and configs on a synthetic store)
 
-import bdlens.bayes.trainer as trainer
+import bdlens.training.loop as loop
 from bdlens.bayes.objective import model_and_guide
 from bdlens.bayes.posterior import PosteriorSettings, from_deterministic, load_posterior
 from bdlens.bayes.sampling import forward_sample, sample_weights
-from bdlens.bayes.trainer import ValidationSettings, VIConfig, latitudes, train_vi, validate
 from bdlens.data.tensors import Fields
 from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss
 from bdlens.models.pretrained import load_trained
 from bdlens.training.batches import collate
+from bdlens.training.vi import ValidationSettings, VIConfig, latitudes, train_vi, validate
 
 
 class RollingWorld(torch.utils.data.Dataset):
@@ -154,7 +154,7 @@ def test_resume_is_exact(tmp_path, monkeypatch):
     train, val = RollingWorld(config, 10), RollingWorld(config, 5, seed=1)
     settings = vi_config(checkpoint_every=2)
     straight = train_vi(from_deterministic(deterministic(), settings.posterior), train, settings, tmp_path / "a", val)
-    stop_after_saving(monkeypatch, trainer, 2)  # killed right after the step-2 state was saved
+    stop_after_saving(monkeypatch, loop, 2)  # killed right after the step-2 state was saved
     with pytest.raises(KeyboardInterrupt):
         train_vi(from_deterministic(deterministic(), settings.posterior), train, settings, tmp_path / "b", val)
     monkeypatch.undo()
@@ -180,7 +180,7 @@ def test_resume_across_epochs_is_exact(tmp_path, monkeypatch):
     train = RollingWorld(config, 5)  # 2 batches of 2 per epoch: steps 3..5 run in epochs 1 and 2
     settings = vi_config(steps=5, validate_every=0, checkpoint_every=1)
     straight = train_vi(from_deterministic(deterministic()), train, settings, tmp_path / "a")
-    stop_after_saving(monkeypatch, trainer, 3)
+    stop_after_saving(monkeypatch, loop, 3)
     with pytest.raises(KeyboardInterrupt):
         train_vi(from_deterministic(deterministic()), train, settings, tmp_path / "b")
     monkeypatch.undo()

@@ -16,7 +16,7 @@ from interrupt import stop_after_saving
 from test_training import tiny_setup  # noqa: F401  (tiny model, data and configs on a synthetic store)
 from torch.utils.data import default_collate
 
-import bdlens.perturbation.learned as learned
+import bdlens.training.loop as loop
 from bdlens.bayes.posterior import PosteriorSettings, from_deterministic, save_posterior
 from bdlens.checkpoint import save_checkpoint
 from bdlens.cli import main
@@ -27,21 +27,18 @@ from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.metrics import crps
 from bdlens.models import EarthSpecificTransformer, ModelConfig
-from bdlens.perturbation.learned import (
+from bdlens.perturbation.learned import PerturbationNetwork, PerturbedEnsemble, State, load_perturbation
+from bdlens.streams import generator as stream_generator
+from bdlens.training.ensemble_validation import fair_crps
+from bdlens.training.perturbation import (
     CurriculumSettings,
     EnsembleCRPSLoss,
-    PerturbationNetwork,
     PerturbConfig,
-    PerturbedEnsemble,
-    State,
     curriculum_rollout,
-    load_perturbation,
     rollout_loss,
     train_perturbation,
     validate_perturbation,
 )
-from bdlens.streams import generator as stream_generator
-from bdlens.training.ensemble_validation import fair_crps
 
 
 @pytest.fixture(scope="module")
@@ -210,7 +207,7 @@ def test_resume_is_exact(world: dict, tmp_path: Path, monkeypatch: pytest.Monkey
     config = perturb_config()
     stats = {"key": "k"}
     straight = train_perturbation(world["bayes"], world["train"], config, tmp_path / "straight", norm_stats=stats)
-    stop_after_saving(monkeypatch, learned, 2)
+    stop_after_saving(monkeypatch, loop, 2)
     with pytest.raises(KeyboardInterrupt):
         train_perturbation(world["bayes"], world["train"], config, tmp_path / "partial", norm_stats=stats)
     monkeypatch.undo()

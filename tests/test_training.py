@@ -77,12 +77,12 @@ def test_training_reduces_loss_and_writes_checkpoint(tiny_setup: Path, tmp_path:
 
 
 def test_resume_is_exact(tiny_setup: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import bdlens.training.deterministic as det
+    import bdlens.training.loop as loop
 
     cfg, _ = load_train_config(tiny_setup / "train.yaml")
     straight = load_weights(train(cfg, tmp_path / "straight"))
     partial = tmp_path / "partial"
-    stop_after_saving(monkeypatch, det, 2)  # killed right after the step-2 state was saved
+    stop_after_saving(monkeypatch, loop, 2)  # killed right after the step-2 state was saved
     with pytest.raises(KeyboardInterrupt):
         train(cfg, partial)
     monkeypatch.undo()

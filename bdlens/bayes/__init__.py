@@ -7,8 +7,8 @@
 * :func:`sample_weights`, :func:`forward_members`, :class:`PosteriorEnsemble` — K weight samples,
   each from its own (seed, k) generator, run as one vmapped forward pass; rollouts keep θ_k fixed.
 * :func:`model_and_guide`, :func:`tempered_loss` — the tempered negative ELBO E_q[L1] + β·KL/N_D.
-* :class:`VIConfig`, :func:`train_vi`, :func:`validate` — post-training with pyro's SVI, exact resume,
-  per-lead validation of the posterior-mean RMSE and the member spread; ``bdlens train vi``.
+
+Post-training with pyro's SVI (``bdlens train vi``) lives in :mod:`bdlens.training.vi`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-# Loaded on first use, so that `bdlens --help` (which registers `train vi` from bdlens.bayes.cli)
-# does not import torch and pyro.
+# Loaded on first use, so that importing bdlens.bayes for one name does not import torch and pyro
+# for all of them.
 _EXPORTS = {
     "model_and_guide": "objective",
     "tempered_loss": "objective",
@@ -32,9 +32,6 @@ _EXPORTS = {
     "forward_members": "sampling",
     "forward_sample": "sampling",
     "sample_weights": "sampling",
-    "VIConfig": "trainer",
-    "train_vi": "trainer",
-    "validate": "trainer",
 }
 __all__ = sorted(_EXPORTS)
 

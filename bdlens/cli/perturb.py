@@ -55,22 +55,10 @@ def register_perturb(train_subparsers: argparse._SubParsersAction) -> None:
 def _posterior_and_data(source: Path, world: str | None, splits: list[str]) -> tuple[Any, dict, dict, Path]:
     """The VI posterior, its manifest, its datasets for ``splits`` and the data path, cross-checked."""
     from bdlens.bayes.posterior import load_posterior
-    from bdlens.data import DataConfig, make_datasets
-    from bdlens.errors import BdlensError
-    from bdlens.training.deterministic import resolve_data_path
+    from bdlens.data import checkpoint_datasets
 
     bayes, manifest = load_posterior(source)
-    if manifest.get("norm_stats") is None or "data_config" not in manifest:
-        raise BdlensError(f"{source}/manifest.json lacks norm_stats or data_config; retrain it with `bdlens train vi`")
-    world = world or manifest.get("training", {}).get("data_path")
-    if world is None:
-        raise BdlensError(f"{source} does not say which data it was trained on; pass --world")
-    data_path = resolve_data_path(world)
-    sets = make_datasets(DataConfig.model_validate(manifest["data_config"]), data_path=data_path, splits=splits, in_memory=True)
-    if sets[splits[0]].stats.key != manifest["norm_stats"].get("key"):
-        raise BdlensError(
-            f"the normalisation statistics of {data_path} differ from those {source} was trained with; pass the same --world"
-        )
+    sets, _, data_path = checkpoint_datasets(manifest, source, world, splits, made_by="bdlens train vi")
     return bayes, manifest, sets, data_path
 
 
@@ -85,8 +73,8 @@ def _train_perturb(args: argparse.Namespace) -> int:
     import torch
 
     from bdlens.configs import config_path, portable_path
-    from bdlens.perturbation.learned import PerturbConfig, train_perturbation
     from bdlens.training.distributed import Distributed
+    from bdlens.training.perturbation import PerturbConfig, train_perturbation
     from bdlens.training.run import check_run_dir
 
     if args.threads:

@@ -1,4 +1,5 @@
-"""``bdlens train``: deterministic 3DEST training (and the variational post-training, when present)."""
+"""``bdlens train``: the deterministic 3DEST, its variational post-training, the learned perturbation
+(``bdlens.cli.perturb``) and bundling; every trainer runs on the one loop of :mod:`bdlens.training.loop`."""
 
 from __future__ import annotations
 
@@ -7,24 +8,31 @@ import shlex
 import sys
 from pathlib import Path
 
-from bdlens.cli.options import add_run_mode
+from bdlens.cli.options import add_data_options, add_run_mode
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bdlens train {deterministic,…}``."""
     train = subparsers.add_parser("train", help="train models on the demo world or WB2 data")
     commands = train.add_subparsers(dest="train_command", metavar="COMMAND", required=True)
-    det = commands.add_parser(
-        "deterministic",
-        help="train the deterministic 3DEST for one step length (launch with torchrun for several processes)",
-        description="Train the 3DEST on one step Δ (AdamW, warm-up + cosine). Writes OUT/metrics.jsonl, OUT/state.pt "
-        "(exact resume) and OUT/checkpoint. Data-parallel under torchrun: `torchrun --nproc_per_node N -m bdlens train "
-        "deterministic ...`.",
+    # The trainers that start from a training YAML (model, data, world, optimisation) rather than a checkpoint.
+    from_config = (
+        ("deterministic", "train the deterministic 3DEST for one step length", "Train the 3DEST on one step Δ (AdamW, warm-up + cosine).",
+         "train_det_6h"),
+        ("diffusion", "train the conditional EDM diffusion baseline on the 3DEST backbone",
+         "Denoising score matching of a 3DEST denoiser conditioned on (X_{t-Δ}, X_t) with adaptive layer norms on the noise "
+         "level (SPEC §8, docs/diffusion.md).", "diffusion_demo"),
     )
-    det.add_argument("--config", required=True, help="training YAML (path or name in configs/), e.g. train_det_6h")
-    det.add_argument("--out", type=Path, required=True, help="run directory (state, metrics log, final checkpoint/)")
-    add_run_mode(det)
-    det.set_defaults(func=_deterministic)
+    for name, summary, what, example in from_config:
+        command = commands.add_parser(
+            name, help=f"{summary} (launch with torchrun for several processes)",
+            description=f"{what} Writes OUT/metrics.jsonl, OUT/state.pt (exact resume) and OUT/checkpoint. "
+            f"Data-parallel under torchrun: `torchrun --nproc_per_node N -m bdlens train {name} ...`.",
+        )
+        command.add_argument("--config", required=True, help=f"training YAML (path or name in configs/), e.g. {example}")
+        command.add_argument("--out", type=Path, required=True, help="run directory (state, metrics log, final checkpoint/)")
+        add_run_mode(command)
+        command.set_defaults(func=_from_config)
 
     bundle = commands.add_parser("bundle", help="copy a trained checkpoint into the package's bundled demo models")
     bundle.add_argument("checkpoint", type=Path, help="checkpoint directory (RUN/checkpoint)")
@@ -32,15 +40,25 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bundle.add_argument("--scores", type=Path, help="JSON of test-period scores to record in the manifest")
     bundle.add_argument("--overwrite", action="store_true", help="replace an existing bundle of that name")
     bundle.set_defaults(func=_bundle)
-    try:
-        from bdlens.bayes.cli import register_vi
-    except ImportError:  # the variational layer is optional until it lands
-        return
-    register_vi(commands)
-    try:
-        from bdlens.cli.perturb import register_perturb
-    except ImportError:  # the learned perturbation is optional until it lands
-        return
+
+    vi = commands.add_parser(
+        "vi",
+        help="post-train a deterministic checkpoint with mean-field variational inference (epistemic uncertainty)",
+        description="Mean-field Gaussian VI over the weights of a trained 3DEST (tempered ELBO, pyro SVI). The data, "
+        "normalisation statistics and model configuration come from the deterministic checkpoint. "
+        "Writes OUT/metrics.jsonl, OUT/state.pt (exact resume) and the posterior to OUT/checkpoint. "
+        "Data-parallel under torchrun: `torchrun --nproc_per_node N -m bdlens train vi ...`.",
+    )
+    vi.add_argument("--from", dest="source", type=Path, required=True, help="deterministic checkpoint directory")
+    vi.add_argument("--config", required=True, help="VI YAML (path or name in configs/), e.g. vi_demo")
+    vi.add_argument("--out", type=Path, required=True, help="run directory (metrics log, state.pt, checkpoint/)")
+    add_data_options(vi, trained_on="checkpoint")
+    vi.add_argument("--analysis", type=Path, help="analysis store for analysis_input_probability > 0 (default: analysis.zarr beside the truth)")
+    add_run_mode(vi)
+    vi.set_defaults(func=_vi)
+
+    from bdlens.cli.perturb import register_perturb
+
     register_perturb(commands)
 
 
@@ -60,11 +78,53 @@ def _bundle(args: argparse.Namespace) -> int:
     return 0
 
 
-def _deterministic(args: argparse.Namespace) -> int:
-    from bdlens.training.config import load_train_config
+def _from_config(args: argparse.Namespace) -> int:
+    from bdlens.training.config import TrainConfig, load_train_config
     from bdlens.training.deterministic import train
+    from bdlens.training.diffusion import DiffusionConfig, DiffusionObjective
 
-    cfg, path = load_train_config(args.config)
+    diffusion = args.train_command == "diffusion"
+    cfg, path = load_train_config(args.config, DiffusionConfig if diffusion else TrainConfig)
     command = shlex.join(["bdlens", *sys.argv[1:]])
-    print(train(cfg, args.out, config_file=path, resume=args.resume, overwrite=args.overwrite, command=command))
+    objective = DiffusionObjective if diffusion else None
+    print(train(cfg, args.out, config_file=path, resume=args.resume, overwrite=args.overwrite, command=command, objective=objective))
+    return 0
+
+def _vi(args: argparse.Namespace) -> int:
+    import torch
+
+    from bdlens.bayes.posterior import from_deterministic
+    from bdlens.configs import config_path, portable_path
+    from bdlens.data import analysis_dataset, analysis_path, checkpoint_datasets
+    from bdlens.models.pretrained import load_trained
+    from bdlens.training.distributed import Distributed
+    from bdlens.training.run import CHECKPOINT, check_run_dir
+    from bdlens.training.vi import VIConfig, train_vi
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config_file = config_path(args.config)
+    config = VIConfig.from_yaml(config_file)
+    trained = load_trained(args.source)
+    dist_info = Distributed.from_env()
+    check_run_dir(args.out, args.resume, args.overwrite, dist_info.main)
+    sets, data_config, data_path = checkpoint_datasets(trained.manifest, args.source, args.world, ["train", "val"],
+                                                       made_by="bdlens train deterministic")
+    extra = {
+        "data_config": trained.manifest["data_config"],
+        "source_checkpoint": portable_path(args.source),
+        "training": {"command": shlex.join(["bdlens", *sys.argv[1:]]), "config_file": portable_path(config_file),
+                     "data_path": portable_path(data_path), "processes": dist_info.world_size},
+    }
+    analysis = None
+    if config.training.analysis_input_probability > 0:
+        analysis = analysis_dataset(sets["train"], data_config, data_path, args.analysis)
+        extra["training"]["analysis_path"] = portable_path(analysis_path(data_path, args.analysis))
+    train_vi(
+        from_deterministic(trained.model, config.posterior), sets["train"], config, args.out, val_set=sets["val"],
+        constants=sets["train"].constants, norm_stats=trained.manifest["norm_stats"], resume=args.resume,
+        manifest_extra=extra, analysis_set=analysis,
+    )
+    if dist_info.main:
+        print(args.out / CHECKPOINT)
     return 0

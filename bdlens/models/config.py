@@ -33,6 +33,11 @@ class ModelConfig(BaseModel):
     Pangu-Weather's pseudocode does; ``"legacy"`` is the convention of checkpoints written before this
     field existed (levels in ascending hPa, the surface token beside the top level, rolled by −half a
     window). :meth:`from_manifest` resolves a stored config without the field to ``"legacy"``.
+
+    ``conditioning_dim`` > 0 turns every block's layer norms into adaptive layer norms driven by a
+    conditioning vector of that width (the diffusion denoiser's noise embedding,
+    :mod:`bdlens.models.diffusion`); such a denoiser takes a third input, the noisy state. 0 (the
+    default) is the plain 3DEST, so existing checkpoints load unchanged.
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
@@ -44,7 +49,7 @@ class ModelConfig(BaseModel):
     grid: str | None = None
     nlat: int = Field(gt=0)
     nlon: int = Field(gt=0)
-    n_input_times: int = Field(default=2, ge=1, le=2)
+    n_input_times: int = Field(default=2, ge=1, le=3)
     step_hours: int = Field(default=6, gt=0)
     embed_dim: int = Field(gt=0)
     depths: tuple[int, int, int, int]
@@ -56,6 +61,7 @@ class ModelConfig(BaseModel):
     residual: bool = False
     checkpoint: bool = False
     convention: Literal["pangu", "legacy"] = "pangu"
+    conditioning_dim: int = Field(default=0, ge=0)
 
     @model_validator(mode="before")
     @classmethod
@@ -84,6 +90,8 @@ class ModelConfig(BaseModel):
             # bdlens.data lays channels out in this order; any other order would silently swap fields.
             if list(names) != sorted(names, key=known.index):
                 raise ValueError(f"list {list(names)} in the canonical order of {known}")
+        if self.n_input_times == 3 and not self.conditioning_dim:
+            raise ValueError("n_input_times must be 1 or 2 (3 only for a noise-conditioned diffusion denoiser)")
         if not self.upper_variables or not self.surface_variables or not self.levels:
             raise ValueError("upper_variables, surface_variables and levels must not be empty")
         if list(self.levels) != sorted(set(self.levels)) or not set(self.levels) <= set(WB2_LEVELS):

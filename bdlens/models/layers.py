@@ -50,6 +50,28 @@ class DropPath(nn.Module):
         return x * mask / keep
 
 
+class AdaptiveLayerNorm(nn.Module):
+    """Layer norm whose scale and shift come from a conditioning vector c (adaptive layer norm, as in
+    GenCast and DiT): LN(x)·(1 + γ(c)) + β(c), with γ, β a linear map of c that starts at zero, so a
+    fresh block behaves like one with a plain layer norm."""
+
+    def __init__(self, dim: int, cond_dim: int) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, elementwise_affine=False)
+        self.modulation = nn.Linear(cond_dim, 2 * dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.modulation.weight)
+        nn.init.zeros_(self.modulation.bias)
+
+    def forward(self, x: Tensor, cond: Tensor) -> Tensor:
+        """x: (B, ..., C), cond: (B, D) → same shape as x."""
+        scale, shift = self.modulation(cond).chunk(2, dim=-1)
+        shape = (cond.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],)
+        return self.norm(x) * (1 + scale.reshape(shape)) + shift.reshape(shape)
+
+
 class Mlp(nn.Module):
     """Linear → GELU → Linear with ``ratio``× hidden channels."""
 

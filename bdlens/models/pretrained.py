@@ -53,8 +53,12 @@ def load_trained(path: str | Path, device: str | torch.device = "cpu") -> Traine
     model = EarthSpecificTransformer(config)
     load_state_into(model, load_weights(path), path)
     model.to(device).eval()
+    return TrainedModel(model, layout_of(config, path), stats, manifest, path)
+
+
+def layout_of(config: ModelConfig, source: str | Path = "model") -> FieldLayout:
+    """The field layout of a model config (its variables, levels and supported grid); ``source`` names it in errors."""
     grid = next((g for g in GRIDS.values() if (g.nlat, g.nlon) == (config.nlat, config.nlon)), None)
     if grid is None:
-        raise BdlensError(f"{path}: model grid {config.nlon}x{config.nlat} is not a supported grid")
-    layout = FieldLayout(config.upper_variables, config.levels, config.surface_variables, grid)
-    return TrainedModel(model, layout, stats, manifest, path)
+        raise BdlensError(f"{source}: model grid {config.nlon}x{config.nlat} is not a supported grid")
+    return FieldLayout(config.upper_variables, config.levels, config.surface_variables, grid)

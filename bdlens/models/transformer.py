@@ -11,6 +11,8 @@ Output X_{t+Δ} in the same normalised layout for one time: upper (B, V_u, Z, H,
 Pipeline: patch embedding (surface = pressure token 0, levels from the ground up as in Pangu-Weather
 unless the config's ``convention`` is ``"legacy"``; see :class:`~bdlens.models.ModelConfig`) → stage 1 (C) → merge 2×2 (2C) → stage 2 →
 stage 2 → up-sample (C) → stage 1 → concatenate the stage-1 encoder output (2C) → patch recovery.
+With ``conditioning_dim`` > 0 (the diffusion denoiser) every block's two layer norms are adaptive
+layer norms driven by a conditioning vector (B, D) passed as ``conditioning``.
 Every parameter is a plain ``nn.Linear`` / ``nn.Conv*`` weight or ``nn.Parameter`` and the forward
 pass has no in-place updates and no data-dependent control flow, so it runs under
 ``torch.func.functional_call`` + ``torch.func.vmap`` over stacked per-member weights.
@@ -25,7 +27,17 @@ from torch.utils.checkpoint import checkpoint
 from bdlens.errors import BdlensError
 from bdlens.models.attention import EarthAttention3D, shift_mask, window_partition, window_reverse
 from bdlens.models.config import ModelConfig
-from bdlens.models.layers import DropPath, Mlp, PatchEmbedding, PatchMerging, PatchRecovery, PatchUpsample, ceil_to, pad_end
+from bdlens.models.layers import (
+    AdaptiveLayerNorm,
+    DropPath,
+    Mlp,
+    PatchEmbedding,
+    PatchMerging,
+    PatchRecovery,
+    PatchUpsample,
+    ceil_to,
+    pad_end,
+)
 
 
 class EarthSpecificBlock(nn.Module):
@@ -34,7 +46,7 @@ class EarthSpecificBlock(nn.Module):
     ``shape`` is the (Z, H, W) token count; levels and latitudes are zero-padded at the end to whole
     windows for the attention and cropped afterwards. A shifted block rolls by
     ``shift_sign``·(wz/2, wh/2, ww/2) (each axis by its own half window; +1 as in Pangu's pseudocode,
-    −1 for legacy models) before partitioning and rolls back afterwards.
+    −1 for legacy models) before partitioning and rolls back afterwards. With ``cond_dim`` > 0 both layer norms are :class:`AdaptiveLayerNorm` s of the conditioning vector.
     """
 
     def __init__(
@@ -47,6 +59,7 @@ class EarthSpecificBlock(nn.Module):
         mlp_ratio: float,
         drop_path: float,
         shift_sign: int = 1,
+        cond_dim: int = 0,
     ) -> None:
         super().__init__()
         self.window = tuple(window)
@@ -55,15 +68,15 @@ class EarthSpecificBlock(nn.Module):
         self.shift = tuple(shift_sign * (w // 2) for w in window) if shifted else (0, 0, 0)
         n_types = (self.padded[0] // window[0]) * (self.padded[1] // window[1])
         self.attn = EarthAttention3D(dim, heads, self.window, n_types)
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = AdaptiveLayerNorm(dim, cond_dim) if cond_dim else nn.LayerNorm(dim)
         self.mlp = Mlp(dim, mlp_ratio)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = AdaptiveLayerNorm(dim, cond_dim) if cond_dim else nn.LayerNorm(dim)
         self.drop_path = DropPath(drop_path)
         mask = shift_mask(self.padded[:2], self.window, shift_sign) if shifted else None
         self.register_buffer("mask", mask, persistent=False)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, Z, H, W, C) → same shape."""
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        """x: (B, Z, H, W, C), cond: (B, D) for adaptive layer norms → same shape as x."""
         z, h, _ = self.shape
         y = pad_end(x, {-4: self.padded[0], -3: self.padded[1]})
         if any(self.shift):
@@ -72,8 +85,12 @@ class EarthSpecificBlock(nn.Module):
         if any(self.shift):
             y = torch.roll(y, shifts=tuple(-s for s in self.shift), dims=(1, 2, 3))
         y = y[:, :z, :h]
-        x = x + self.drop_path(self.norm1(y))
-        return x + self.drop_path(self.norm2(self.mlp(x)))
+        x = x + self.drop_path(self._norm(self.norm1, y, cond))
+        return x + self.drop_path(self._norm(self.norm2, self.mlp(x), cond))
+
+    @staticmethod
+    def _norm(norm: nn.Module, x: Tensor, cond: Tensor | None) -> Tensor:
+        return norm(x, cond) if isinstance(norm, AdaptiveLayerNorm) else norm(x)
 
 
 class EarthSpecificStage(nn.Module):
@@ -90,20 +107,22 @@ class EarthSpecificStage(nn.Module):
         drop_path: list[float],
         use_checkpoint: bool = False,
         shift_sign: int = 1,
+        cond_dim: int = 0,
     ) -> None:
         super().__init__()
         self.use_checkpoint = use_checkpoint
         self.blocks = nn.ModuleList(
-            EarthSpecificBlock(dim, heads, window, shape, i % 2 == 1, mlp_ratio, drop_path[i], shift_sign) for i in range(depth)
+            EarthSpecificBlock(dim, heads, window, shape, i % 2 == 1, mlp_ratio, drop_path[i], shift_sign, cond_dim)
+            for i in range(depth)
         )
 
-    def forward(self, x: Tensor) -> Tensor:
-        """x: (B, Z, H, W, C) → same shape."""
+    def forward(self, x: Tensor, cond: Tensor | None = None) -> Tensor:
+        """x: (B, Z, H, W, C), cond: (B, D) or None → same shape as x."""
         for block in self.blocks:
             if self.use_checkpoint and self.training and torch.is_grad_enabled():
-                x = checkpoint(block, x, use_reentrant=False)
+                x = checkpoint(block, x, cond, use_reentrant=False)
             else:
-                x = block(x)
+                x = block(x, cond)
         return x
 
 
@@ -117,7 +136,8 @@ class EarthSpecificTransformer(nn.Module):
         dim = c.embed_dim
         stage1, stage2 = c.token_shape(1), c.token_shape(2)
         rates = c.drop_path_rates()
-        stage = dict(window=c.window, mlp_ratio=c.mlp_ratio, use_checkpoint=c.checkpoint, shift_sign=1 if c.ground_up else -1)
+        stage = dict(window=c.window, mlp_ratio=c.mlp_ratio, use_checkpoint=c.checkpoint, shift_sign=1 if c.ground_up else -1,
+                     cond_dim=c.conditioning_dim)
         self.embed = PatchEmbedding(
             c.n_input_times * c.n_upper, c.n_input_times * c.n_surface + len(c.constants), dim, c.patch, c.ground_up
         )
@@ -130,17 +150,23 @@ class EarthSpecificTransformer(nn.Module):
         self.recovery = PatchRecovery(2 * dim, c.n_upper, c.n_surface, c.patch, (c.n_levels, c.nlat), c.ground_up)
         self.apply(_init_weights)
 
-    def forward(self, upper: Tensor, surface: Tensor, constants: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(B, T_in, V_u, Z, H, W), (B, T_in, V_s, H, W), constants → X_{t+Δ}: (B, V_u, Z, H, W), (B, V_s, H, W)."""
+    def forward(
+        self, upper: Tensor, surface: Tensor, constants: Tensor | None = None, conditioning: Tensor | None = None
+    ) -> tuple[Tensor, Tensor]:
+        """(B, T_in, V_u, Z, H, W), (B, T_in, V_s, H, W), constants, conditioning (B, conditioning_dim) when
+        the config has one → X_{t+Δ}: (B, V_u, Z, H, W), (B, V_s, H, W)."""
         self._check_inputs(upper, surface, constants)
+        if (conditioning is None) != (self.config.conditioning_dim == 0):
+            raise BdlensError(f"this model takes a conditioning vector of width {self.config.conditioning_dim} (0: none); got "
+                              f"{None if conditioning is None else tuple(conditioning.shape)}")
         b = upper.shape[0]
         surface_in = surface.reshape(b, -1, *surface.shape[-2:])
         if constants is not None:
             surface_in = torch.cat([surface_in, constants.expand(b, -1, -1, -1).to(surface_in.dtype)], dim=1)
         x = self.embed(upper.reshape(b, -1, *upper.shape[-3:]), surface_in)
-        skip = self.encoder1(x)
-        x = self.decoder2(self.encoder2(self.merge(skip)))
-        x = self.decoder1(self.upsample(x))
+        skip = self.encoder1(x, conditioning)
+        x = self.decoder2(self.encoder2(self.merge(skip), conditioning), conditioning)
+        x = self.decoder1(self.upsample(x), conditioning)
         out_upper, out_surface = self.recovery(torch.cat([skip, x], dim=-1))
         if self.config.residual:
             out_upper = out_upper + upper[:, -1]
@@ -186,10 +212,13 @@ class EarthSpecificTransformer(nn.Module):
 
 def _init_weights(module: nn.Module) -> None:
     # Pangu/Swin initialisation: truncated normal linear weights, zero biases.
+    # Adaptive layer norms start as plain ones (``apply`` visits their linear map first).
     if isinstance(module, nn.Linear):
         nn.init.trunc_normal_(module.weight, std=0.02)
         if module.bias is not None:
             nn.init.zeros_(module.bias)
+    elif isinstance(module, AdaptiveLayerNorm):
+        module.reset_parameters()
 
 
 def count_parameters(model: nn.Module) -> int:

@@ -23,18 +23,8 @@ other initial times share its batch, nor on the batch size. The init keys of a b
 without it they are the positions 0..B−1 in the batch (training and validation). The step counter
 restarts at ``start`` and whenever a rollout starts from a state shared by all members (the analysis).
 
-Training (:func:`train_perturbation`, ``bdlens train perturb``): the backbone and the posterior are
-frozen; each training sample rolls out M members (weights ``sample_weights(bayes, M, seed_t)`` with
-a fresh seed per optimiser step, held fixed over the rollout) for n steps, and the loss is the fair
-CRPS (:func:`fair_crps`) of the M members against the truth at every lead 1..n, latitude- and
-variable-weighted like the backbone's L1 loss (SPEC §3: with one member the fair-CRPS kernel
-becomes |x − y|), averaged over the leads. Gradients flow through the frozen backbone into the
-perturbation network only. The rollout length n follows an autoregressive curriculum
-(:func:`curriculum_rollout`): 1 step for the first ``steps_per_stage`` optimiser steps, then 2, …,
-up to ``max_rollout`` (4). Conveniences as in the deterministic trainer: AdamW with warm-up and
-cosine decay, a seeded batch order per epoch, ``state.pt`` for exact resume (read with
-``weights_only=True``), ``metrics.jsonl``, a progress bar and periodic validation of the fair CRPS
-and the corrected spread-skill ratio per lead (:func:`ensemble_scores`).
+Training: :mod:`bdlens.training.perturbation` (``bdlens train perturb``), fair CRPS over M members
+with the backbone frozen and an autoregressive curriculum.
 
 Checkpoint: ``<run>/checkpoint`` with ``model.safetensors`` and a manifest of ``kind:
 "perturbation"``, the network's model config and init settings, the norm stats, the backbone (VI)
@@ -45,48 +35,25 @@ checkpoint it was trained with, and provenance. A ``calibration.json`` beside it
 from __future__ import annotations
 
 import json
-import logging
 import shutil
-import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
-from torch.utils.data import Dataset
 
 from bdlens.bayes.posterior import BayesianTransformer, inverse_softplus
 from bdlens.bayes.sampling import PosteriorEnsemble
-from bdlens.bayes.trainer import ValidationSettings, latitudes
 from bdlens.checkpoint import load_state_into, load_weights, read_manifest, save_checkpoint
-from bdlens.configs import YamlConfig
 from bdlens.data import Fields
 from bdlens.errors import BdlensError
-from bdlens.models import EarthSpecificTransformer, ModelConfig, WeightedL1Loss
+from bdlens.models import EarthSpecificTransformer, ModelConfig
 from bdlens.models.layers import PatchRecovery
 from bdlens.perturbation.initial import member_noise
 from bdlens.perturbation.patterns import init_keys_for, members_tuple
-from bdlens.progress import bar
-from bdlens.training.batches import collate_states, collate_targets, lead_targets
-from bdlens.training.distributed import Distributed, average_scalar, batch_indices, optimizer_step
-from bdlens.training.ensemble_validation import ensemble_scores, fair_crps
-from bdlens.training.run import (
-    CHECKPOINT,
-    last_validation,
-    log_metrics,
-    log_rank_agreement,
-    read_state,
-    restore,
-    save_state,
-    truncate_metrics,
-)
-from bdlens.training.schedule import lr_factor
-
-log = logging.getLogger(__name__)
 
 KIND = "perturbation"
 FORMAT_VERSION = 1
@@ -94,26 +61,6 @@ NOISE_STREAM = "learned-perturbation"
 CALIBRATION = "calibration.json"
 
 State = tuple[Tensor, Tensor]
-
-
-# ----------------------------------------------------------------------------------------------
-# Fair CRPS as a differentiable loss (the estimator itself: bdlens.training.ensemble_validation.fair_crps)
-
-
-class EnsembleCRPSLoss(WeightedL1Loss):
-    """Fair CRPS of an M-member ensemble, weighted like its parent :class:`bdlens.models.WeightedL1Loss`:
-
-    loss = mean(w_v · w_lat · CRPS)_upper + surface_factor · mean(w_v · w_lat · CRPS)_surface
-
-    with cell-area latitude weights (mean 1) and Pangu's variable weights; normalised units.
-    """
-
-    def forward(self, ensemble: State, truth: State) -> Tensor:
-        """ensemble: upper (M, B, V_u, Z, H, W), surface (M, B, V_s, H, W); truth without M → scalar."""
-        lat = self.latitude_weight[:, None]
-        upper = fair_crps(ensemble[0], truth[0]) * lat * self.upper_weight[:, None, None, None]
-        surface = fair_crps(ensemble[1], truth[1]) * lat * self.surface_weight[:, None, None]
-        return upper.mean() + self.surface_factor * surface.mean()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -277,199 +224,20 @@ class PerturbedEnsemble:
 
 
 # ----------------------------------------------------------------------------------------------
-# Training configuration
-
-
-class CurriculumSettings(BaseModel):
-    """Autoregressive curriculum: rollout length 1 for ``steps_per_stage`` optimiser steps, then 2, … up to ``max_rollout``."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    steps_per_stage: int = Field(default=250, gt=0)
-    max_rollout: int = Field(default=4, ge=1)
-
-
-class PerturbTrainingSettings(BaseModel):
-    """Optimisation of the perturbation network."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    steps: int = Field(gt=0)
-    members: int = Field(default=4, ge=2, description="M, ensemble members per training sample")
-    batch_size: int = Field(default=2, gt=0)
-    learning_rate: float = Field(default=1e-3, gt=0)
-    weight_decay: float = Field(default=0.0, ge=0)
-    warmup_steps: int = Field(default=20, ge=0)
-    grad_clip: float = Field(default=1.0, gt=0)
-    curriculum: CurriculumSettings = CurriculumSettings()
-    seed: int = 0
-    log_every: int = Field(default=10, gt=0)
-    checkpoint_every: int = Field(default=50, gt=0)
-    validate_every: int = Field(default=250, ge=0)
-
-
-class PerturbValidationSettings(ValidationSettings):
-    """K members per validation forecast, the leads (model steps), how many forecasts, their seed and
-    how many run at once."""
-
-    leads: tuple[int, ...] = (1, 4)
-    max_forecasts: int = Field(default=8, gt=0)
-    batch_size: int = Field(default=4, gt=0)
-
-
-class PerturbConfig(YamlConfig):
-    """A perturbation-training configuration (``configs/perturb_demo.yaml``)."""
-
-    what: ClassVar[str] = "perturbation config"
-
-    network: NetworkSettings = NetworkSettings()
-    training: PerturbTrainingSettings
-    validation: PerturbValidationSettings = PerturbValidationSettings()
-
-
-def curriculum_rollout(step: int, settings: CurriculumSettings) -> int:
-    """Rollout length (model steps) for optimiser step ``step`` (0-based)."""
-    return min(settings.max_rollout, 1 + step // settings.steps_per_stage)
-
-
-def step_seed(seed: int, step: int) -> int:
-    """The seed of optimiser step ``step``'s weight samples and noise (a 31-bit value from (seed, step))."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(1)[0] & 0x7FFFFFFF)
-
-
-# ----------------------------------------------------------------------------------------------
-# Training
-
-
-def rollout_loss(
-    ensemble: PerturbedEnsemble, loss_fn: EnsembleCRPSLoss, previous: State | None, current: State, targets: Sequence[State]
-) -> Tensor:
-    """Mean over leads 1..n of the weighted fair CRPS of the members' n-step rollout against ``targets``."""
-    total = 0.0
-    for target in targets:
-        previous, current = current, ensemble.step(previous, current)
-        total = total + loss_fn(current, target)
-    return total / len(targets)
-
-
-def train_perturbation(
-    bayes: BayesianTransformer,
-    train_set: Dataset,
-    config: PerturbConfig,
-    out_dir: str | Path,
-    val_set: Dataset | None = None,
-    constants: Tensor | None = None,
-    norm_stats: dict[str, Any] | None = None,
-    resume: bool = False,
-    manifest_extra: dict[str, Any] | None = None,
-) -> Path:
-    """Train the perturbation network for the frozen posterior ``bayes`` into ``out_dir``; returns the checkpoint dir.
-
-    ``train_set``/``val_set``: :class:`bdlens.data.WeatherDataset` s (normalised, with ``times`` and
-    ``step``). Writes ``metrics.jsonl``, ``state.pt`` every ``checkpoint_every`` steps (exact resume
-    with ``resume``) and ``checkpoint/`` at the end (manifest: ``norm_stats``, ``manifest_extra``).
-
-    Under ``torchrun`` the ranks split each batch and average their gradients. Every rank uses the
-    same weight samples at a step and keys each sample's noise by its training-sample index, so the
-    ranks together compute the same loss and update as one process with the whole batch.
-    """
-    settings = config.training
-    dist_info = Distributed.from_env()
-    dist_info.check_batch(settings.batch_size)
-    out_dir = Path(out_dir)
-    if dist_info.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    bayes.requires_grad_(False).eval()
-    net_config = config.network.model_config_for(bayes.config)
-    torch.manual_seed(settings.seed)
-    network = PerturbationNetwork(net_config, config.network.init_sigma, config.network.init_scale).to(bayes.posterior.mu.device)
-    optimizer = torch.optim.AdamW(network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
-    warmup = min(settings.warmup_steps, settings.steps - 1)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, warmup, settings.steps))
-    samples = lead_targets(train_set, tuple(range(1, settings.curriculum.max_rollout + 1)), len(train_set))
-    if len(samples) < settings.batch_size:
-        raise BdlensError(
-            f"only {len(samples)} training samples reach {settings.curriculum.max_rollout} steps ahead, fewer than batch_size "
-            f"{settings.batch_size}; lower batch_size or max_rollout"
-        )
-    loss_fn = EnsembleCRPSLoss(latitudes(bayes, train_set), bayes.config.upper_variables, bayes.config.surface_variables)
-    loss_fn = loss_fn.to(bayes.posterior.mu.device)
-
-    step, elapsed = 0, 0.0
-    if resume:
-        state = read_state(out_dir, config, "perturbation")
-        step, elapsed = restore(state, dist_info, network=network, optimizer=optimizer, scheduler=scheduler)
-        log.info("resumed %s at step %d", out_dir, step)
-    if dist_info.main:
-        truncate_metrics(out_dir, step)
-
-    network.train()
-    quiet_rank = {} if dist_info.main else {"disable": True}
-    with bar(total=settings.steps, initial=step, desc="perturbation training", unit="step", **quiet_rank) as progress:
-        while step < settings.steps:
-            tick = time.perf_counter()
-            rollout = curriculum_rollout(step, settings.curriculum)
-            chosen = [samples[i] for i in batch_indices(step, len(samples), settings.batch_size, settings.seed, dist_info)]
-            previous, current = collate_states(train_set, [i for i, _ in chosen])
-            targets = [collate_targets(train_set, [later[lead] for _, later in chosen]) for lead in range(rollout)]
-            ensemble = PerturbedEnsemble(bayes, network, settings.members, step_seed(settings.seed, step), constants)
-            ensemble.start([i for i, _ in chosen])
-            loss = rollout_loss(ensemble, loss_fn, previous, current, targets)
-            grad_norm = optimizer_step(loss, list(network.parameters()), optimizer, scheduler, settings.grad_clip, dist_info)
-            step += 1
-            elapsed += time.perf_counter() - tick
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", rollout=rollout)
-            if step % settings.log_every == 0 or step == settings.steps:
-                global_loss = average_scalar(loss.item(), dist_info)  # the loss of the whole batch
-                if dist_info.main:
-                    log_metrics(out_dir, {"step": step, "loss": global_loss, "rollout": rollout, "grad_norm": grad_norm,
-                                          "lr": scheduler.get_last_lr()[0], "train_seconds": round(elapsed, 1)})
-            validating = val_set is not None and settings.validate_every and (step % settings.validate_every == 0 or step == settings.steps)
-            if validating and dist_info.main:
-                for row in validate_perturbation(bayes, network, val_set, config.validation, constants):
-                    log_metrics(out_dir, {"step": step, "split": "val", **row})
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
-                save_state(out_dir, {"network": network.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(), "step": step, "elapsed": elapsed}, config, dist_info)
-    log_rank_agreement(out_dir, network.parameters(), dist_info)
-    if not dist_info.main:
-        return out_dir / CHECKPOINT
-    return save_perturbation(network, config, out_dir / CHECKPOINT, norm_stats, {
-        **(manifest_extra or {}), "step": step, "train_seconds": round(elapsed, 1), "validation": last_validation(out_dir),
-    })
-
-
-def validate_perturbation(
-    bayes: BayesianTransformer, network: PerturbationNetwork, dataset: Dataset, settings: PerturbValidationSettings,
-    constants: Tensor | None = None,
-) -> list[dict[str, float]]:
-    """Per-lead :func:`ensemble_scores` (fair CRPS, RMSE, spread, corrected spread-skill) of the perturbed
-    posterior ensemble: K members of ``settings.seed``, forecast i's noise keyed by its sample index."""
-    was_training = network.training
-    network.eval()
-
-    ensemble = PerturbedEnsemble(bayes, network, settings.members, settings.seed, constants)
-    rows = ensemble_scores(ensemble, dataset, settings.leads, settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset))
-    network.train(was_training)
-    return [{k: v for k, v in row.items() if k not in ("mse", "variance")} for row in rows]
-
-
-# ----------------------------------------------------------------------------------------------
 # Checkpoints
 
 
 def save_perturbation(
-    network: PerturbationNetwork, config: PerturbConfig, directory: str | Path, norm_stats: dict[str, Any] | None,
+    network: PerturbationNetwork, settings: NetworkSettings, directory: str | Path, norm_stats: dict[str, Any] | None,
     extra: dict[str, Any] | None = None,
 ) -> Path:
-    """Write the network (safetensors) and its manifest (``kind: "perturbation"``) to ``directory``."""
+    """Write the network (safetensors) and its manifest (``kind: "perturbation"``, the network's
+    model config and settings, ``norm_stats`` and ``extra``) to ``directory``."""
     manifest = {
         "kind": KIND,
         "version": FORMAT_VERSION,
         "model_config": network.config.model_dump(mode="json"),
-        "network": config.network.model_dump(mode="json"),
-        "perturb_config": config.model_dump(mode="json"),
+        "network": settings.model_dump(mode="json"),
         "norm_stats": norm_stats,
         **(extra or {}),
     }

@@ -1,1 +1,2 @@
-"""Trainers: deterministic 3DEST (this package); the variational post-training lives in ``bdlens.bayes``."""
+"""Trainers on one loop (:mod:`bdlens.training.loop`): deterministic 3DEST, variational post-training,
+learned perturbation and the diffusion baseline, one module per objective."""

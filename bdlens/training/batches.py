@@ -9,14 +9,15 @@ forecast from imperfect initial states as they will be used.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
-from bdlens.data import DataConfig, Fields, WeatherDataset, open_dataset
+from bdlens.data import Fields
 from bdlens.errors import BdlensError
+from bdlens.grid import GRIDS
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -45,27 +46,6 @@ def analysis_choice(seed: int, step: int, rank: int, batch: int, input_times: in
     each true with ``probability``, from a generator of (seed, step, rank) alone (so resuming replays it)."""
     draw = torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + rank)
     return torch.rand(batch, input_times, generator=draw) < probability
-
-
-def analysis_path(truth_path: Path, given: str | Path | None = None) -> Path:
-    """The analysis store: ``given``, else ``analysis.zarr`` beside a demo world's ``truth.zarr``."""
-    return Path(given) if given else truth_path.parent / "analysis.zarr"
-
-
-def analysis_dataset(train: WeatherDataset, data_config: DataConfig, truth_path: Path, given: str | Path | None = None) -> WeatherDataset:
-    """The training split read from the analysis store (:func:`analysis_path`), with the truth's
-    layout and normalisation; it must cover the same times."""
-    path = analysis_path(truth_path, given)
-    if not path.exists():
-        raise BdlensError(f"analysis store {path} does not exist; pass the analysis of {truth_path} or set analysis_input_probability to 0")
-    data = open_dataset(path, variables=list(train.layout.variables), levels=list(train.layout.levels))
-    analysis = WeatherDataset(
-        data, train.layout, data_config.step_timedelta, data_config.splits["train"].bounds, stats=train.stats,
-        input_steps=data_config.input_steps, in_memory=True, source=f"{path} [train]",
-    )
-    if not np.array_equal(analysis.times, train.times):
-        raise BdlensError(f"analysis {path} does not cover the same training times as {truth_path}")
-    return analysis
 
 
 def lead_targets(dataset: Dataset, leads: tuple[int, ...], max_forecasts: int) -> list[tuple[int, list[int]]]:
@@ -104,3 +84,15 @@ def collate_states(dataset: Dataset, indices: Sequence[int]) -> tuple[State | No
 def collate_targets(dataset: Dataset, indices: Sequence[int]) -> State:
     """The targets X_{t+Δ} of the given samples, batched."""
     return tuple(default_collate([dataset[int(i)][1] for i in indices]))
+
+
+def latitudes(model: Any, dataset: Dataset | None = None) -> np.ndarray:
+    """Grid latitudes (degrees, ascending) for a model (anything with a ``config``: a 3DEST, a
+    posterior): the dataset's grid, else the config's, else equiangular without poles."""
+    grid = getattr(getattr(dataset, "layout", None), "grid", None)
+    if grid is not None:
+        return grid.latitudes()
+    config = model.config
+    if config.grid is not None:
+        return GRIDS[config.grid].latitudes()
+    return -90.0 + 180.0 / config.nlat * (np.arange(config.nlat) + 0.5)

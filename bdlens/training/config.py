@@ -48,14 +48,14 @@ class TrainConfig(BaseModel):
         return self
 
 
-def load_train_config(name_or_path: str | Path) -> tuple[TrainConfig, Path]:
-    """The validated training config and the file it came from."""
+def load_train_config(name_or_path: str | Path, kind: type[TrainConfig] = TrainConfig) -> tuple[TrainConfig, Path]:
+    """The validated training config (of class ``kind``, e.g. the diffusion trainer's) and the file it came from."""
     path = config_path(name_or_path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as err:
         raise BdlensError(f"training config {path} is not valid YAML: {err}".replace("\n", " ")) from err
     try:
-        return TrainConfig.model_validate(raw), path
+        return kind.model_validate(raw), path
     except ValidationError as err:
         raise validation_error(f"training config {path}", err) from err

@@ -1,61 +1,50 @@
-"""``bdlens train deterministic``: the 3DEST on one step Δ, AdamW + cosine schedule, exact resume, DDP.
+"""``bdlens train deterministic``: the 3DEST on one step Δ, AdamW + cosine schedule, on the one loop.
 
-A run directory holds ``state.pt`` (model, optimiser, schedule, RNG and step, for exact resume; read
-back with ``weights_only=True``), ``metrics.jsonl`` (training and validation log) and, at the end,
-``checkpoint/`` (safetensors weights + manifest with config, normalisation statistics, provenance and
-validation scores). Multi-process training: launch with ``torchrun`` (gloo, CPU processes).
+The run directory, exact resume and DDP are :func:`bdlens.training.loop.run`'s: ``state.pt`` holds the
+model, optimiser, schedule, every rank's RNG and the step; ``metrics.jsonl`` the training log (every
+10 steps) and validation (RMSE per variable and level in physical units, beside persistence);
+``checkpoint/`` the safetensors weights and a manifest with config, normalisation statistics,
+provenance and the last validation scores. Multi-process training: ``torchrun`` (gloo, CPU processes).
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
 from bdlens.checkpoint import save_checkpoint
-from bdlens.configs import config_path, portable_path, resolve_portable
-from bdlens.data import DataConfig, FieldLayout, Fields, NormStats, WeatherDataset, load_data_config, make_datasets
+from bdlens.configs import config_path, portable_path
+from bdlens.data import (
+    DataConfig,
+    FieldLayout,
+    Fields,
+    NormStats,
+    WeatherDataset,
+    analysis_dataset,
+    load_data_config,
+    make_datasets,
+    resolve_data_path,
+)
 from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.models.config import ModelConfig
 from bdlens.models.loss import WeightedL1Loss
 from bdlens.models.transformer import EarthSpecificTransformer, count_parameters
-from bdlens.progress import bar
-from bdlens.training.batches import analysis_choice, analysis_dataset, collate
+from bdlens.training.batches import analysis_choice, collate
 from bdlens.training.config import TrainConfig
 from bdlens.training.distributed import Distributed, batch_indices, optimizer_step
-from bdlens.training.run import (
-    CHECKPOINT,
-    check_run_dir,
-    log_metrics,
-    log_rank_agreement,
-    read_metrics,
-    read_state,
-    restore,
-    save_state,
-    truncate_metrics,
-)
+from bdlens.training.loop import Cadence, Objective, run
+from bdlens.training.run import check_run_dir, read_metrics
 from bdlens.training.schedule import lr_factor
 
 log = logging.getLogger(__name__)
-
-
-def resolve_data_path(world: str) -> Path:
-    """'demo' / 'small' → that demo world's truth store (built or reused from the cache); else a path,
-    possibly as a manifest records it (:func:`bdlens.configs.portable_path`)."""
-    if world in ("demo", "small"):
-        from bdlens.world.build import build
-
-        return build(small=world == "small") / "truth.zarr"
-    path = resolve_portable(str(world))
-    if not path.exists():
-        raise BdlensError(f"world/data path {path} does not exist; use 'demo', 'small' or a WB2 zarr/netCDF path")
-    return path
 
 
 @dataclass
@@ -122,77 +111,68 @@ def validate(model: torch.nn.Module, setup: Setup, n_samples: int, batch_size: i
     return scores
 
 
-def train(
-    cfg: TrainConfig,
-    run_dir: str | Path,
-    *,
-    config_file: Path | None = None,
-    resume: bool = False,
-    overwrite: bool = False,
-    command: str | None = None,
-) -> Path:
-    """Train (or resume) a deterministic 3DEST into ``run_dir``; returns the final checkpoint dir."""
-    dist_info = Distributed.from_env()
-    dist_info.check_batch(cfg.batch_size)
-    run_dir = check_run_dir(run_dir, resume, overwrite, dist_info.main)
-    if cfg.threads:
-        torch.set_num_threads(cfg.threads)
-    setup = prepare(cfg)
-    if dist_info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-    torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-    model = EarthSpecificTransformer(setup.model_config)
-    loss_fn = WeightedL1Loss(setup.layout.grid.latitudes(), setup.layout.upper_variables, setup.layout.surface_variables)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
-    step, elapsed = 0, 0.0
-    if resume:
-        state = read_state(run_dir, cfg, "training")
-        step, elapsed = restore(state, dist_info, model=model, optimizer=optimizer, scheduler=scheduler)
-        log.info("resumed %s at step %d", run_dir, step)
-    else:
-        torch.manual_seed(cfg.seed + 1 + dist_info.rank)  # DropPath masks differ between ranks
-    if dist_info.main:
-        truncate_metrics(run_dir, step)
-    if dist_info.main:
-        log.info("model: %.2f M parameters; %d train / %d val samples", count_parameters(model) / 1e6, len(setup.train), len(setup.val))
-    model.train()
-    parameters = list(model.parameters())
-    quiet_rank = {} if dist_info.main else {"disable": True}
-    with bar(total=cfg.steps, initial=step, desc=f"train {cfg.step_hours}h", unit="step", **quiet_rank) as progress:
-        while step < cfg.steps:
-            tick = time.perf_counter()
-            indices = batch_indices(step, len(setup.train), cfg.batch_size, cfg.seed, dist_info)
-            analysis_inputs = None
-            if setup.train_analysis is not None:
-                choice = analysis_choice(cfg.seed, step, dist_info.rank, len(indices), setup.model_config.n_input_times, cfg.analysis_input_probability)
-                analysis_inputs = (setup.train_analysis, choice)
-            (upper, surface), target = collate(setup.train, indices, analysis_inputs)
-            loss = loss_fn(model(upper, surface), (target.upper, target.surface))
-            grad_norm = optimizer_step(loss, parameters, optimizer, scheduler, cfg.grad_clip, dist_info)
-            step += 1
-            elapsed += time.perf_counter() - tick
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}")
-            if dist_info.main and (step % 10 == 0 or step == cfg.steps):
-                log_metrics(run_dir, {"step": step, "loss": loss.item(), "grad_norm": grad_norm, "lr": scheduler.get_last_lr()[0], "train_seconds": round(elapsed, 1)})
-            if dist_info.main and (step % cfg.val_every == 0 or step == cfg.steps):
-                log_metrics(run_dir, {"step": step, "val": validate(model, setup, cfg.val_samples, cfg.batch_size)})
-            if step % cfg.checkpoint_every == 0 or step == cfg.steps:
-                save_state(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                     "step": step, "elapsed": elapsed}, cfg, dist_info)
-    log_rank_agreement(run_dir, model.parameters(), dist_info)
-    if not dist_info.main:
-        return run_dir / CHECKPOINT
-    return _write_checkpoint(run_dir, model, setup, cfg, config_file, command, elapsed)
+class DeterministicObjective(Objective):
+    """The weighted L1 loss of one step Δ, AdamW with warm-up and cosine decay (SPEC §3)."""
+
+    description = "train deterministic"
+
+    def __init__(self, cfg: TrainConfig, setup: Setup, dist_info: Distributed, config_file: Path | None, command: str | None) -> None:
+        self.config, self.setup, self.dist_info = cfg, setup, dist_info
+        self.config_file, self.command = config_file, command
+        self.description = f"train {cfg.step_hours}h"
+        self.cadence = Cadence(cfg.steps, log_every=10, validate_every=cfg.val_every, checkpoint_every=cfg.checkpoint_every)
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
+        self.model = EarthSpecificTransformer(setup.model_config).train()
+        self.loss_fn = WeightedL1Loss(setup.layout.grid.latitudes(), setup.layout.upper_variables, setup.layout.surface_variables)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
+        if dist_info.main:
+            log.info("model: %.2f M parameters; %d train / %d val samples", count_parameters(self.model) / 1e6, len(setup.train), len(setup.val))
+
+    def stateful(self) -> dict[str, Any]:
+        return {"model": self.model, "optimizer": self.optimizer, "scheduler": self.scheduler}
+
+    def fresh_start(self, dist_info: Distributed) -> None:
+        torch.manual_seed(self.config.seed + 1 + dist_info.rank)  # DropPath masks differ between ranks
+
+    def train_step(self, step: int) -> dict[str, float]:
+        (upper, surface), target = training_batch(self.setup, self.config, step, self.dist_info)
+        loss = self.loss_fn(self.model(upper, surface), (target.upper, target.surface))
+        grad_norm = optimizer_step(loss, list(self.model.parameters()), self.optimizer, self.scheduler, self.config.grad_clip, self.dist_info)
+        return {"loss": loss.item(), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+
+    def validate(self) -> list[dict[str, Any]]:
+        return [{"val": validate(self.model, self.setup, self.config.val_samples, self.config.batch_size)}]
+
+    def parameters(self) -> Iterable[torch.Tensor]:
+        return self.model.parameters()
+
+    def save(self, directory: Path, summary: dict[str, Any]) -> Path:
+        return save_checkpoint(directory, self.model.state_dict(), training_manifest(
+            "deterministic", self.model, self.setup, self.config, self.config_file, self.command, summary, directory.parent,
+        ))
 
 
-def _write_checkpoint(
-    run_dir: Path, model: torch.nn.Module, setup: Setup, cfg: TrainConfig, config_file: Path | None, command: str | None, elapsed: float
-) -> Path:
+def training_batch(setup: Setup, cfg: TrainConfig, step: int, dist_info: Distributed) -> tuple[Fields, Fields]:
+    """This rank's (inputs, targets) at ``step``: the step's seeded batch, inputs from the analysis
+    with ``cfg.analysis_input_probability`` per input time."""
+    indices = batch_indices(step, len(setup.train), cfg.batch_size, cfg.seed, dist_info)
+    analysis_inputs = None
+    if setup.train_analysis is not None:
+        choice = analysis_choice(cfg.seed, step, dist_info.rank, len(indices), setup.model_config.n_input_times, cfg.analysis_input_probability)
+        analysis_inputs = (setup.train_analysis, choice)
+    return collate(setup.train, indices, analysis_inputs)
+
+
+def training_manifest(
+    kind: str, model: torch.nn.Module, setup: Setup, cfg: TrainConfig, config_file: Path | None, command: str | None,
+    summary: dict[str, Any], run_dir: Path,
+) -> dict[str, Any]:
+    """The manifest of a model trained from a :class:`TrainConfig`: model and data configs, norm
+    stats, provenance, and the last validation scores of the run."""
     val = [r for r in read_metrics(run_dir) if "val" in r]
-    manifest = {
-        "kind": "deterministic",
+    return {
+        "kind": kind,
         "model_config": json.loads(setup.model_config.model_dump_json()),
         "data_config": json.loads(setup.data_config.model_dump_json()),
         "norm_stats": setup.stats.to_dict(),
@@ -202,10 +182,33 @@ def _write_checkpoint(
             "config": json.loads(cfg.model_dump_json()),
             "seed": cfg.seed,
             "steps": cfg.steps,
-            "train_seconds": round(elapsed, 1),
+            "train_seconds": summary["train_seconds"],
             "data_path": portable_path(setup.data_path),
             "parameters": count_parameters(model),
         },
         "validation": val[-1]["val"] if val else {},
     }
-    return save_checkpoint(run_dir / CHECKPOINT, model.state_dict(), manifest)
+
+
+def train(
+    cfg: TrainConfig,
+    run_dir: str | Path,
+    *,
+    config_file: Path | None = None,
+    resume: bool = False,
+    overwrite: bool = False,
+    command: str | None = None,
+    objective: type[Objective] | None = None,
+) -> Path:
+    """Train (or resume) a deterministic 3DEST into ``run_dir``; returns the final checkpoint dir.
+
+    ``objective``: another objective built like :class:`DeterministicObjective` from the config and
+    its :class:`Setup` (the diffusion baseline), default the deterministic one."""
+    dist_info = Distributed.from_env()
+    dist_info.check_batch(cfg.batch_size)
+    run_dir = check_run_dir(run_dir, resume, overwrite, dist_info.main)
+    if cfg.threads:
+        torch.set_num_threads(cfg.threads)
+    setup = prepare(cfg)
+    objective = objective or DeterministicObjective
+    return run(objective(cfg, setup, dist_info, config_file, command), run_dir, dist_info, resume)

@@ -13,12 +13,26 @@ from typing import Any
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.utils.data import Dataset
 
 from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.training.batches import collate_states, collate_targets, lead_targets
+
+
+class ValidationSettings(BaseModel):
+    """K members per validation forecast, the leads (in model steps), how many forecasts, their seed
+    and how many forecasts run at once."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    members: int = Field(default=8, gt=1)
+    leads: tuple[int, ...] = (1,)
+    max_forecasts: int = Field(default=16, gt=0)
+    seed: int = 12345
+    batch_size: int = Field(default=4, gt=0)
 
 
 def fair_crps(ensemble: Tensor, truth: Tensor) -> Tensor:
@@ -110,3 +124,8 @@ def ensemble_scores(
                 record[f"spread_{name}"] = float(channel_means[2, c].sqrt()) * float(std[c])
         records.append(record)
     return records
+
+
+def reported(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """:func:`ensemble_scores` records as the trainers log them (without the ``mse`` and ``variance`` they are computed from)."""
+    return [{k: v for k, v in row.items() if k not in ("mse", "variance")} for row in rows]

@@ -11,14 +11,15 @@ the 1.2 M-entry distribution parameters and samples at every step). Rerun with t
 optimiser (:class:`GradientAveragingOptim`, a no-op on one process): +5.0 % (0.167 vs 0.159 s, 1 thread). So the step runs under
 ``pyro.validation_enabled(False)``; σ = softplus(ρ) > 0 and a real-valued θ hold by construction.
 
-Conveniences, as in the deterministic trainer: batches in a seeded order per epoch; inputs taken from
-the analysis (truth + analysis error) instead of the truth with ``analysis_input_probability`` per
-input time, so that a learned μ keeps the pretrained model's robustness to imperfect initial states;
-a metrics log (JSONL) of the loss, its KL part and the mean σ; periodic validation that reports, per
-lead, the RMSE of the mean over K posterior members and their spread, over all channels (normalised)
-and per variable and level in physical units; ``state.pt`` (posterior, optimiser, every rank's RNG,
-step), from which training resumes exactly (4 steps in one go equal 2 steps, stop, resume, 2 steps,
-bit for bit); ``checkpoint/`` at the end, with the last validation in its manifest.
+On the one training loop (:func:`bdlens.training.loop.run`), as the other trainers: batches in a
+seeded order per epoch; inputs taken from the analysis (truth + analysis error) instead of the truth
+with ``analysis_input_probability`` per input time, so that a learned μ keeps the pretrained model's
+robustness to imperfect initial states; a metrics log (JSONL) of the loss, its KL part and the mean
+σ; periodic validation that reports, per lead, the RMSE of the mean over K posterior members and
+their spread, over all channels (normalised) and per variable and level in physical units;
+``state.pt`` (posterior, optimiser, every rank's RNG, step), from which training resumes exactly (4
+steps in one go equal 2 steps, stop, resume, 2 steps, bit for bit); ``checkpoint/`` at the end, with
+the last validation in its manifest.
 
 Data parallel under ``torchrun`` (:mod:`bdlens.training.distributed`): each rank takes its slice of
 the global batch and draws its own weight sample, and :class:`GradientAveragingOptim` averages the
@@ -28,12 +29,10 @@ does for Horovod), so every rank applies the same update and the posteriors stay
 
 from __future__ import annotations
 
-import logging
-import time
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import pyro
 import pyro.optim
 import torch
@@ -49,24 +48,14 @@ from bdlens.bayes.sampling import PosteriorEnsemble
 from bdlens.configs import YamlConfig
 from bdlens.data import Fields
 from bdlens.errors import BdlensError
-from bdlens.grid import GRIDS
 from bdlens.models import WeightedL1Loss
-from bdlens.progress import bar
-from bdlens.training.batches import analysis_choice, collate
-from bdlens.training.distributed import Distributed, average_gradients, average_scalar, batch_indices
-from bdlens.training.ensemble_validation import channel_std, ensemble_scores
-from bdlens.training.run import (
-    CHECKPOINT,
-    last_validation,
-    log_metrics,
-    log_rank_agreement,
-    read_state,
-    restore,
-    save_state,
-    truncate_metrics,
-)
+from bdlens.training.batches import analysis_choice, collate, latitudes
+from bdlens.training.distributed import Distributed, average_gradients, batch_indices
+from bdlens.training.ensemble_validation import ValidationSettings, channel_std, ensemble_scores, reported
+from bdlens.training.loop import Cadence, Objective, run
+from bdlens.training.run import last_validation
 
-log = logging.getLogger(__name__)
+__all__ = ["GradientAveragingOptim", "TrainingSettings", "VIConfig", "ValidationSettings", "latitudes", "train_vi", "validate"]
 
 
 class TrainingSettings(BaseModel):
@@ -90,19 +79,6 @@ class TrainingSettings(BaseModel):
     log_every: int = Field(default=10, gt=0)
     checkpoint_every: int = Field(default=100, gt=0)
     validate_every: int = Field(default=100, ge=0)
-
-
-class ValidationSettings(BaseModel):
-    """K posterior members per validation forecast, the leads (in model steps), how many forecasts,
-    their seed and how many forecasts run at once."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    members: int = Field(default=8, gt=1)
-    leads: tuple[int, ...] = (1,)
-    max_forecasts: int = Field(default=16, gt=0)
-    seed: int = 12345
-    batch_size: int = Field(default=4, gt=0)
 
 
 class VIConfig(YamlConfig):
@@ -132,17 +108,6 @@ class GradientAveragingOptim(PyroOptim):
         super().__call__(params, *args, **kwargs)
 
 
-def latitudes(bayes: BayesianTransformer, dataset: Dataset | None = None) -> np.ndarray:
-    """Grid latitudes (degrees, ascending): the dataset's grid, else the config's, else equiangular without poles."""
-    grid = getattr(getattr(dataset, "layout", None), "grid", None)
-    if grid is not None:
-        return grid.latitudes()
-    config = bayes.config
-    if config.grid is not None:
-        return GRIDS[config.grid].latitudes()
-    return -90.0 + 180.0 / config.nlat * (np.arange(config.nlat) + 0.5)
-
-
 def svi_optimiser(settings: TrainingSettings, dist_info: Distributed) -> PyroOptim:
     """pyro's Adam with the learning rates of μ and ρ (and clipping) of ``settings``, averaging gradients over ranks."""
 
@@ -163,11 +128,90 @@ def validate(
     units (``rmse_<var>_<level>``, ``spread_<var>_<level>``) when the dataset has a layout and stats.
     The same K weight samples (``settings.seed``) serve every forecast."""
     per_variable = channel_std(dataset) is not None
-    rows = ensemble_scores(
+    return reported(ensemble_scores(
         PosteriorEnsemble(bayes, settings.members, settings.seed, constants), dataset, settings.leads,
         settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset), per_variable=per_variable,
-    )
-    return [{k: v for k, v in row.items() if k not in ("mse", "variance")} for row in rows]
+    ))
+
+
+class _PyroOptimState:
+    """A pyro optimiser seen as a ``state_dict`` / ``load_state_dict`` object by the training loop
+    (pyro keeps one torch optimiser per parameter and applies a loaded state when it creates them)."""
+
+    def __init__(self, optim: PyroOptim) -> None:
+        self.optim = optim
+
+    def state_dict(self) -> dict[str, Any]:
+        return self.optim.get_state()
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.optim.set_state(state)
+
+
+class VIObjective(Objective):
+    """The tempered negative ELBO of :func:`bdlens.bayes.objective.model_and_guide`, stepped by pyro's SVI."""
+
+    description = "VI training"
+    what = "VI"
+    may_change = ("training.steps",)  # no schedule: a finished run can be extended
+
+    def __init__(
+        self, bayes: BayesianTransformer, train_set: Dataset, config: VIConfig, dist_info: Distributed, val_set: Dataset | None,
+        constants: Tensor | None, norm_stats: dict[str, Any] | None, manifest_extra: dict[str, Any] | None, analysis_set: Dataset | None,
+    ) -> None:
+        settings = config.training
+        self.config, self.settings, self.dist_info = config, settings, dist_info
+        self.bayes, self.train_set, self.val_set, self.constants, self.analysis_set = bayes, train_set, val_set, constants, analysis_set
+        self.norm_stats, self.manifest_extra = norm_stats, manifest_extra
+        self.cadence = Cadence(settings.steps, settings.log_every, settings.validate_every, settings.checkpoint_every)
+        if len(train_set) < settings.batch_size:
+            raise BdlensError(f"batch_size {settings.batch_size} exceeds the {len(train_set)} training samples; lower batch_size")
+        if settings.analysis_input_probability > 0 and analysis_set is None:
+            raise BdlensError("analysis_input_probability > 0 needs the analysis of the training data (analysis_set / --analysis)")
+        self.n_data = settings.n_data or len(train_set)
+        pyro.clear_param_store()
+        self.optimiser = svi_optimiser(settings, dist_info)
+        self.device = bayes.posterior.mu.device
+        loss_fn = WeightedL1Loss(latitudes(bayes, train_set), bayes.config.upper_variables, bayes.config.surface_variables).to(self.device)
+        model, guide = model_and_guide(bayes, loss_fn, settings.beta, self.n_data, constants)
+        self.svi = SVI(model, guide, self.optimiser, TraceMeanField_ELBO(num_particles=settings.particles))
+
+    def stateful(self) -> dict[str, Any]:
+        return {"bayes": self.bayes, "optimiser": _PyroOptimState(self.optimiser)}
+
+    def fresh_start(self, dist_info: Distributed) -> None:
+        torch.manual_seed(self.settings.seed + 1_000_003 * dist_info.rank)  # each rank draws its own weight samples
+
+    def train_step(self, step: int) -> dict[str, float]:
+        settings, dist_info = self.settings, self.dist_info
+        indices = batch_indices(step, len(self.train_set), settings.batch_size, settings.seed, dist_info)
+        analysis_inputs = None
+        if settings.analysis_input_probability > 0:
+            n_times = self.bayes.config.n_input_times
+            choice = analysis_choice(settings.seed, step, dist_info.rank, len(indices), n_times, settings.analysis_input_probability)
+            analysis_inputs = (self.analysis_set, choice)
+        batch = tuple(Fields(*(x.to(self.device) for x in fields)) for fields in collate(self.train_set, indices, analysis_inputs))
+        with pyro.validation_enabled(False):
+            return {"loss": self.svi.step(batch)}
+
+    @torch.no_grad()
+    def log_fields(self) -> dict[str, float]:
+        kl = float(self.bayes.posterior.kl())
+        return {"kl_term": kl_scale(self.settings.beta, self.n_data) * kl, "kl": kl, "sigma_mean": float(self.bayes.posterior.sigma.mean())}
+
+    def validate(self) -> list[dict[str, Any]]:
+        if self.val_set is None:
+            return []
+        return [{"split": "val", **row} for row in validate(self.bayes, self.val_set, self.config.validation, self.constants)]
+
+    def parameters(self) -> Iterable[Tensor]:
+        return self.bayes.posterior.parameters()
+
+    def save(self, directory: Path, summary: dict[str, Any]) -> Path:
+        extra = {**(self.manifest_extra or {}), "vi_config": self.config.model_dump(mode="json"), **summary,
+                 "validation": last_validation(directory.parent)}
+        save_posterior(self.bayes, directory, self.norm_stats, extra)
+        return directory
 
 
 def train_vi(
@@ -192,72 +236,8 @@ def train_vi(
     ``training.steps`` (raise it to train a finished run for longer). Under
     ``torchrun`` the ranks split each batch (see the module docstring). Returns the trained model.
     """
-    settings = config.training
     dist_info = Distributed.from_env()
-    dist_info.check_batch(settings.batch_size)
-    n_train = len(train_set)
-    if n_train < settings.batch_size:
-        raise BdlensError(f"batch_size {settings.batch_size} exceeds the {n_train} training samples; lower batch_size")
-    if settings.analysis_input_probability > 0 and analysis_set is None:
-        raise BdlensError("analysis_input_probability > 0 needs the analysis of the training data (analysis_set / --analysis)")
-    n_data = settings.n_data or n_train
-    out_dir = Path(out_dir)
-    if dist_info.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
-
-    pyro.clear_param_store()
-    optimiser = svi_optimiser(settings, dist_info)
-    step, elapsed = 0, 0.0
-    if resume:
-        state = read_state(out_dir, config, "VI", may_change=("training.steps",))  # no schedule: a run can be extended
-        step, elapsed = restore(state, dist_info, bayes=bayes)
-        optimiser.set_state(state["optimiser"])  # pyro's optimiser keeps one torch optimiser per parameter
-        log.info("resuming VI training from %s at step %d", out_dir, step)
-    else:
-        torch.manual_seed(settings.seed + 1_000_003 * dist_info.rank)  # each rank draws its own weight samples
-    if dist_info.main:
-        truncate_metrics(out_dir, step)
-
-    device = bayes.posterior.mu.device
-    loss_fn = WeightedL1Loss(latitudes(bayes, train_set), bayes.config.upper_variables, bayes.config.surface_variables).to(device)
-    model, guide = model_and_guide(bayes, loss_fn, settings.beta, n_data, constants)
-    svi = SVI(model, guide, optimiser, TraceMeanField_ELBO(num_particles=settings.particles))
-    post = bayes.posterior
-    n_times = bayes.config.n_input_times
-
-    quiet_rank = {} if dist_info.main else {"disable": True}
-    with bar(total=settings.steps, initial=step, desc="VI training", unit="step", **quiet_rank) as progress:
-        while step < settings.steps:
-            tick = time.perf_counter()
-            indices = batch_indices(step, n_train, settings.batch_size, settings.seed, dist_info)
-            analysis_inputs = None
-            if settings.analysis_input_probability > 0:
-                choice = analysis_choice(settings.seed, step, dist_info.rank, len(indices), n_times, settings.analysis_input_probability)
-                analysis_inputs = (analysis_set, choice)
-            batch = tuple(Fields(*(x.to(device) for x in fields)) for fields in collate(train_set, indices, analysis_inputs))
-            with pyro.validation_enabled(False):
-                loss = svi.step(batch)
-            step += 1
-            elapsed += time.perf_counter() - tick
-            progress.update(1)
-            if step % settings.log_every == 0 or step == settings.steps:
-                loss = average_scalar(loss, dist_info)  # the loss of the global batch
-                with torch.no_grad():
-                    kl, sigma_mean = float(post.kl()), float(post.sigma.mean())
-                if dist_info.main:
-                    log_metrics(out_dir, {"step": step, "loss": loss, "kl_term": kl_scale(settings.beta, n_data) * kl, "kl": kl,
-                                          "sigma_mean": sigma_mean, "train_seconds": round(elapsed, 1)})
-                progress.set_postfix(loss=f"{loss:.4f}")
-            validating = val_set is not None and settings.validate_every and (step % settings.validate_every == 0 or step == settings.steps)
-            if validating and dist_info.main:
-                for row in validate(bayes, val_set, config.validation, constants):
-                    log_metrics(out_dir, {"step": step, "split": "val", **row})
-            if step % settings.checkpoint_every == 0 or step == settings.steps:
-                save_state(out_dir, {"bayes": bayes.state_dict(), "optimiser": optimiser.get_state(), "step": step, "elapsed": elapsed},
-                           config, dist_info)
-    log_rank_agreement(out_dir, post.parameters(), dist_info)
-    if dist_info.main:
-        extra = {**(manifest_extra or {}), "vi_config": config.model_dump(mode="json"), "step": step,
-                 "train_seconds": round(elapsed, 1), "validation": last_validation(out_dir)}
-        save_posterior(bayes, out_dir / CHECKPOINT, norm_stats, extra)
+    dist_info.check_batch(config.training.batch_size)
+    objective = VIObjective(bayes, train_set, config, dist_info, val_set, constants, norm_stats, manifest_extra, analysis_set)
+    run(objective, out_dir, dist_info, resume)
     return bayes

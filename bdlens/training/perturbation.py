@@ -1,0 +1,229 @@
+"""Training the learned perturbation network with fair CRPS (SPEC §5; the network: :mod:`bdlens.perturbation.learned`).
+
+The backbone and the posterior are frozen; each training sample rolls out M members (weights
+``sample_weights(bayes, M, seed_t)`` with a fresh seed per optimiser step, held fixed over the
+rollout) for n steps, and the loss is the fair CRPS (:func:`fair_crps`) of the M members against the
+truth at every lead 1..n, latitude- and variable-weighted like the backbone's L1 loss (SPEC §3: with
+one member the fair-CRPS kernel becomes |x − y|), averaged over the leads. Gradients flow through the
+frozen backbone into the perturbation network only. The rollout length n follows an autoregressive
+curriculum (:func:`curriculum_rollout`): 1 step for the first ``steps_per_stage`` optimiser steps,
+then 2, …, up to ``max_rollout`` (4). AdamW with warm-up and cosine decay, a seeded batch order per
+epoch, on the one training loop (:func:`bdlens.training.loop.run`: ``state.pt`` for exact resume,
+``metrics.jsonl``, progress, DDP) with periodic validation of the fair CRPS and the corrected
+spread-skill ratio per lead (:func:`ensemble_scores`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any, ClassVar
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from bdlens.bayes.posterior import BayesianTransformer
+from bdlens.configs import YamlConfig
+from bdlens.errors import BdlensError
+from bdlens.models import WeightedL1Loss
+from bdlens.perturbation.learned import NetworkSettings, PerturbationNetwork, PerturbedEnsemble, State, save_perturbation
+from bdlens.training.batches import collate_states, collate_targets, latitudes, lead_targets
+from bdlens.training.distributed import Distributed, batch_indices, optimizer_step
+from bdlens.training.ensemble_validation import ValidationSettings, ensemble_scores, fair_crps, reported
+from bdlens.training.loop import Cadence, Objective, run
+from bdlens.training.run import last_validation
+from bdlens.training.schedule import lr_factor
+
+
+class EnsembleCRPSLoss(WeightedL1Loss):
+    """Fair CRPS of an M-member ensemble, weighted like its parent :class:`bdlens.models.WeightedL1Loss`:
+
+    loss = mean(w_v · w_lat · CRPS)_upper + surface_factor · mean(w_v · w_lat · CRPS)_surface
+
+    with cell-area latitude weights (mean 1) and Pangu's variable weights; normalised units.
+    """
+
+    def forward(self, ensemble: State, truth: State) -> Tensor:
+        """ensemble: upper (M, B, V_u, Z, H, W), surface (M, B, V_s, H, W); truth without M → scalar."""
+        lat = self.latitude_weight[:, None]
+        upper = fair_crps(ensemble[0], truth[0]) * lat * self.upper_weight[:, None, None, None]
+        surface = fair_crps(ensemble[1], truth[1]) * lat * self.surface_weight[:, None, None]
+        return upper.mean() + self.surface_factor * surface.mean()
+
+
+class CurriculumSettings(BaseModel):
+    """Autoregressive curriculum: rollout length 1 for ``steps_per_stage`` optimiser steps, then 2, … up to ``max_rollout``."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps_per_stage: int = Field(default=250, gt=0)
+    max_rollout: int = Field(default=4, ge=1)
+
+
+class PerturbTrainingSettings(BaseModel):
+    """Optimisation of the perturbation network."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(gt=0)
+    members: int = Field(default=4, ge=2, description="M, ensemble members per training sample")
+    batch_size: int = Field(default=2, gt=0)
+    learning_rate: float = Field(default=1e-3, gt=0)
+    weight_decay: float = Field(default=0.0, ge=0)
+    warmup_steps: int = Field(default=20, ge=0)
+    grad_clip: float = Field(default=1.0, gt=0)
+    curriculum: CurriculumSettings = CurriculumSettings()
+    seed: int = 0
+    log_every: int = Field(default=10, gt=0)
+    checkpoint_every: int = Field(default=50, gt=0)
+    validate_every: int = Field(default=250, ge=0)
+
+
+class PerturbValidationSettings(ValidationSettings):
+    """K members per validation forecast, the leads (model steps), how many forecasts, their seed and
+    how many run at once."""
+
+    leads: tuple[int, ...] = (1, 4)
+    max_forecasts: int = Field(default=8, gt=0)
+    batch_size: int = Field(default=4, gt=0)
+
+
+class PerturbConfig(YamlConfig):
+    """A perturbation-training configuration (``configs/perturb_demo.yaml``)."""
+
+    what: ClassVar[str] = "perturbation config"
+
+    network: NetworkSettings = NetworkSettings()
+    training: PerturbTrainingSettings
+    validation: PerturbValidationSettings = PerturbValidationSettings()
+
+
+def curriculum_rollout(step: int, settings: CurriculumSettings) -> int:
+    """Rollout length (model steps) for optimiser step ``step`` (0-based)."""
+    return min(settings.max_rollout, 1 + step // settings.steps_per_stage)
+
+
+def step_seed(seed: int, step: int) -> int:
+    """The seed of optimiser step ``step``'s weight samples and noise (a 31-bit value from (seed, step))."""
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(1)[0] & 0x7FFFFFFF)
+
+
+def rollout_loss(
+    ensemble: PerturbedEnsemble, loss_fn: EnsembleCRPSLoss, previous: State | None, current: State, targets: Sequence[State]
+) -> Tensor:
+    """Mean over leads 1..n of the weighted fair CRPS of the members' n-step rollout against ``targets``."""
+    total = 0.0
+    for target in targets:
+        previous, current = current, ensemble.step(previous, current)
+        total = total + loss_fn(current, target)
+    return total / len(targets)
+
+
+class PerturbationObjective(Objective):
+    """The fair CRPS of M members rolled out by the frozen posterior with the learned perturbation."""
+
+    description = "perturbation training"
+    what = "perturbation"
+
+    def __init__(
+        self, bayes: BayesianTransformer, train_set: Dataset, config: PerturbConfig, dist_info: Distributed, val_set: Dataset | None,
+        constants: Tensor | None, norm_stats: dict[str, Any] | None, manifest_extra: dict[str, Any] | None,
+    ) -> None:
+        settings = config.training
+        self.config, self.settings, self.dist_info = config, settings, dist_info
+        self.bayes, self.train_set, self.val_set, self.constants = bayes, train_set, val_set, constants
+        self.norm_stats, self.manifest_extra = norm_stats, manifest_extra
+        self.cadence = Cadence(settings.steps, settings.log_every, settings.validate_every, settings.checkpoint_every)
+        bayes.requires_grad_(False).eval()
+        device = bayes.posterior.mu.device
+        torch.manual_seed(settings.seed)
+        self.network = PerturbationNetwork(config.network.model_config_for(bayes.config), config.network.init_sigma, config.network.init_scale)
+        self.network.to(device).train()
+        self.optimizer = torch.optim.AdamW(self.network.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
+        warmup = min(settings.warmup_steps, settings.steps - 1)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, warmup, settings.steps))
+        self.samples = lead_targets(train_set, tuple(range(1, settings.curriculum.max_rollout + 1)), len(train_set))
+        if len(self.samples) < settings.batch_size:
+            raise BdlensError(
+                f"only {len(self.samples)} training samples reach {settings.curriculum.max_rollout} steps ahead, fewer than batch_size "
+                f"{settings.batch_size}; lower batch_size or max_rollout"
+            )
+        loss_fn = EnsembleCRPSLoss(latitudes(bayes, train_set), bayes.config.upper_variables, bayes.config.surface_variables)
+        self.loss_fn = loss_fn.to(device)
+
+    def stateful(self) -> dict[str, Any]:
+        return {"network": self.network, "optimizer": self.optimizer, "scheduler": self.scheduler}
+
+    def train_step(self, step: int) -> dict[str, float]:
+        settings, data = self.settings, self.train_set
+        rollout = curriculum_rollout(step, settings.curriculum)
+        chosen = [self.samples[i] for i in batch_indices(step, len(self.samples), settings.batch_size, settings.seed, self.dist_info)]
+        previous, current = collate_states(data, [i for i, _ in chosen])
+        targets = [collate_targets(data, [later[lead] for _, later in chosen]) for lead in range(rollout)]
+        ensemble = PerturbedEnsemble(self.bayes, self.network, settings.members, step_seed(settings.seed, step), self.constants)
+        ensemble.start([i for i, _ in chosen])
+        loss = rollout_loss(ensemble, self.loss_fn, previous, current, targets)
+        parameters = list(self.network.parameters())
+        grad_norm = optimizer_step(loss, parameters, self.optimizer, self.scheduler, settings.grad_clip, self.dist_info)
+        return {"loss": loss.item(), "rollout": rollout, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+
+    def validate(self) -> list[dict[str, Any]]:
+        if self.val_set is None:
+            return []
+        rows = validate_perturbation(self.bayes, self.network, self.val_set, self.config.validation, self.constants)
+        return [{"split": "val", **row} for row in rows]
+
+    def parameters(self) -> Iterable[Tensor]:
+        return self.network.parameters()
+
+    def save(self, directory: Path, summary: dict[str, Any]) -> Path:
+        extra = {**(self.manifest_extra or {}), "perturb_config": self.config.model_dump(mode="json"), **summary,
+                 "validation": last_validation(directory.parent)}
+        return save_perturbation(self.network, self.config.network, directory, self.norm_stats, extra)
+
+
+def train_perturbation(
+    bayes: BayesianTransformer,
+    train_set: Dataset,
+    config: PerturbConfig,
+    out_dir: str | Path,
+    val_set: Dataset | None = None,
+    constants: Tensor | None = None,
+    norm_stats: dict[str, Any] | None = None,
+    resume: bool = False,
+    manifest_extra: dict[str, Any] | None = None,
+) -> Path:
+    """Train the perturbation network for the frozen posterior ``bayes`` into ``out_dir``; returns the checkpoint dir.
+
+    ``train_set``/``val_set``: :class:`bdlens.data.WeatherDataset` s (normalised, with ``times`` and
+    ``step``). Writes ``metrics.jsonl``, ``state.pt`` every ``checkpoint_every`` steps (exact resume
+    with ``resume``) and ``checkpoint/`` at the end (manifest: ``norm_stats``, ``manifest_extra``).
+
+    Under ``torchrun`` the ranks split each batch and average their gradients. Every rank uses the
+    same weight samples at a step and keys each sample's noise by its training-sample index, so the
+    ranks together compute the same loss and update as one process with the whole batch.
+    """
+    dist_info = Distributed.from_env()
+    dist_info.check_batch(config.training.batch_size)
+    objective = PerturbationObjective(bayes, train_set, config, dist_info, val_set, constants, norm_stats, manifest_extra)
+    return run(objective, out_dir, dist_info, resume)
+
+
+def validate_perturbation(
+    bayes: BayesianTransformer, network: PerturbationNetwork, dataset: Dataset, settings: PerturbValidationSettings,
+    constants: Tensor | None = None,
+) -> list[dict[str, float]]:
+    """Per-lead :func:`ensemble_scores` (fair CRPS, RMSE, spread, corrected spread-skill) of the perturbed
+    posterior ensemble: K members of ``settings.seed``, forecast i's noise keyed by its sample index."""
+    was_training = network.training
+    network.eval()
+
+    ensemble = PerturbedEnsemble(bayes, network, settings.members, settings.seed, constants)
+    rows = ensemble_scores(ensemble, dataset, settings.leads, settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset))
+    network.train(was_training)
+    return reported(rows)
+
+
