@@ -96,14 +96,17 @@ def test_bad_world_config_is_a_clear_error(tmp_path: Path) -> None:
 def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "out.zarr"
     with pytest.raises(RuntimeError):
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target, "forecast store") as tmp:
             (tmp / "half-written").write_text("x")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     target.mkdir()
     (target / "precious").write_text("keep")
     with pytest.raises(BdlensError, match="already exists"):
-        with atomic_directory(target):
+        with atomic_directory(target, "forecast store"):
+            pass
+    with pytest.raises(BdlensError, match="not written by bdlens"):
+        with atomic_directory(target, "forecast store", overwrite=True):
             pass
     assert (target / "precious").read_text() == "keep"
 

@@ -38,6 +38,7 @@ def _vi(args: argparse.Namespace) -> int:
 
     from bdlens.bayes.posterior import from_deterministic
     from bdlens.bayes.trainer import VIConfig, train_vi
+    from bdlens.checkpoint import checkpoint_hash
     from bdlens.configs import config_path
     from bdlens.data import DataConfig, make_datasets
     from bdlens.errors import BdlensError
@@ -61,7 +62,7 @@ def _vi(args: argparse.Namespace) -> int:
         raise BdlensError(f"{args.source} does not say which data it was trained on; pass --world")
     data_path = resolve_data_path(world)
     dist_info = Distributed.from_env()
-    check_run_dir(args.out, args.resume, args.overwrite, dist_info.main)
+    check_run_dir(args.out, args.resume, args.overwrite, dist_info.main, [args.source, data_path, args.analysis, config_file])
     sets = make_datasets(data_config, data_path=data_path, splits=["train", "val"], in_memory=True)
     if sets["train"].stats.key != trained.stats.key:
         raise BdlensError(
@@ -89,6 +90,7 @@ def _vi(args: argparse.Namespace) -> int:
         resume=args.resume,
         manifest_extra=extra,
         analysis_set=analysis,
+        depends={"--from checkpoint": checkpoint_hash(args.source)},
     )
     if dist_info.main:
         print(args.out / CHECKPOINT)

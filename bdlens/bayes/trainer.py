@@ -57,6 +57,7 @@ from bdlens.training.distributed import Distributed, average_gradients, average_
 from bdlens.training.ensemble_validation import channel_std, ensemble_scores
 from bdlens.training.run import (
     CHECKPOINT,
+    create_run_dir,
     last_validation,
     log_metrics,
     log_rank_agreement,
@@ -181,6 +182,7 @@ def train_vi(
     resume: bool = False,
     manifest_extra: dict[str, Any] | None = None,
     analysis_set: Dataset | None = None,
+    depends: dict[str, Any] | None = None,
 ) -> BayesianTransformer:
     """Post-train ``bayes`` on ``train_set`` (samples ``((X_{t−Δ}, X_t), X_{t+Δ})``) up to ``config.training.steps``.
 
@@ -189,7 +191,8 @@ def train_vi(
     ``<out_dir>/checkpoint`` at the end (its manifest gets ``norm_stats``, the VI config, the step, the
     last validation and ``manifest_extra``). With ``resume`` everything (posterior, optimiser, RNG,
     step) comes from ``state.pt``, which must have been written with the same config but for
-    ``training.steps`` (raise it to train a finished run for longer). Under
+    ``training.steps`` (raise it to train a finished run for longer) and the same ``depends`` (e.g. the
+    hash of the deterministic checkpoint it started from; see :func:`bdlens.training.run.read_state`). Under
     ``torchrun`` the ranks split each batch (see the module docstring). Returns the trained model.
     """
     settings = config.training
@@ -202,14 +205,13 @@ def train_vi(
         raise BdlensError("analysis_input_probability > 0 needs the analysis of the training data (analysis_set / --analysis)")
     n_data = settings.n_data or n_train
     out_dir = Path(out_dir)
-    if dist_info.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    create_run_dir(out_dir, "vi", dist_info)
 
     pyro.clear_param_store()
     optimiser = svi_optimiser(settings, dist_info)
     step, elapsed = 0, 0.0
     if resume:
-        state = read_state(out_dir, config, "VI", may_change=("training.steps",))  # no schedule: a run can be extended
+        state = read_state(out_dir, config, "VI", may_change=("training.steps",), depends=depends)  # no schedule: a run can be extended
         step, elapsed = restore(state, dist_info, bayes=bayes)
         optimiser.set_state(state["optimiser"])  # pyro's optimiser keeps one torch optimiser per parameter
         log.info("resuming VI training from %s at step %d", out_dir, step)
@@ -254,7 +256,7 @@ def train_vi(
                     log_metrics(out_dir, {"step": step, "split": "val", **row})
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 save_state(out_dir, {"bayes": bayes.state_dict(), "optimiser": optimiser.get_state(), "step": step, "elapsed": elapsed},
-                           config, dist_info)
+                           config, dist_info, depends)
     log_rank_agreement(out_dir, post.parameters(), dist_info)
     if dist_info.main:
         extra = {**(manifest_extra or {}), "vi_config": config.model_dump(mode="json"), "step": step,

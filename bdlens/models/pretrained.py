@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -15,8 +16,13 @@ from bdlens.errors import BdlensError
 from bdlens.grid import GRIDS
 from bdlens.models.config import ModelConfig
 from bdlens.models.transformer import EarthSpecificTransformer
+from bdlens.outputs import foreign_files, partial_path, prepare_output, replace_with
 
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "assets" / "models"
+BUNDLE_KIND = "bundled checkpoint"
+#: Every file of a bundled checkpoint (the bundles ship without an output marker: this layout is how
+#: --overwrite recognises one). "calibration.json" is the perturbation layer's companion file.
+BUNDLE_LAYOUT = ("manifest.json", "*.safetensors", "calibration.json")
 
 
 @dataclass
@@ -46,7 +52,7 @@ def bundled_checkpoint(name: str) -> Path:
     """Directory of a demo checkpoint shipped in the package (e.g. ``det_6h``)."""
     path = BUNDLED_DIR / name
     if not path.is_dir():
-        known = sorted(p.name for p in BUNDLED_DIR.iterdir()) if BUNDLED_DIR.is_dir() else []
+        known = sorted(p.name for p in BUNDLED_DIR.iterdir() if not p.name.startswith(".")) if BUNDLED_DIR.is_dir() else []
         raise BdlensError(f"no bundled checkpoint {name!r} (bundled: {', '.join(known) or 'none'})")
     return path
 
@@ -81,10 +87,14 @@ def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwri
     from bdlens.checkpoint import save_checkpoint
 
     checkpoint = Path(checkpoint)
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise BdlensError(f"bundle name {name!r} must be letters, digits and underscores (e.g. det_6h)")
     manifest = read_manifest(checkpoint)
     target = BUNDLED_DIR / name
     if target.exists() and not overwrite:
         raise BdlensError(f"bundled checkpoint {name} exists; pass --overwrite to replace it")
+    prepare_output(target, BUNDLE_KIND, overwrite, inputs=[checkpoint], flag="--name", layout=BUNDLE_LAYOUT, required=("manifest.json",),
+                   clear=False)
     # Refuse to bundle anything that does not load.
     kind = manifest.get("kind")
     if kind == "vi":
@@ -100,8 +110,8 @@ def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwri
     manifest = {**manifest, **(extra or {}), "bundled_from": str(checkpoint)}
     manifest.pop("bdlens_version", None)
     # Built beside the target and swapped in whole: nothing of a replaced bundle lingers, and an
-    # interrupted bundling leaves the old bundle intact.
-    staging = BUNDLED_DIR / f".{name}.tmp"
+    # interrupted bundling leaves the old bundle intact (and a partial that the next bundling removes).
+    staging = partial_path(target)
     shutil.rmtree(staging, ignore_errors=True)
     written = {"model.safetensors", "manifest.json"}
     shared = _share_prior_mean(checkpoint, name) if kind == "vi" else None
@@ -114,12 +124,12 @@ def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwri
         save_file(tensors, staging / POSTERIOR_WEIGHTS)
         written.add(POSTERIOR_WEIGHTS)
     save_checkpoint(staging, load_weights(checkpoint), manifest)
-    # Companion files (a posterior's ρ, a calibration.json) travel along; training state does not.
+    # Companion files (a posterior's ρ, a calibration.json) travel along; anything else does not.
+    skipped = written | set(foreign_files(checkpoint, BUNDLE_LAYOUT))
     for extra_file in sorted(checkpoint.iterdir()):
-        if extra_file.is_file() and extra_file.name not in written and extra_file.suffix != ".pt":
+        if extra_file.is_file() and extra_file.name not in skipped:
             shutil.copyfile(extra_file, staging / extra_file.name)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    replace_with(staging, target)
     return target
 
 
@@ -129,6 +139,6 @@ def _share_prior_mean(checkpoint: Path, name: str) -> tuple[dict[str, torch.Tens
 
     bundles = {
         p.name: p for p in BUNDLED_DIR.iterdir()
-        if p.name not in (name, f".{name}.tmp") and (p / "manifest.json").is_file() and read_manifest(p).get("kind") == "deterministic"
+        if p.name != name and not p.name.startswith(".") and (p / "manifest.json").is_file() and read_manifest(p).get("kind") == "deterministic"
     }
     return without_bundled_prior_mean(checkpoint, bundles)

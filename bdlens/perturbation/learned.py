@@ -47,7 +47,6 @@ from __future__ import annotations
 
 import json
 import logging
-import shutil
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -63,7 +62,7 @@ from torch.utils.data import Dataset
 from bdlens.bayes.posterior import BayesianTransformer, inverse_softplus
 from bdlens.bayes.sampling import PosteriorEnsemble
 from bdlens.bayes.trainer import ValidationSettings, latitudes
-from bdlens.checkpoint import load_state_into, load_weights, read_manifest, save_checkpoint
+from bdlens.checkpoint import load_state_into, load_weights, read_manifest, require_fields, save_checkpoint
 from bdlens.configs import YamlConfig
 from bdlens.data import FieldLayout, Fields, NormStats
 from bdlens.errors import BdlensError
@@ -78,6 +77,7 @@ from bdlens.training.distributed import Distributed, average_scalar, batch_indic
 from bdlens.training.ensemble_validation import ensemble_scores, fair_crps
 from bdlens.training.run import (
     CHECKPOINT,
+    create_run_dir,
     last_validation,
     log_metrics,
     log_rank_agreement,
@@ -400,12 +400,14 @@ def train_perturbation(
     norm_stats: dict[str, Any] | None = None,
     resume: bool = False,
     manifest_extra: dict[str, Any] | None = None,
+    depends: dict[str, Any] | None = None,
 ) -> Path:
     """Train the perturbation network for the frozen posterior ``bayes`` into ``out_dir``; returns the checkpoint dir.
 
     ``train_set``/``val_set``: :class:`bdlens.data.WeatherDataset` s (normalised, with ``times`` and
     ``step``). Writes ``metrics.jsonl``, ``state.pt`` every ``checkpoint_every`` steps (exact resume
-    with ``resume``) and ``checkpoint/`` at the end (manifest: ``norm_stats``, ``manifest_extra``).
+    with ``resume``, which also checks ``depends``, e.g. the posterior checkpoint's hash) and
+    ``checkpoint/`` at the end (manifest: ``norm_stats``, ``manifest_extra``).
 
     Under ``torchrun`` the ranks split each batch and average their gradients. Every rank uses the
     same weight samples at a step and keys each sample's noise by its training-sample index, so the
@@ -415,8 +417,7 @@ def train_perturbation(
     dist_info = Distributed.from_env()
     dist_info.check_batch(settings.batch_size)
     out_dir = Path(out_dir)
-    if dist_info.main:
-        out_dir.mkdir(parents=True, exist_ok=True)
+    create_run_dir(out_dir, "perturbation", dist_info)
     bayes.requires_grad_(False).eval()
     net_config = config.network.model_config_for(bayes.config)
     torch.manual_seed(settings.seed)
@@ -435,7 +436,7 @@ def train_perturbation(
 
     step, elapsed = 0, 0.0
     if resume:
-        state = read_state(out_dir, config, "perturbation")
+        state = read_state(out_dir, config, "perturbation", depends=depends)
         step, elapsed = restore(state, dist_info, network=network, optimizer=optimizer, scheduler=scheduler)
         log.info("resumed %s at step %d", out_dir, step)
     if dist_info.main:
@@ -469,7 +470,7 @@ def train_perturbation(
                     log_metrics(out_dir, {"step": step, "split": "val", **row})
             if step % settings.checkpoint_every == 0 or step == settings.steps:
                 save_state(out_dir, {"network": network.state_dict(), "optimizer": optimizer.state_dict(),
-                                     "scheduler": scheduler.state_dict(), "step": step, "elapsed": elapsed}, config, dist_info)
+                                     "scheduler": scheduler.state_dict(), "step": step, "elapsed": elapsed}, config, dist_info, depends)
     log_rank_agreement(out_dir, network.parameters(), dist_info)
     if not dist_info.main:
         return out_dir / CHECKPOINT
@@ -511,9 +512,7 @@ def save_perturbation(
         "norm_stats": norm_stats,
         **(extra or {}),
     }
-    directory = Path(directory)
-    if directory.exists():
-        shutil.rmtree(directory)
+    # Files already there that this does not write (a calibration.json, notes) are kept.
     return save_checkpoint(directory, network.state_dict(), manifest)
 
 
@@ -525,8 +524,7 @@ def load_perturbation(directory: str | Path, device: torch.device | str = "cpu")
         raise BdlensError(
             f"{directory} holds a {manifest.get('kind')!r} checkpoint, not a perturbation network; train one with `bdlens train perturb`"
         )
-    if manifest.get("norm_stats") is None:
-        raise BdlensError(f"{directory}/manifest.json has no norm_stats; retrain it with `bdlens train perturb`")
+    require_fields(manifest, directory, ("model_config", "norm_stats"))
     config = ModelConfig.from_dict(manifest["model_config"], source=f"{directory}/manifest.json")
     network = PerturbationNetwork(config)
     load_state_into(network, load_weights(directory), directory)

@@ -32,6 +32,7 @@ from bdlens.training.distributed import Distributed, batch_indices, optimizer_st
 from bdlens.training.run import (
     CHECKPOINT,
     check_run_dir,
+    create_run_dir,
     log_metrics,
     log_rank_agreement,
     read_metrics,
@@ -133,12 +134,14 @@ def train(
     """Train (or resume) a deterministic 3DEST into ``run_dir``; returns the final checkpoint dir."""
     dist_info = Distributed.from_env()
     dist_info.check_batch(cfg.batch_size)
-    run_dir = check_run_dir(run_dir, resume, overwrite, dist_info.main)
+    inputs = [config_file, config_path(cfg.model), config_path(cfg.data), None if cfg.world in ("demo", "small") else cfg.world]
+    run_dir = check_run_dir(run_dir, resume, overwrite, dist_info.main, inputs)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     setup = prepare(cfg)
-    if dist_info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    # The configs' content, not their paths: an edited data split or model size must not resume silently.
+    depends = {"model config": json.loads(setup.model_config.model_dump_json()), "data config": json.loads(setup.data_config.model_dump_json())}
+    create_run_dir(run_dir, "deterministic", dist_info)
     torch.manual_seed(cfg.seed)  # identical initial weights on every rank
     model = EarthSpecificTransformer(setup.model_config)
     loss_fn = WeightedL1Loss(setup.layout.grid.latitudes(), setup.layout.upper_variables, setup.layout.surface_variables)
@@ -146,7 +149,7 @@ def train(
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
     step, elapsed = 0, 0.0
     if resume:
-        state = read_state(run_dir, cfg, "training")
+        state = read_state(run_dir, cfg, "training", depends=depends)
         step, elapsed = restore(state, dist_info, model=model, optimizer=optimizer, scheduler=scheduler)
         log.info("resumed %s at step %d", run_dir, step)
     else:
@@ -179,7 +182,7 @@ def train(
                 log_metrics(run_dir, {"step": step, "val": validate(model, setup, cfg.val_samples, cfg.batch_size)})
             if step % cfg.checkpoint_every == 0 or step == cfg.steps:
                 save_state(run_dir, {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                     "step": step, "elapsed": elapsed}, cfg, dist_info)
+                                     "step": step, "elapsed": elapsed}, cfg, dist_info, depends)
     log_rank_agreement(run_dir, model.parameters(), dist_info)
     if not dist_info.main:
         return run_dir / CHECKPOINT
