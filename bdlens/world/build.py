@@ -72,6 +72,8 @@ def build(
     """
     cfg = resolve_config(config, small)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if root.exists() and not root.is_dir():
+        raise BdlensError(f"cache directory {root} is a file; pass --cache-dir a directory (or set BDLENS_CACHE_DIR)")
     target = root / f"world-{cfg.cache_key()}"
     if (target / MANIFEST).is_file() and not force:
         manifest = read_manifest(target)
