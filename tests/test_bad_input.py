@@ -353,11 +353,9 @@ def test_duplicate_init_times_and_non_positive_counts_are_refused(tmp_path: Path
     times = np.arange("2000-01-01T00", "2000-01-05T00", np.timedelta64(6, "h"), dtype="datetime64[ns]")
     with pytest.raises(BdlensError, match="2000-01-02T00 given more than once"):
         _init_indices(times, times[::4], ["2000-01-02T00", "2000-01-03T00", "2000-01-02"])
-    for argv in (["train", "vi", "--from", "x", "--config", "c", "--out", "o", "--threads", "0"],
-                 ["world", "ensemble", "--world", "w", "--init", "2000-01-02T00", "--out", "o", "--members", "-3"]):
-        with pytest.raises(SystemExit) as exit_info:
-            main(argv)
-        assert exit_info.value.code == 2 and "must be at least 1" in capsys.readouterr().err
+    refused(capsys, ["train", "vi", "--from", "x", "--config", "c", "--out", "o", "--threads", "0"], "--threads must be at least 1 (got 0)")
+    refused(capsys, ["calibrate", "--vi", "x", "--config", "c", "--out", str(tmp_path / "o"), "--threads", "-2"], "--threads must be at least 1")
+    assert not (tmp_path / "o").exists()
 
 
 # ---------------------------------------------------------------------------------------------

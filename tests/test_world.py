@@ -118,12 +118,16 @@ def physics_run(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return xr.open_zarr(out)
 
 
-def test_physics_ensemble_layout(physics_run: xr.Dataset) -> None:
+def test_physics_ensemble_layout(physics_run: xr.Dataset, small_world: Path) -> None:
     ds = physics_run
     assert ds.geopotential.dims == ("number", "time", "prediction_timedelta", "level", "latitude", "longitude")
     assert ds.mean_sea_level_pressure.dims == ("number", "time", "prediction_timedelta", "latitude", "longitude")
     assert ds.sizes["number"] == 6 and ds.sizes["time"] == 2
     assert ds.prediction_timedelta.values[-1] == np.timedelta64(120, "h")
+    truth = xr.open_zarr(small_world / "truth.zarr")
+    for name in ("latitude", "longitude", "level"):  # bit for bit: plain xarray alignment with the truth works
+        np.testing.assert_array_equal(ds[name].values, truth[name].values)
+    xr.align(ds.geopotential.isel(number=0, time=0, prediction_timedelta=0), truth.geopotential.isel(time=0), join="exact")
 
 
 def test_physics_ensemble_spread_starts_at_analysis_error_and_grows(physics_run: xr.Dataset, small_world: Path) -> None:

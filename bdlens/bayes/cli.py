@@ -12,7 +12,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bdlens.cli.options import add_data_options, add_run_mode
+from bdlens.cli.options import add_data_options, add_run_mode, set_threads
 
 
 def register_vi(train_subparsers: argparse._SubParsersAction) -> None:
@@ -34,8 +34,6 @@ def register_vi(train_subparsers: argparse._SubParsersAction) -> None:
 
 
 def _vi(args: argparse.Namespace) -> int:
-    import torch
-
     from bdlens.bayes.posterior import from_deterministic
     from bdlens.bayes.trainer import VIConfig, train_vi
     from bdlens.checkpoint import checkpoint_hash
@@ -48,8 +46,7 @@ def _vi(args: argparse.Namespace) -> int:
     from bdlens.training.distributed import Distributed
     from bdlens.training.run import CHECKPOINT, check_run_dir
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     config_file = config_path(args.config)
     config = VIConfig.from_yaml(config_file)
     trained = load_trained(args.source)

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import argparse
 
+from bdlens.errors import BdlensError
 
-def positive_int(text: str) -> int:
-    """An argparse ``type``: an integer ≥ 1 (counts and sizes: threads, members, hours)."""
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (torch intra-op threads); None keeps torch's choice, < 1 is refused."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise BdlensError(f"--threads must be at least 1 (got {threads})")
+    import torch
+
+    torch.set_num_threads(threads)
 
 
 def add_run_mode(parser: argparse.ArgumentParser) -> None:
@@ -26,4 +28,4 @@ def add_run_mode(parser: argparse.ArgumentParser) -> None:
 def add_data_options(parser: argparse.ArgumentParser, trained_on: str) -> None:
     """``--world`` and ``--threads`` for commands that read data through a trained checkpoint."""
     parser.add_argument("--world", help=f"data: 'demo', 'small' or a WB2 zarr (default: the data the {trained_on} was trained on)")
-    parser.add_argument("--threads", type=positive_int, help="torch intra-op threads (default: torch's choice)")
+    parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")

@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bdlens.cli.options import add_data_options, add_run_mode
+from bdlens.cli.options import add_data_options, add_run_mode, set_threads
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -88,16 +88,13 @@ def _provenance(source: Path, config_file: Path, data_path: Path) -> dict[str, A
 
 
 def _train_perturb(args: argparse.Namespace) -> int:
-    import torch
-
     from bdlens.checkpoint import checkpoint_hash
     from bdlens.configs import config_path
     from bdlens.perturbation.learned import PerturbConfig, train_perturbation
     from bdlens.training.distributed import Distributed
     from bdlens.training.run import check_run_dir
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     config_file = config_path(args.config)
     config = PerturbConfig.from_yaml(config_file)
     dist_info = Distributed.from_env()
@@ -121,14 +118,13 @@ def _train_perturb(args: argparse.Namespace) -> int:
 def _calibrate(args: argparse.Namespace) -> int:
     import json
 
-    import torch
-
     import bdlens
     from bdlens.configs import config_path
     from bdlens.errors import BdlensError
     from bdlens.outputs import prepare_output
     from bdlens.perturbation.calibrate import CALIBRATION, CALIBRATION_KIND, CALIBRATION_LAYOUT, CalibrationConfig, calibrate_checkpoint
 
+    set_threads(args.threads)
     config_file = config_path(args.config)
     sppt_file = config_path(args.sppt) if args.sppt else None
     prepare_output(args.out, CALIBRATION_KIND, args.overwrite, inputs=[args.vi, args.perturb, config_file, sppt_file, _world_path(args.world)],
@@ -140,8 +136,6 @@ def _calibrate(args: argparse.Namespace) -> int:
                               "(bundled checkpoints get their calibration from `bdlens train bundle`)")
         if beside.exists() and not args.overwrite:
             raise BdlensError(f"{beside} exists; pass --overwrite to replace it, or leave out --beside-checkpoint")
-    if args.threads:
-        torch.set_num_threads(args.threads)
     config = CalibrationConfig.from_yaml(config_file)
     bayes, manifest, sets, data_path = _posterior_and_data(args.vi, args.world, ["val"])
     result = calibrate_checkpoint(

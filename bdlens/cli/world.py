@@ -6,8 +6,6 @@ import argparse
 import json
 from pathlib import Path
 
-from bdlens.cli.options import positive_int
-
 
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bdlens world {build,summary,ensemble}``."""
@@ -35,9 +33,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ens.add_argument("--world", type=Path, required=True, help="world directory printed by `bdlens world build`")
     ens.add_argument("--init", dest="init_times", action="append", required=True, metavar="TIME",
                      help="init time, ISO (e.g. 2000-01-05T00); repeat for several")
-    ens.add_argument("--members", type=positive_int, default=10, help="ensemble members (default 10)")
-    ens.add_argument("--lead-hours", type=positive_int, default=120, help="forecast length in hours (default 120)")
-    ens.add_argument("--member-batch", type=positive_int, default=1, metavar="N",
+    ens.add_argument("--members", type=int, default=10, help="ensemble members (default 10)")
+    ens.add_argument("--lead-hours", type=int, default=120, help="forecast length in hours (default 120)")
+    ens.add_argument("--member-batch", type=int, default=1, metavar="N",
                      help="members integrated together as one vmapped batch (default 1, the fastest on CPU; "
                           "results differ only by float32 round-off)")
     ens.add_argument("--out", type=Path, required=True, help="output zarr (bdlens forecast layout), written init by init")

@@ -107,14 +107,17 @@ def _open_raw(path: Path) -> xr.Dataset:
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated metadata")
                 ds = xr.open_zarr(path, chunks={}, consolidated=None)
-            check_zarr_complete(path)
-            return ds
-        if path.suffix.lower() in _NETCDF_SUFFIXES or path.is_file():
+        elif path.suffix.lower() in _NETCDF_SUFFIXES or path.is_file():
             return xr.open_dataset(path, chunks="auto")
+        else:
+            raise BdlensError(f"{path}: not a zarr store or netCDF file; pass a .zarr directory or a .nc file")
+    except BdlensError:
+        raise
     except Exception as err:  # the backends raise many types; all mean "not a readable dataset"
         kind = "zarr store" if is_zarr else "netCDF file"
         raise BdlensError(f"{path}: cannot be read as a {kind} ({type(err).__name__}: {err}); check the file is complete") from err
-    raise BdlensError(f"{path}: not a zarr store or netCDF file; pass a .zarr directory or a .nc file")
+    check_zarr_complete(path)
+    return ds
 
 
 def check_zarr_complete(path: str | Path) -> None:
