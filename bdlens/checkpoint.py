@@ -7,8 +7,9 @@ time, validation scores). Weights are read with safetensors: no pickle is ever l
 
 from __future__ import annotations
 
+import hashlib
 import json
-import os
+import logging
 from pathlib import Path
 from typing import Any
 
@@ -23,16 +24,27 @@ WEIGHTS = "model.safetensors"
 BUNDLED_DIR = Path(__file__).resolve().parent / "assets" / "models"
 MANIFEST = "manifest.json"
 
+log = logging.getLogger(__name__)
+
 
 def save_checkpoint(path: str | Path, state_dict: dict[str, torch.Tensor], manifest: dict[str, Any]) -> Path:
-    """Write weights and manifest into directory ``path`` (files replaced atomically)."""
+    """Write weights and manifest into directory ``path`` (files replaced atomically).
+
+    Other files there (a ``calibration.json``, notes) are kept; since they may describe the weights
+    being replaced, they are named in a warning. Temporary files have fixed names, so one left by a
+    killed process is overwritten by the next save.
+    """
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
+    kept = sorted(p.name for p in path.iterdir() if p.is_file() and not p.name.startswith(".") and not p.name.endswith(".safetensors")
+                  and p.name != MANIFEST)
+    if kept and (path / WEIGHTS).exists():
+        log.warning("%s: kept %s beside the re-saved checkpoint; check they still fit the new weights", path, ", ".join(kept))
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
-    tmp = path / f".{WEIGHTS}.tmp{os.getpid()}"
+    tmp = path / f".{WEIGHTS}.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(path / WEIGHTS)
-    tmp = path / f".{MANIFEST}.tmp{os.getpid()}"
+    tmp = path / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps({"bdlens_version": __version__, **manifest}, indent=1, default=str))
     tmp.replace(path / MANIFEST)
     return path
@@ -44,9 +56,38 @@ def read_manifest(path: str | Path) -> dict[str, Any]:
     if not (path / MANIFEST).is_file():
         raise BdlensError(f"{path} is not a bdlens checkpoint (no {MANIFEST}); pass a directory written by `bdlens train`")
     try:
-        return json.loads((path / MANIFEST).read_text())
-    except json.JSONDecodeError as err:
-        raise BdlensError(f"{path / MANIFEST} is corrupted ({err.msg}); restore or retrain the checkpoint") from err
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise BdlensError(f"{path / MANIFEST} is corrupted ({err}); restore or retrain the checkpoint") from err
+    if not isinstance(manifest, dict):
+        raise BdlensError(f"{path / MANIFEST} is not a JSON object; restore or retrain the checkpoint")
+    return manifest
+
+
+def require_fields(manifest: dict[str, Any], path: str | Path, fields: tuple[str, ...]) -> None:
+    """Raise a one-line :class:`BdlensError` if checkpoint ``path``'s ``manifest`` lacks one of
+    ``fields`` (dotted for nested ones, e.g. ``posterior.names``)."""
+    for dotted in fields:
+        tree: Any = manifest
+        for key in dotted.split("."):
+            tree = tree.get(key) if isinstance(tree, dict) else None
+        if tree is None:
+            raise BdlensError(f"{Path(path) / MANIFEST} lacks the field {dotted}; restore the checkpoint or retrain it with this bdlens")
+
+
+def checkpoint_hash(path: str | Path) -> str:
+    """SHA-256 (hex) over checkpoint directory ``path``'s manifest and ``*.safetensors`` files, names
+    and contents: what a run that starts from this checkpoint depends on (companion files such as a
+    ``calibration.json`` do not count)."""
+    path = Path(path)
+    read_manifest(path)  # a clear error when it is not a checkpoint
+    digest = hashlib.sha256()
+    for file in sorted([path / MANIFEST, *path.glob("*.safetensors")]):
+        digest.update(file.name.encode())
+        with file.open("rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def load_weights(path: str | Path) -> dict[str, torch.Tensor]:
@@ -80,6 +121,6 @@ def bundled_checkpoint(name: str) -> Path:
     """Directory of a demo checkpoint shipped in the package (e.g. ``det_6h``)."""
     path = BUNDLED_DIR / name
     if not path.is_dir():
-        known = sorted(p.name for p in BUNDLED_DIR.iterdir()) if BUNDLED_DIR.is_dir() else []
+        known = sorted(p.name for p in BUNDLED_DIR.iterdir() if not p.name.startswith(".")) if BUNDLED_DIR.is_dir() else []
         raise BdlensError(f"no bundled checkpoint {name!r} (bundled: {', '.join(known) or 'none'})")
     return path

@@ -15,12 +15,15 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import dask
 import numpy as np
 import pandas as pd
 import xarray as xr
 
 from bdlens import metrics
+from bdlens.data.reader import format_times, reading
 from bdlens.errors import BdlensError
+from bdlens.outputs import check_output_file, partial_path
 from bdlens.progress import bar
 from bdlens.uncertainty import decompose, has_design, mixture_crps_check
 
@@ -34,6 +37,7 @@ DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
 #: scheduler's per-task overhead) small, while the O(M) intermediates per chunk stay a few times this.
 TARGET_CHUNK_BYTES = 16 * 2**20
 _BIN_DIMS: tuple[str, ...] = ("quantile", "probability_bin", "rank", "zonal_wavenumber")
+TABLE_COLUMNS: tuple[str, ...] = ("forecast", "variable", "level", "lead_hours", "metric", "bin", "value")
 
 DESCRIPTIONS: dict[str, str] = {
     "crps": "fair CRPS (WB2), mean over init time and area",
@@ -51,11 +55,12 @@ DESCRIPTIONS: dict[str, str] = {
 }
 
 
-def open_data(path: str | Path) -> xr.Dataset:
-    """Open a forecast or truth store lazily in the canonical layout (:func:`bdlens.data.open_dataset`)."""
+def open_data(path: str | Path, member_dim: str = "number") -> xr.Dataset:
+    """Open a forecast or truth store lazily in the canonical layout (:func:`bdlens.data.open_dataset`),
+    its member dimension ``member_dim`` renamed to ``number``."""
     from bdlens.data import open_dataset
 
-    return open_dataset(path)
+    return open_dataset(path, member_dim=member_dim)
 
 
 def align_truth(forecast: xr.DataArray, truth: xr.DataArray) -> xr.DataArray:
@@ -109,8 +114,10 @@ def check_inputs(name: str, forecast: xr.Dataset, truth: xr.Dataset, member_dim:
             raise BdlensError(f"truth lacks level(s) {missing_levels} hPa of forecast {name}; use a truth store with them")
     if not np.isin(valid_times(forecast), truth["time"].values).any():
         raise BdlensError(
-            f"forecast {name}: no valid time (init {forecast['time'].values.min()}..{forecast['time'].values.max()} plus leads) "
-            f"is in the truth ({truth['time'].values.min()}..{truth['time'].values.max()}); use overlapping periods"
+            f"forecast {name}: no valid time (init {format_times(forecast['time'].values.min(keepdims=True))}.."
+            f"{format_times(forecast['time'].values.max(keepdims=True))} plus leads) is in the truth "
+            f"({format_times(truth['time'].values.min(keepdims=True))}..{format_times(truth['time'].values.max(keepdims=True))}); "
+            "use overlapping periods"
         )
 
 
@@ -221,8 +228,28 @@ def evaluate(
             # Chunked like the forecast once, so no metric needs its own rechunk of the truth.
             aligned = aligned.chunk({d: c for d, c in zip(forecast.dims, forecast.chunks, strict=True) if d in aligned.dims})
         log.info("evaluating %s / %s (%s members)", name, variable, forecast.sizes[member_dim])
-        results.setdefault(variable, {})[name] = variable_metrics(forecast, aligned, clim, thresholds, member_dim, seed).compute()
+        # Computed in the same pass as the metrics: NaN points drop out of the averages, so a member or
+        # a field that is NaN everywhere would otherwise only leave a quietly different score.
+        empty = xr.Dataset({"member": forecast.isnull().all([d for d in forecast.dims if d != member_dim]), "truth": aligned.isnull().all()})
+        with reading(f"forecast {name} or the truth, variable {variable}"):
+            scores, empty = dask.compute(variable_metrics(forecast, aligned, clim, thresholds, member_dim, seed), empty)
+        _refuse_empty(name, variable, empty, member_dim)
+        results.setdefault(variable, {})[name] = scores
     return _assemble(results, quantiles, climatology is not None)
+
+
+def _refuse_empty(name: str, variable: str, empty: xr.Dataset, member_dim: str) -> None:
+    """Raise :class:`BdlensError` when members of forecast ``name`` or the truth are NaN everywhere."""
+    if bool(empty["truth"]):
+        raise BdlensError(f"the truth's {variable} is NaN at every valid time of forecast {name}; fix the truth store or leave out {variable}")
+    nan_members = empty[member_dim].values[empty["member"].values]
+    if nan_members.size == empty["member"].size:
+        raise BdlensError(f"forecast {name}: {variable} is NaN everywhere; fix the store or leave it out with --variables")
+    if nan_members.size:
+        raise BdlensError(
+            f"forecast {name}: member(s) {', '.join(map(str, nan_members.tolist()))} along {member_dim!r} are NaN everywhere in {variable}; "
+            "drop them or fix the store"
+        )
 
 
 def _assemble(results: dict[str, dict[str, xr.Dataset]], quantiles: Sequence[float], given_climatology: bool) -> xr.Dataset:
@@ -267,14 +294,14 @@ def to_table(result: xr.Dataset) -> pd.DataFrame:
     table["lead_hours"] = table.pop(LEAD_DIM) / pd.Timedelta(hours=1) if LEAD_DIM in table else np.nan
     if "level" not in table:
         table["level"] = np.nan
-    return table[["forecast", "variable", "level", "lead_hours", "metric", "bin", "value"]]
+    return table[list(TABLE_COLUMNS)]
 
 
 def write(result: xr.Dataset, path: str | Path, overwrite: bool = False) -> Path:
-    """Write to ``.nc`` or ``.csv`` atomically: a temporary file in the same folder, then a rename."""
+    """Write to ``.nc`` or ``.csv`` atomically: a partial file in the same folder, then a rename."""
     path = Path(path)
     check_output_path(path, overwrite)
-    tmp = path.with_name(f".{path.name}.partial-{os.getpid()}")
+    tmp = partial_path(path)
     try:
         if path.suffix == ".nc":
             result.to_netcdf(tmp)
@@ -286,12 +313,24 @@ def write(result: xr.Dataset, path: str | Path, overwrite: bool = False) -> Path
     return path
 
 
-def check_output_path(path: str | Path, overwrite: bool) -> None:
-    """Fail early for an output we could not or should not write."""
+def is_metrics_file(path: Path) -> bool:
+    """Whether ``path`` is a metrics file that :func:`write` wrote (netCDF with its attributes, or
+    CSV with its header), i.e. one that ``--overwrite`` may replace."""
+    try:
+        if path.suffix == ".nc":
+            with xr.open_dataset(path) as ds:
+                return {"reduced_over", "valid_time", "brier_thresholds"} <= set(ds.attrs)
+        with path.open() as fh:
+            return fh.readline().strip() == ",".join(TABLE_COLUMNS)
+    except (OSError, ValueError, UnicodeDecodeError):
+        return False
+
+
+def check_output_path(path: str | Path, overwrite: bool, inputs: Sequence[str | Path | None] = ()) -> None:
+    """Fail early for an output we could not or should not write: a wrong suffix, one of the
+    ``inputs``, a directory, a missing folder, or an existing file without ``overwrite`` or not
+    written by bdlens (:func:`bdlens.outputs.check_output_file`)."""
     path = Path(path)
     if path.suffix not in (".nc", ".csv"):
         raise BdlensError(f"output {path} must end in .nc (netCDF) or .csv (long table)")
-    if path.exists() and not overwrite:
-        raise BdlensError(f"output {path} exists; pass --overwrite to replace it or choose another --out")
-    if not path.parent.exists():
-        raise BdlensError(f"output folder {path.parent} does not exist; create it first")
+    check_output_file(path, overwrite, is_metrics_file, inputs, what="metrics file")

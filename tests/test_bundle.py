@@ -35,15 +35,20 @@ def test_posterior_bundle_names_the_deterministic_bundle_that_holds_its_prior_me
     alone = training_bundle.bundle(tmp_path / "vi", "vi_alone")  # no deterministic bundle yet: the prior mean stays
     assert any(k.startswith("prior_mean.") for k in load_file(alone / POSTERIOR_WEIGHTS))
 
+    old = training_bundle.bundle(tmp_path / "vi", "vi_tiny")
+    (old / "calibration.json").write_text("{}")  # a companion file of the old bundle
     training_bundle.bundle(det, "det_tiny")
-    (tmp_path / "assets" / "vi_tiny").mkdir()
-    (tmp_path / "assets" / "vi_tiny" / "stale.json").write_text("{}")
     with pytest.raises(BdlensError, match="--overwrite"):
         training_bundle.bundle(tmp_path / "vi", "vi_tiny")
+    (old / "notes.txt").write_text("mine")
+    with pytest.raises(BdlensError, match="notes.txt"):  # a file bdlens did not write is never deleted
+        training_bundle.bundle(tmp_path / "vi", "vi_tiny", overwrite=True)
+    (old / "notes.txt").unlink()
     shared = training_bundle.bundle(tmp_path / "vi", "vi_tiny", overwrite=True)
     assert not any(k.startswith("prior_mean.") for k in load_file(shared / POSTERIOR_WEIGHTS))
     assert (shared / POSTERIOR_WEIGHTS).stat().st_size < 0.6 * (alone / POSTERIOR_WEIGHTS).stat().st_size
-    assert not (shared / "stale.json").exists()  # a replaced bundle is replaced whole
+    assert not (shared / "calibration.json").exists()  # a replaced bundle is replaced whole
+    assert sorted(p.name for p in (tmp_path / "assets").iterdir()) == ["det_tiny", "vi_alone", "vi_tiny"]  # no partial left
     loaded, manifest = load_posterior(shared)
     assert manifest["posterior"]["prior_mean_bundle"] == "det_tiny"
     for name in ("mu", "rho", "prior_loc"):

@@ -167,8 +167,14 @@ def test_existing_output_needs_overwrite_and_failed_writes_leave_nothing(stores,
     assert main(args) == 2
     assert "exists; pass --overwrite" in capsys.readouterr().err
     assert out.read_text() == "keep me"
-    assert main([*args, "--overwrite"]) == 0
-    assert out.read_text().startswith("forecast,variable")
+    assert main([*args, "--overwrite"]) == 2  # not a metrics file bdlens wrote
+    assert "not a bdlens metrics file" in capsys.readouterr().err
+    assert out.read_text() == "keep me"
+    out.unlink()
+    assert main(args) == 0
+    first = out.read_text()
+    assert first.startswith("forecast,variable")
+    assert main([*args, "--overwrite"]) == 0 and out.read_text() == first
 
     def broken(_result):
         raise RuntimeError("disk full")

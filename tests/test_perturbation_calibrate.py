@@ -112,7 +112,7 @@ def test_calibrate_cli_learned_and_sppt(world: dict, tmp_path: Path, capsys) -> 
     (tmp_path / "cal.yaml").write_text(json.dumps(cal))
     common = ["-q", "calibrate", "--vi", str(world["vi"]), "--config", str(tmp_path / "cal.yaml")]
     capsys.readouterr()
-    assert main([*common, "--perturb", str(run / "checkpoint"), "--out", str(tmp_path / "learned")]) == 0
+    assert main([*common, "--perturb", str(run / "checkpoint"), "--out", str(tmp_path / "learned"), "--beside-checkpoint"]) == 0
     record = json.loads((tmp_path / "learned" / "calibration.json").read_text())
     assert json.loads((run / "checkpoint" / "calibration.json").read_text()) == record
     assert record["method"] == "learned" and record["after"]["objective"] <= record["before"]["objective"]
@@ -120,7 +120,7 @@ def test_calibrate_cli_learned_and_sppt(world: dict, tmp_path: Path, capsys) -> 
     printed = json.loads(capsys.readouterr().out.splitlines()[0])
     assert printed["crps"] == [record["before"]["crps"], record["after"]["crps"]]
     # an existing calibration is not replaced without being asked, neither in --out nor beside the checkpoint
-    assert main([*common, "--perturb", str(run / "checkpoint"), "--out", str(tmp_path / "other")]) == 2
+    assert main([*common, "--perturb", str(run / "checkpoint"), "--out", str(tmp_path / "other"), "--beside-checkpoint"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and str(run / "checkpoint" / "calibration.json") in err and "--overwrite" in err
     assert not (tmp_path / "other").exists()

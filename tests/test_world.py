@@ -96,14 +96,17 @@ def test_bad_world_config_is_a_clear_error(tmp_path: Path) -> None:
 def test_atomic_directory_leaves_nothing_on_failure(tmp_path: Path) -> None:
     target = tmp_path / "out.zarr"
     with pytest.raises(RuntimeError):
-        with atomic_directory(target) as tmp:
+        with atomic_directory(target, "forecast store") as tmp:
             (tmp / "half-written").write_text("x")
             raise RuntimeError("boom")
     assert list(tmp_path.iterdir()) == []
     target.mkdir()
     (target / "precious").write_text("keep")
     with pytest.raises(BdlensError, match="already exists"):
-        with atomic_directory(target):
+        with atomic_directory(target, "forecast store"):
+            pass
+    with pytest.raises(BdlensError, match="not written by bdlens"):
+        with atomic_directory(target, "forecast store", overwrite=True):
             pass
     assert (target / "precious").read_text() == "keep"
 
@@ -115,12 +118,16 @@ def physics_run(small_world: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     return xr.open_zarr(out)
 
 
-def test_physics_ensemble_layout(physics_run: xr.Dataset) -> None:
+def test_physics_ensemble_layout(physics_run: xr.Dataset, small_world: Path) -> None:
     ds = physics_run
     assert ds.geopotential.dims == ("number", "time", "prediction_timedelta", "level", "latitude", "longitude")
     assert ds.mean_sea_level_pressure.dims == ("number", "time", "prediction_timedelta", "latitude", "longitude")
     assert ds.sizes["number"] == 6 and ds.sizes["time"] == 2
     assert ds.prediction_timedelta.values[-1] == np.timedelta64(120, "h")
+    truth = xr.open_zarr(small_world / "truth.zarr")
+    for name in ("latitude", "longitude", "level"):  # bit for bit: plain xarray alignment with the truth works
+        np.testing.assert_array_equal(ds[name].values, truth[name].values)
+    xr.align(ds.geopotential.isel(number=0, time=0, prediction_timedelta=0), truth.geopotential.isel(time=0), join="exact")
 
 
 def test_physics_ensemble_spread_starts_at_analysis_error_and_grows(physics_run: xr.Dataset, small_world: Path) -> None:

@@ -31,13 +31,13 @@ from typing import Any, Literal
 import pyro.distributions as dist
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from bdlens.checkpoint import bundled_checkpoint, load_state_into, load_weights, read_manifest, save_checkpoint
-from bdlens.errors import BdlensError
+from bdlens.checkpoint import bundled_checkpoint, load_state_into, load_weights, read_manifest, require_fields, save_checkpoint
+from bdlens.errors import BdlensError, validation_error
 from bdlens.models import EarthSpecificTransformer, ModelConfig
 
 KIND = "vi"  # the manifest's "kind", beside bdlens.checkpoint's "deterministic"
@@ -233,15 +233,22 @@ def load_posterior(directory: str | Path, device: torch.device | str = "cpu") ->
     manifest = read_manifest(directory)
     if manifest.get("kind") != KIND:
         raise BdlensError(f"{directory} holds a {manifest.get('kind')!r} checkpoint, not a VI posterior; train one with `bdlens train vi`")
+    require_fields(manifest, directory, ("model_config", "posterior.names"))
     state = load_weights(directory)
     try:
         extra = load_file(directory / POSTERIOR_WEIGHTS)
     except (FileNotFoundError, SafetensorError) as err:
         raise BdlensError(f"{directory / POSTERIOR_WEIGHTS} is missing or corrupted ({err}); the posterior is incomplete") from None
-    settings = PosteriorSettings.model_validate({k: v for k, v in manifest["posterior"].items() if k not in ("names", PRIOR_MEAN_BUNDLE)})
+    try:
+        settings = PosteriorSettings.model_validate({k: v for k, v in manifest["posterior"].items() if k not in ("names", PRIOR_MEAN_BUNDLE)})
+    except ValidationError as err:
+        raise validation_error(f"{directory / 'manifest.json'} posterior", err) from None
     base = EarthSpecificTransformer(ModelConfig.from_manifest(manifest["model_config"], source=f"{directory}/manifest.json"))
     load_state_into(base, state, directory)
     names = manifest["posterior"]["names"]
+    absent = [n for n in names if n not in state or f"rho.{n}" not in extra]
+    if absent:
+        raise BdlensError(f"{directory}: the manifest's posterior names {', '.join(absent[:3])} have no weights or ρ; the posterior is incomplete")
     shapes = [state[n].shape for n in names]
     mu = torch.cat([state[n].reshape(-1) for n in names])
     rho = torch.cat([extra[f"rho.{n}"].reshape(-1) for n in names])

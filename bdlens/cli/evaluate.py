@@ -28,9 +28,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("forecasts", nargs="+", metavar="FORECAST", help="forecast store(s); named by their file stem")
     parser.add_argument("--truth", required=True, help="truth store (zarr or netCDF) with the same grid and variables")
     parser.add_argument("--out", help="write metrics to this .nc (all diagnostics) or .csv (long table); default: print a summary")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a metrics file bdlens wrote")
     parser.add_argument("--scheduler", metavar="ADDRESS", help="address of a dask.distributed scheduler, e.g. tcp://host:8786")
-    parser.add_argument("--member-dim", default="number", help="name of the ensemble member dimension (default: number)")
+    parser.add_argument("--member-dim", default="number", help="name of the forecasts' ensemble member dimension (default: number; member and realization are recognised)")
     parser.add_argument("--variables", nargs="+", help="variables to score (default: all variables of each forecast)")
     parser.add_argument("--climatology", help="store with the climatology for ACC (default: the truth's time mean)")
     parser.add_argument(
@@ -77,15 +77,16 @@ def run(args: argparse.Namespace) -> int:
     from bdlens import evaluate
 
     if args.out:
-        evaluate.check_output_path(args.out, args.overwrite)
+        evaluate.check_output_path(args.out, args.overwrite, inputs=[*args.forecasts, args.truth, args.climatology])
     truth = evaluate.open_data(args.truth)
-    forecasts = {name: evaluate.open_data(path) for name, path in zip(_names(args.forecasts), args.forecasts, strict=True)}
+    # The reader renames the member dimension to `number` (member and realization without being told).
+    forecasts = {name: evaluate.open_data(path, args.member_dim) for name, path in zip(_names(args.forecasts), args.forecasts, strict=True)}
     climatology = evaluate.open_data(args.climatology) if args.climatology else None
     with _scheduler(args.scheduler):
         result = evaluate.evaluate(
             forecasts,
             truth,
-            member_dim=args.member_dim,
+            member_dim="number",
             variables=args.variables,
             climatology=climatology,
             quantiles=args.quantiles or evaluate.DEFAULT_QUANTILES,

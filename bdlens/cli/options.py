@@ -4,6 +4,19 @@ from __future__ import annotations
 
 import argparse
 
+from bdlens.errors import BdlensError
+
+
+def set_threads(threads: int | None) -> None:
+    """Apply ``--threads`` (torch intra-op threads); None keeps torch's choice, < 1 is refused."""
+    if threads is None:
+        return
+    if threads < 1:
+        raise BdlensError(f"--threads must be at least 1 (got {threads})")
+    import torch
+
+    torch.set_num_threads(threads)
+
 
 def add_run_mode(parser: argparse.ArgumentParser) -> None:
     """``--resume`` / ``--overwrite`` for commands that write a run directory ``--out``."""

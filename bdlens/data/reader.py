@@ -9,9 +9,11 @@ layout is logged at INFO level; nothing is flipped silently.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import warnings
-from collections.abc import Iterable, Sequence
+import zlib
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 import dask
@@ -34,6 +36,8 @@ DIM_ALIASES: dict[str, str] = {
     "pressure_level": "level",
     "isobaricInhPa": "level",
     "valid_time": "time",
+    "member": "number",  # WB2's and CF's usual names of the ensemble member dimension
+    "realization": "number",
 }
 
 #: ERA5 short variable names → WB2 long names (renamed only when the long name is not present).
@@ -52,33 +56,43 @@ VARIABLE_ALIASES: dict[str, str] = {
 }
 
 _NETCDF_SUFFIXES = {".nc", ".nc4", ".netcdf", ".h5", ".hdf5"}
-# Levels above this can only be in Pa (the highest WB2 level is 1000 hPa).
+# Levels are in the units their attribute says; without one, levels above this can only be in Pa
+# (the highest WB2 level is 1000 hPa).
 _MAX_HPA = 1100.0
+_HPA_UNITS = {"hPa", "hectopascal", "hectopascals", "millibar", "millibars", "mbar", "mb"}
+_PA_UNITS = {"Pa", "pascal", "pascals"}
 
 
 def open_dataset(
     path: str | Path,
     variables: Sequence[str] | None = None,
     levels: Sequence[float] | None = None,
+    member_dim: str = "number",
     sparse_times: bool = False,
 ) -> xr.Dataset:
     """Open a WB2/ERA5-layout zarr store (v2 or v3) or netCDF file lazily (dask) in canonical layout.
 
     ``variables``: WB2 names to keep (default: all data variables). ``levels``: pressure levels in
-    hPa to keep (default: all). Returns a Dataset whose arrays are dask-backed, dims among
+    hPa to keep (default: all). ``member_dim``: the file's ensemble member dimension, renamed to
+    ``number`` (``member`` and ``realization`` are recognised anyway). Returns a Dataset whose arrays are dask-backed, dims among
     (number, time, prediction_timedelta, level, latitude, longitude) in that order, on one of the
     supported grids. Raises :class:`BdlensError` naming the file and the problem for a missing path,
     variable or level, an unknown dimension, an unsupported or irregular grid, or an irregular
-    time axis. Missing time steps (gaps on a regular axis) are logged, not raised: the torch
-    dataset decides whether its step Δ can live with them (``sparse_times``: a set of states with
-    gaps by design, e.g. analyses to start forecasts from; the gaps are logged at INFO).
+    time axis, for a zarr store with missing chunks or array metadata (zarr would silently read
+    fill values), and for units it cannot convert (geopotential height in m is converted with
+    g = 9.80665 m/s², levels in Pa to hPa). Missing time steps (gaps on a regular axis) are logged,
+    not raised: the torch dataset decides whether its step Δ can live with them (``sparse_times``: a
+    set of states with gaps by design, e.g. analyses to start forecasts from; logged at INFO).
     """
     path = Path(path)
     if not path.exists():
         raise BdlensError(f"{path}: no such file or directory; check the path (build the demo world with `bdlens world build`)")
     ds = _open_raw(path)
+    if member_dim != "number" and member_dim in ds.dims:
+        ds = ds.rename({member_dim: "number"})
     ds = _rename_aliases(ds, path)
     ds = _select_variables(ds, variables, path)
+    ds = _geopotential_si(ds, path)
     _check_dims(ds, path)
     ds = _canonical_level(ds, levels, path)
     ds = _canonical_horizontal(ds, path)
@@ -94,13 +108,89 @@ def _open_raw(path: Path) -> xr.Dataset:
             # the tree (usual for v3, which has no consolidated metadata in its spec), without a warning.
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="Failed to open Zarr store with consolidated metadata")
-                return xr.open_zarr(path, chunks={}, consolidated=None)
-        if path.suffix.lower() in _NETCDF_SUFFIXES or path.is_file():
+                ds = xr.open_zarr(path, chunks={}, consolidated=None)
+        elif path.suffix.lower() in _NETCDF_SUFFIXES or path.is_file():
             return xr.open_dataset(path, chunks="auto")
+        else:
+            raise BdlensError(f"{path}: not a zarr store or netCDF file; pass a .zarr directory or a .nc file")
+    except BdlensError:
+        raise
     except Exception as err:  # the backends raise many types; all mean "not a readable dataset"
         kind = "zarr store" if is_zarr else "netCDF file"
         raise BdlensError(f"{path}: cannot be read as a {kind} ({type(err).__name__}: {err}); check the file is complete") from err
-    raise BdlensError(f"{path}: not a zarr store or netCDF file; pass a .zarr directory or a .nc file")
+    check_zarr_complete(path)
+    return ds
+
+
+def check_zarr_complete(path: str | Path) -> None:
+    """Raise :class:`BdlensError` naming every array of the zarr store ``path`` whose metadata file or
+    chunks are missing: zarr reads an absent chunk as the fill value, so a lost file would otherwise
+    become a silently smaller or different result. Lists the store; reads no chunk.
+
+    Writers skip chunks that equal a finite fill value (zarr's ``write_empty_chunks=False``), so an
+    absent chunk of such an array is logged, not raised; with a NaN or no fill value (xarray's
+    default for floats) no writer skips one, and it is an error."""
+    import zarr
+
+    path = Path(path)
+    problems = []
+    group = zarr.open_group(path, mode="r")
+    for name, array in group.arrays():
+        if not any((path / name / meta).is_file() for meta in (".zarray", "zarr.json")):
+            problems.append(f"{name} (array metadata missing)")
+            continue
+        missing = array.nchunks - array.nchunks_initialized
+        if not missing:
+            continue
+        fill = array.fill_value
+        if _finite_number(fill):
+            log.info("%s: %s has %d of %d chunks absent, read as its fill value %s", path, name, missing, array.nchunks, fill)
+        else:
+            problems.append(f"{name} ({missing} of {array.nchunks} chunks missing)")
+    if problems:
+        raise BdlensError(f"{path}: incomplete zarr store: {'; '.join(problems)}; restore the missing files or rewrite the store")
+
+
+def _finite_number(value: object) -> bool:
+    try:
+        return value is not None and bool(np.all(np.isfinite(value)))
+    except TypeError:  # a string or structured fill value
+        return False
+
+
+@contextlib.contextmanager
+def reading(source: str | Path) -> Iterator[None]:
+    """Turn a failure to decode stored data (a truncated or corrupt chunk) into a one-line
+    :class:`BdlensError` naming ``source``; bdlens's own errors pass through."""
+    try:
+        yield
+    except BdlensError:
+        raise
+    except (RuntimeError, ValueError, OSError, zlib.error) as err:  # what the codecs raise for damaged bytes
+        raise BdlensError(
+            f"{source}: reading the data failed ({type(err).__name__}: {err}); a chunk may be truncated or corrupt, restore or rewrite the store"
+        ) from err
+
+
+#: Units of geopotential *height* (ECMWF's "gpm", CF's "m"), converted to geopotential with g.
+_HEIGHT_UNITS = {"m", "gpm", "meter", "metre", "meters", "metres"}
+_GEOPOTENTIAL_UNITS = {"m**2 s**-2", "m2 s-2", "m^2 s^-2", "m2/s2", "m^2/s^2", "m**2/s**2", "m2 s**-2"}
+STANDARD_GRAVITY = 9.80665  # m/s², WMO; what ERA5 and WB2 use to convert geopotential and its height
+
+
+def _geopotential_si(ds: xr.Dataset, path: Path) -> xr.Dataset:
+    """Geopotential in m²/s², read from its ``units`` attribute: a height in metres is converted with
+    g = 9.80665 m/s², other units are refused; no attribute means the WB2 convention (m²/s²)."""
+    if "geopotential" not in ds.data_vars:
+        return ds
+    units = str(ds["geopotential"].attrs.get("units", "m**2 s**-2")).strip()
+    if units.lower() in _HEIGHT_UNITS:
+        log.info("%s: geopotential is a height in %s; converted to m**2 s**-2 with g = %s", path, units, STANDARD_GRAVITY)
+        attrs = {**ds["geopotential"].attrs, "units": "m**2 s**-2"}
+        return ds.assign(geopotential=(ds["geopotential"] * STANDARD_GRAVITY).assign_attrs(attrs))
+    if units.replace(" ", "") not in {u.replace(" ", "") for u in _GEOPOTENTIAL_UNITS}:
+        raise BdlensError(f"{path}: geopotential has units {units!r}; give it in m**2 s**-2 (geopotential) or m (geopotential height)")
+    return ds
 
 
 def _rename_aliases(ds: xr.Dataset, path: Path) -> xr.Dataset:
@@ -142,8 +232,11 @@ def _canonical_level(ds: xr.Dataset, levels: Sequence[float] | None, path: Path)
     if "level" not in ds.dims:  # surface-only data: requested levels concern no variable here
         return ds
     values = ds["level"].values.astype(np.float64)
-    if values.max() > _MAX_HPA:
-        log.info("%s: level is in Pa; converted to hPa", path)
+    units = str(ds["level"].attrs.get("units", "")).strip()
+    if units and units not in _HPA_UNITS | _PA_UNITS:
+        raise BdlensError(f"{path}: level has units {units!r}; give pressure levels in hPa or Pa")
+    if units in _PA_UNITS or (not units and values.max() > _MAX_HPA):
+        log.info("%s: level is in Pa%s; converted to hPa", path, "" if units else " (values above 1100 and no units)")
         ds = ds.assign_coords(level=("level", values / 100.0, {"units": "hPa", "long_name": "pressure level"}))
         values = values / 100.0
     if values.size > 1 and not np.all(np.diff(values) > 0):
@@ -257,7 +350,8 @@ def check_finite(ds: xr.Dataset, variables: Iterable[str] | None = None, source:
         da = ds[name]
         reduce_dims = [d for d in da.dims if d != "time"]
         flags[name] = (~np.isfinite(da)).any(dim=reduce_dims)
-    (computed,) = dask.compute(flags)
+    with reading(source):
+        (computed,) = dask.compute(flags)
     for name, bad in computed.items():
         if bool(bad.any()):
             where = f" at {format_times(bad['time'].values[bad.values])}" if "time" in bad.dims else ""

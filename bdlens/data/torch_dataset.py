@@ -21,7 +21,7 @@ import torch
 import xarray as xr
 
 from bdlens.data.normalization import NormStats, compute_stats, default_stats_path, load_or_compute_stats
-from bdlens.data.reader import check_finite, format_timedelta, format_times, missing_times, open_dataset, time_step
+from bdlens.data.reader import check_finite, format_timedelta, format_times, missing_times, open_dataset, reading, time_step
 from bdlens.data.splits import DataConfig, load_data_config
 from bdlens.data.tensors import FieldLayout, Fields
 from bdlens.errors import BdlensError
@@ -119,7 +119,8 @@ class WeatherDataset(torch.utils.data.Dataset):
         upper = torch.empty((n, *self.layout.upper_shape), dtype=torch.float32)
         surface = torch.empty((n, *self.layout.surface_shape), dtype=torch.float32)
         for start in bar(range(0, n, _LOAD_BLOCK), desc="loading split", unit="block"):
-            block = self.layout.to_tensors(sub.isel(time=slice(start, start + _LOAD_BLOCK)), self.stats)
+            with reading(self._source):
+                block = self.layout.to_tensors(sub.isel(time=slice(start, start + _LOAD_BLOCK)), self.stats)
             upper[start : start + _LOAD_BLOCK] = block.upper
             surface[start : start + _LOAD_BLOCK] = block.surface
         if not (torch.isfinite(upper).all() and torch.isfinite(surface).all()):

@@ -25,7 +25,7 @@ The best (a, T) by J is kept; the result reports J, CRPS and SSR before (a = T =
 :func:`calibrate` takes any ``evaluate(a, T) → {"crps", "spread_skill", ...}``, so it is tested on a
 toy problem with a known spread; :func:`calibrate_checkpoint` runs it for a VI posterior with the
 learned perturbation (:class:`~bdlens.perturbation.learned.PerturbedEnsemble`), SPPT
-(:class:`SPPTEnsemble`) or the posterior alone, and writes ``calibration.json``.
+(:class:`SPPTEnsemble`) or the posterior alone, and writes ``calibration.json`` into its output directory.
 """
 
 from __future__ import annotations
@@ -48,6 +48,7 @@ from bdlens.bayes.posterior import BayesianTransformer
 from bdlens.configs import YamlConfig, portable_path
 from bdlens.data import FieldLayout, Fields, NormStats
 from bdlens.errors import BdlensError
+from bdlens.outputs import mark_output
 from bdlens.perturbation.learned import CALIBRATION, PerturbedEnsemble, load_perturbation
 from bdlens.perturbation.patterns import UnresolvedScaleWarning, init_keys_for
 from bdlens.perturbation.sppt import SPPT, SPPTConfig, apply_sppt, load_sppt_config
@@ -55,6 +56,10 @@ from bdlens.progress import bar
 from bdlens.training.ensemble_validation import ensemble_scores
 
 State = tuple[Tensor, Tensor]
+#: ``bdlens calibrate --out``: a bdlens output directory holding only these files.
+CALIBRATION_KIND = "calibration"
+CALIBRATED_SPPT = "perturbation_sppt_calibrated.yaml"
+CALIBRATION_LAYOUT = (CALIBRATION, CALIBRATED_SPPT)
 Evaluate = Callable[[float, float], dict[str, Any]]
 
 
@@ -239,10 +244,12 @@ def calibrate_checkpoint(
     vi_dir: str | Path | None = None,
     constants: Tensor | None = None,
     provenance: dict[str, Any] | None = None,
+    beside: str | Path | None = None,
 ) -> dict[str, Any]:
     """Calibrate a VI posterior with the learned perturbation (``perturb``), SPPT (``sppt`` config) or
-    neither (temperature only) on ``val_set``; write ``out_dir/calibration.json`` and a copy beside the
-    calibrated checkpoint's manifest (the perturbation checkpoint, else ``vi_dir``); return the result."""
+    neither (temperature only) on ``val_set``; write ``out_dir/calibration.json`` (the directory marked
+    as a bdlens output) and, when given, the same record to the file ``beside`` (e.g. beside the
+    calibrated checkpoint's manifest, where forecasts read it from); return the result."""
     layout, stats = val_set.layout, val_set.stats
     members = config.members
     if perturb is not None:
@@ -298,16 +305,14 @@ def calibrate_checkpoint(
         "sppt_config": None if sppt is None else str(sppt),
         "provenance": provenance or {},
     }
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = mark_output(out_dir, CALIBRATION_KIND)
     text = json.dumps(record, indent=1)
     (out_dir / CALIBRATION).write_text(text)
     if method == "sppt":
         calibrated = scaled_sppt(sppt_config, result["amplitude"]).model_dump(mode="json")
-        (out_dir / "perturbation_sppt_calibrated.yaml").write_text(
+        (out_dir / CALIBRATED_SPPT).write_text(
             f"# SPPT config calibrated by bdlens calibrate (amplitude {result['amplitude']:.4g} on {sppt})\n" + yaml.safe_dump(calibrated)
         )
-    target = perturb if perturb is not None else vi_dir
-    if target is not None:
-        (Path(target) / CALIBRATION).write_text(text)
+    if beside is not None:
+        Path(beside).write_text(text)
     return record

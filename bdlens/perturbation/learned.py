@@ -35,7 +35,6 @@ checkpoint it was trained with, and provenance. A ``calibration.json`` beside it
 from __future__ import annotations
 
 import json
-import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,7 @@ from torch import Tensor, nn
 
 from bdlens.bayes.posterior import BayesianTransformer, inverse_softplus
 from bdlens.bayes.sampling import PosteriorEnsemble
-from bdlens.checkpoint import load_state_into, load_weights, read_manifest, save_checkpoint
+from bdlens.checkpoint import load_state_into, load_weights, read_manifest, require_fields, save_checkpoint
 from bdlens.data import Fields
 from bdlens.errors import BdlensError
 from bdlens.models import EarthSpecificTransformer, ModelConfig
@@ -241,9 +240,7 @@ def save_perturbation(
         "norm_stats": norm_stats,
         **(extra or {}),
     }
-    directory = Path(directory)
-    if directory.exists():
-        shutil.rmtree(directory)
+    # Files already there that this does not write (a calibration.json, notes) are kept.
     return save_checkpoint(directory, network.state_dict(), manifest)
 
 
@@ -255,8 +252,7 @@ def load_perturbation(directory: str | Path, device: torch.device | str = "cpu")
         raise BdlensError(
             f"{directory} holds a {manifest.get('kind')!r} checkpoint, not a perturbation network; train one with `bdlens train perturb`"
         )
-    if manifest.get("norm_stats") is None:
-        raise BdlensError(f"{directory}/manifest.json has no norm_stats; retrain it with `bdlens train perturb`")
+    require_fields(manifest, directory, ("model_config", "norm_stats"))
     config = ModelConfig.from_manifest(manifest["model_config"], source=f"{directory}/manifest.json")
     network = PerturbationNetwork(config)
     load_state_into(network, load_weights(directory), directory)

@@ -7,6 +7,7 @@ is bundled); a new kind adds a row, not a branch.
 from __future__ import annotations
 
 import importlib
+import re
 import shutil
 from pathlib import Path
 
@@ -16,7 +17,12 @@ from safetensors.torch import save_file
 from bdlens.checkpoint import BUNDLED_DIR, load_weights, read_manifest, save_checkpoint
 from bdlens.configs import portable_path
 from bdlens.errors import BdlensError
+from bdlens.outputs import foreign_files, partial_path, prepare_output, replace_with
 
+BUNDLE_KIND = "bundled checkpoint"
+#: Every file of a bundled checkpoint (the bundles ship without an output marker: this layout is how
+#: --overwrite recognises one). "calibration.json" is the perturbation layer's companion file.
+BUNDLE_LAYOUT = ("manifest.json", "*.safetensors", "calibration.json")
 # kind → "module:function" that loads a checkpoint of that kind (imported on use).
 LOADERS = {
     "deterministic": "bdlens.models.pretrained:load_trained",
@@ -39,18 +45,22 @@ def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwri
     An existing bundle is only replaced with ``overwrite``.
     """
     checkpoint = Path(checkpoint)
+    if not re.fullmatch(r"[A-Za-z0-9_]+", name):
+        raise BdlensError(f"bundle name {name!r} must be letters, digits and underscores (e.g. det_6h)")
     manifest = read_manifest(checkpoint)
     target = BUNDLED_DIR / name
     if target.exists() and not overwrite:
         raise BdlensError(f"bundled checkpoint {name} exists; pass --overwrite to replace it")
+    prepare_output(target, BUNDLE_KIND, overwrite, inputs=[checkpoint], flag="--name", layout=BUNDLE_LAYOUT, required=("manifest.json",),
+                   clear=False)
     # Refuse to bundle anything that does not load.
     kind = manifest.get("kind")
     _load(kind, checkpoint)
     manifest = {**manifest, **(extra or {}), "bundled_from": portable_path(checkpoint)}
     manifest.pop("bdlens_version", None)
     # Built beside the target and swapped in whole: nothing of a replaced bundle lingers, and an
-    # interrupted bundling leaves the old bundle intact.
-    staging = BUNDLED_DIR / f".{name}.tmp"
+    # interrupted bundling leaves the old bundle intact (and a partial that the next bundling removes).
+    staging = partial_path(target)
     shutil.rmtree(staging, ignore_errors=True)
     written = {"model.safetensors", "manifest.json"}
     shared = _share_prior_mean(checkpoint, name) if kind == "vi" else None
@@ -63,12 +73,12 @@ def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwri
         save_file(tensors, staging / POSTERIOR_WEIGHTS)
         written.add(POSTERIOR_WEIGHTS)
     save_checkpoint(staging, load_weights(checkpoint), manifest)
-    # Companion files (a posterior's ρ, a calibration.json) travel along; training state does not.
+    # Companion files (a posterior's ρ, a calibration.json) travel along; anything else does not.
+    skipped = written | set(foreign_files(checkpoint, BUNDLE_LAYOUT))
     for extra_file in sorted(checkpoint.iterdir()):
-        if extra_file.is_file() and extra_file.name not in written and extra_file.suffix != ".pt":
+        if extra_file.is_file() and extra_file.name not in skipped:
             shutil.copyfile(extra_file, staging / extra_file.name)
-    shutil.rmtree(target, ignore_errors=True)
-    staging.rename(target)
+    replace_with(staging, target)
     return target
 
 
@@ -78,6 +88,6 @@ def _share_prior_mean(checkpoint: Path, name: str) -> tuple[dict[str, torch.Tens
 
     bundles = {
         p.name: p for p in BUNDLED_DIR.iterdir()
-        if p.name not in (name, f".{name}.tmp") and (p / "manifest.json").is_file() and read_manifest(p).get("kind") == "deterministic"
+        if p.name != name and not p.name.startswith(".") and (p / "manifest.json").is_file() and read_manifest(p).get("kind") == "deterministic"
     }
     return without_bundled_prior_mean(checkpoint, bundles)

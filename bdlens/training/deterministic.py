@@ -210,5 +210,8 @@ def train(
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     setup = prepare(cfg)
-    objective = objective or DeterministicObjective
-    return run(objective(cfg, setup, dist_info, config_file, command), run_dir, dist_info, resume)
+    trainer = (objective or DeterministicObjective)(cfg, setup, dist_info, config_file, command)
+    # The configs' content, not their paths: an edited data split or model size must not resume silently.
+    trainer.depends = {"model config": json.loads(setup.model_config.model_dump_json()),
+                       "data config": json.loads(setup.data_config.model_dump_json())}
+    return run(trainer, run_dir, dist_info, resume)

@@ -29,7 +29,16 @@ from torch import Tensor
 
 from bdlens.progress import bar
 from bdlens.training.distributed import Distributed, average_scalar
-from bdlens.training.run import CHECKPOINT, log_metrics, log_rank_agreement, read_state, restore, save_state, truncate_metrics
+from bdlens.training.run import (
+    CHECKPOINT,
+    create_run_dir,
+    log_metrics,
+    log_rank_agreement,
+    read_state,
+    restore,
+    save_state,
+    truncate_metrics,
+)
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +61,8 @@ class Objective:
     description: str = "training"  # progress bar label
     what: ClassVar[str] = "training"  # names the config in a resume error
     may_change: ClassVar[tuple[str, ...]] = ()  # dotted config fields a resumed run may change
+    # What else the run depends on, compared on resume (config contents, the --from checkpoint's hash).
+    depends: dict | None = None
     config: BaseModel
     cadence: Cadence
 
@@ -88,11 +99,10 @@ def run(objective: Objective, run_dir: str | Path, dist_info: Distributed, resum
     up to ``objective.cadence.steps``; returns the checkpoint directory (written by rank 0)."""
     run_dir = Path(run_dir)
     cadence = objective.cadence
-    if dist_info.main:
-        run_dir.mkdir(parents=True, exist_ok=True)
+    create_run_dir(run_dir, objective.what, dist_info)
     step, elapsed = 0, 0.0
     if resume:
-        state = read_state(run_dir, objective.config, objective.what, objective.may_change)
+        state = read_state(run_dir, objective.config, objective.what, objective.may_change, objective.depends)
         step, elapsed = restore(state, dist_info, **objective.stateful())
         log.info("resumed %s at step %d", run_dir, step)
     else:
@@ -118,7 +128,7 @@ def run(objective: Objective, run_dir: str | Path, dist_info: Distributed, resum
                     log_metrics(run_dir, {"step": step, **row})
             if step % cadence.checkpoint_every == 0 or last:
                 state = {key: obj.state_dict() for key, obj in objective.stateful().items()}
-                save_state(run_dir, {**state, "step": step, "elapsed": elapsed}, objective.config, dist_info)
+                save_state(run_dir, {**state, "step": step, "elapsed": elapsed}, objective.config, dist_info, objective.depends)
     log_rank_agreement(run_dir, objective.parameters(), dist_info)
     if not dist_info.main:
         return run_dir / CHECKPOINT

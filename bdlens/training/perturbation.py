@@ -194,13 +194,14 @@ def train_perturbation(
     constants: Tensor | None = None,
     norm_stats: dict[str, Any] | None = None,
     resume: bool = False,
+    depends: dict[str, Any] | None = None,
     manifest_extra: dict[str, Any] | None = None,
 ) -> Path:
     """Train the perturbation network for the frozen posterior ``bayes`` into ``out_dir``; returns the checkpoint dir.
 
     ``train_set``/``val_set``: :class:`bdlens.data.WeatherDataset` s (normalised, with ``times`` and
     ``step``). Writes ``metrics.jsonl``, ``state.pt`` every ``checkpoint_every`` steps (exact resume
-    with ``resume``) and ``checkpoint/`` at the end (manifest: ``norm_stats``, ``manifest_extra``).
+    with ``resume``, which also checks ``depends``, e.g. the posterior checkpoint's hash) and ``checkpoint/`` at the end (manifest: ``norm_stats``, ``manifest_extra``).
 
     Under ``torchrun`` the ranks split each batch and average their gradients. Every rank uses the
     same weight samples at a step and keys each sample's noise by its training-sample index, so the
@@ -209,6 +210,7 @@ def train_perturbation(
     dist_info = Distributed.from_env()
     dist_info.check_batch(config.training.batch_size)
     objective = PerturbationObjective(bayes, train_set, config, dist_info, val_set, constants, norm_stats, manifest_extra)
+    objective.depends = depends
     return run(objective, out_dir, dist_info, resume)
 
 

@@ -4,13 +4,16 @@
     <run>/state.pt        everything an exact resume needs (read back with ``weights_only=True``)
     <run>/checkpoint/     the trained model (safetensors + manifest.json)
 
-A non-empty run directory is never reused silently: ``resume`` continues it, ``overwrite`` deletes it.
+A non-empty run directory is never reused silently: ``resume`` continues it, ``overwrite`` replaces it,
+and only if it is a bdlens run that holds nothing else (:mod:`bdlens.outputs`). A resume also checks
+that everything the run depends on (the resolved model and data configs, the ``--from`` checkpoint's
+hash) is unchanged, and keeps every file it did not write.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
+import logging
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -18,33 +21,47 @@ from typing import Any
 import torch
 from pydantic import BaseModel
 
+from bdlens.checkpoint import MANIFEST
 from bdlens.errors import BdlensError
+from bdlens.outputs import mark_output, prepare_output
 from bdlens.training.distributed import Distributed, gather_rng_states, max_difference_between_ranks
 
 METRICS = "metrics.jsonl"
 STATE = "state.pt"
 CHECKPOINT = "checkpoint"
+RUN_KIND = "training run"
+#: Every file a trainer writes in its run directory. A directory with nothing else, holding state.pt
+#: and metrics.jsonl, is a run written before the output marker existed (it may be resumed or
+#: replaced); one killed before its first state.pt is only recognised by its marker.
+RUN_LAYOUT = (METRICS, STATE, f".{STATE}.tmp", f"{CHECKPOINT}/{MANIFEST}", f"{CHECKPOINT}/*.safetensors", f"{CHECKPOINT}/.*.tmp")
+
+log = logging.getLogger(__name__)
 
 
-def check_run_dir(run_dir: str | Path, resume: bool = False, overwrite: bool = False, main: bool = True) -> Path:
+def check_run_dir(
+    run_dir: str | Path, resume: bool = False, overwrite: bool = False, main: bool = True, inputs: Iterable[str | Path | None] = ()
+) -> Path:
     """Check ``run_dir`` before any work starts (rank 0 only touches the disk); returns it as a Path.
 
-    Raises if the directory holds anything and neither ``resume`` nor ``overwrite`` is given, or if
-    ``resume`` finds no ``state.pt``; with ``overwrite`` the old run is deleted. The trainer creates
-    the directory when it first writes, so a run that fails while loading its data leaves nothing.
+    :func:`bdlens.outputs.prepare_output` decides: a non-empty directory needs ``resume`` (a bdlens
+    run with a ``state.pt``) or ``overwrite`` (a bdlens run holding nothing else, then deleted); an
+    ``inputs`` path (``--from``, the data, the config) is never the run directory. The trainer
+    creates the directory when it first writes (:func:`create_run_dir`), so a run that fails while
+    loading its data leaves nothing.
     """
     run_dir = Path(run_dir)
     if not main:
         return run_dir
-    if resume and overwrite:
-        raise BdlensError("--resume and --overwrite exclude each other; pick one")
+    prepare_output(run_dir, RUN_KIND, overwrite, resume, inputs, layout=RUN_LAYOUT, required=(STATE, METRICS))
     if resume and not (run_dir / STATE).is_file():
-        raise BdlensError(f"nothing to resume in {run_dir} (no {STATE}); start without --resume")
-    if not resume and run_dir.exists() and any(run_dir.iterdir()):
-        if not overwrite:
-            raise BdlensError(f"run directory {run_dir} is not empty; pass --resume to continue it or --overwrite to start over")
-        shutil.rmtree(run_dir)
+        raise BdlensError(f"nothing to resume in {run_dir} (no {STATE}: it stopped before its first save); start over with --overwrite")
     return run_dir
+
+
+def create_run_dir(run_dir: Path, trainer: str, dist_info: Distributed) -> None:
+    """Create (rank 0) the run directory with bdlens's output marker, naming the ``trainer``."""
+    if dist_info.main:
+        mark_output(run_dir, RUN_KIND, trainer=trainer)
 
 
 def log_metrics(run_dir: Path, record: dict[str, Any]) -> None:
@@ -75,15 +92,18 @@ def last_validation(run_dir: Path) -> list[dict[str, Any]]:
     return [r for r in val if r["step"] == last]
 
 
-def save_state(run_dir: Path, state: dict[str, Any], config: BaseModel, dist_info: Distributed) -> None:
-    """Write ``state`` plus every rank's RNG state (``torch_rng``, a list in rank order) and ``config``
-    (as JSON, checked on resume) to ``run_dir/state.pt`` atomically. A collective: every rank calls
+def save_state(
+    run_dir: Path, state: dict[str, Any], config: BaseModel, dist_info: Distributed, depends: dict[str, Any] | None = None
+) -> None:
+    """Write ``state`` plus every rank's RNG state (``torch_rng``, a list in rank order), ``config``
+    and ``depends`` (what else the run depends on, e.g. resolved configs or a checkpoint hash; both
+    as JSON, checked on resume) to ``run_dir/state.pt`` atomically. A collective: every rank calls
     it, rank 0 writes."""
     rng_states = gather_rng_states(dist_info)
     if not dist_info.main:
         return
     tmp = run_dir / f".{STATE}.tmp"
-    torch.save({**state, "torch_rng": rng_states, "config": config.model_dump_json()}, tmp)
+    torch.save({**state, "torch_rng": rng_states, "config": config.model_dump_json(), "depends": json.dumps(depends or {})}, tmp)
     tmp.replace(run_dir / STATE)
 
 
@@ -96,8 +116,12 @@ def log_rank_agreement(run_dir: Path, parameters: Iterable[torch.Tensor], dist_i
             log_metrics(run_dir, {"ranks": dist_info.world_size, "max_weight_difference_between_ranks": difference})
 
 
-def read_state(run_dir: Path, config: BaseModel, what: str, may_change: tuple[str, ...] = ()) -> dict[str, Any]:
-    """``run_dir/state.pt`` (read with ``weights_only=True``) after checking it was written with ``config``.
+def read_state(
+    run_dir: Path, config: BaseModel, what: str, may_change: tuple[str, ...] = (), depends: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """``run_dir/state.pt`` (read with ``weights_only=True``) after checking it was written with ``config``
+    and the same ``depends`` (see :func:`save_state`; a state from before ``depends`` was saved is
+    checked on ``config`` only, with a warning).
 
     ``what`` names the config in the error (e.g. "training", "perturbation"); ``may_change`` lists
     dotted fields that may differ (e.g. ``"training.steps"``, to train a finished run for longer).
@@ -119,6 +143,16 @@ def read_state(run_dir: Path, config: BaseModel, what: str, may_change: tuple[st
     if saved != given:
         allowed = f" (only {', '.join(may_change)} may change)" if may_change else ""
         raise BdlensError(f"{run_dir} was started with a different {what} config; resume with the same config{allowed}")
+    if "depends" not in state:
+        log.warning("%s was saved by an older bdlens that did not record its resolved configs and checkpoints; "
+                    "resuming on the %s config alone", path, what)
+        return state
+    saved_depends, given_depends = json.loads(state["depends"]), json.loads(json.dumps(depends or {}))
+    changed = sorted(k for k in set(saved_depends) | set(given_depends) if saved_depends.get(k) != given_depends.get(k))
+    if changed:
+        raise BdlensError(
+            f"{run_dir} was started with a different {' and '.join(changed)}; resume with the same one(s), or start over with --overwrite"
+        )
     return state
 
 
@@ -130,6 +164,9 @@ def restore(state: dict[str, Any], dist_info: Distributed, **stateful: Any) -> t
     if saved_ranks != dist_info.world_size:
         raise BdlensError(f"the run was saved from {saved_ranks} process(es); resume it on as many (now {dist_info.world_size})")
     for key, obj in stateful.items():
-        obj.load_state_dict(state[key])
+        try:
+            obj.load_state_dict(state[key])
+        except (KeyError, RuntimeError, ValueError) as err:  # a state of another model: one line, not a traceback
+            raise BdlensError(f"the saved {key} does not match this run's ({type(err).__name__}); start over with --overwrite") from None
     torch.set_rng_state(state["torch_rng"][dist_info.rank])
     return int(state["step"]), float(state["elapsed"])

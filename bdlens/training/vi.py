@@ -225,6 +225,7 @@ def train_vi(
     resume: bool = False,
     manifest_extra: dict[str, Any] | None = None,
     analysis_set: Dataset | None = None,
+    depends: dict[str, Any] | None = None,
 ) -> BayesianTransformer:
     """Post-train ``bayes`` on ``train_set`` (samples ``((X_{t−Δ}, X_t), X_{t+Δ})``) up to ``config.training.steps``.
 
@@ -233,11 +234,13 @@ def train_vi(
     ``<out_dir>/checkpoint`` at the end (its manifest gets ``norm_stats``, the VI config, the step, the
     last validation and ``manifest_extra``). With ``resume`` everything (posterior, optimiser, RNG,
     step) comes from ``state.pt``, which must have been written with the same config but for
-    ``training.steps`` (raise it to train a finished run for longer). Under
+    ``training.steps`` (raise it to train a finished run for longer) and the same ``depends`` (e.g. the
+    ``--from`` checkpoint's hash). Under
     ``torchrun`` the ranks split each batch (see the module docstring). Returns the trained model.
     """
     dist_info = Distributed.from_env()
     dist_info.check_batch(config.training.batch_size)
     objective = VIObjective(bayes, train_set, config, dist_info, val_set, constants, norm_stats, manifest_extra, analysis_set)
+    objective.depends = depends
     run(objective, out_dir, dist_info, resume)
     return bayes

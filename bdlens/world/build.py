@@ -6,7 +6,8 @@ A world directory holds
 - ``restart.zarr``: the dynamical core's spectral truth state every ``restart_hours`` (what the physics
   ensemble restarts from; analysis states are rebuilt from it with the same seeded error draws);
 - ``manifest.json``: the settings, their hash, timings and a physical summary.
-It is written to a temporary sibling and renamed at the end, so an interrupted build leaves nothing.
+It is written to a partial sibling and renamed at the end, so an interrupted build leaves nothing
+(a killed one leaves a partial that the next build removes).
 """
 
 from __future__ import annotations
@@ -33,6 +34,9 @@ from bdlens.world.store import atomic_directory, fields_dataset
 log = logging.getLogger(__name__)
 
 MANIFEST = "manifest.json"
+WORLD_KIND = "world"
+#: Every file of a world directory (worlds built before the output marker existed are recognised by it).
+WORLD_LAYOUT = (MANIFEST, "truth.zarr/*", "analysis.zarr/*", "restart.zarr/*")
 TIME_CHUNK = 40  # saved times per integration chunk and per zarr chunk (10 days at 6 h)
 
 
@@ -62,6 +66,8 @@ def build(
     """
     cfg = resolve_config(config, small)
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    if root.exists() and not root.is_dir():
+        raise BdlensError(f"cache directory {root} is a file; pass --cache-dir a directory (or set BDLENS_CACHE_DIR)")
     target = root / f"world-{cfg.cache_key()}"
     if (target / MANIFEST).is_file() and not force:
         manifest = read_manifest(target)
@@ -70,7 +76,9 @@ def build(
         log.info("reusing cached world %s (built %s)", target, manifest.get("built_at"))
         return target
     root.mkdir(parents=True, exist_ok=True)
-    with atomic_directory(target, overwrite=True) as tmp:
+    # A cache entry without a manifest is left from an older bdlens; it is replaced only if it holds
+    # nothing but a world's files (never what a user put in a --cache-dir).
+    with atomic_directory(target, WORLD_KIND, overwrite=True, flag="--cache-dir", layout=WORLD_LAYOUT, required=(MANIFEST,)) as tmp:
         _build_into(cfg, tmp)
     log.info("world written to %s", target)
     return target

@@ -21,6 +21,7 @@ import numpy as np
 import xarray as xr
 
 from bdlens.errors import BdlensError
+from bdlens.outputs import prepare_output
 from bdlens.progress import bar
 from bdlens.world.analysis_error import ANALYSIS_STREAM, ENSEMBLE_STREAM, BalancedAnalysisError
 from bdlens.world.build import read_manifest
@@ -31,6 +32,7 @@ from bdlens.world.store import atomic_directory, fields_dataset
 log = logging.getLogger(__name__)
 
 LEADING_DIMS = ("number", "time", "prediction_timedelta")
+FORECAST_KIND = "forecast store"
 
 
 def _init_indices(world_times: np.ndarray, restart_times: np.ndarray, init_times: Sequence[str | np.datetime64]) -> list[int]:
@@ -48,6 +50,9 @@ def _init_indices(world_times: np.ndarray, restart_times: np.ndarray, init_times
                 f"every {int((restart_times[1] - restart_times[0]) / np.timedelta64(1, 'h')) if restart_times.size > 1 else 0} h)"
             )
         indices.append(int(np.searchsorted(world_times, t)))
+    if len(set(indices)) < len(indices):
+        repeated = sorted({np.datetime_as_string(world_times[i], unit="h") for i in indices if indices.count(i) > 1})
+        raise BdlensError(f"init time(s) {', '.join(repeated)} given more than once; give each --init once")
     return indices
 
 
@@ -108,7 +113,8 @@ def physics_ensemble(
     time of 8 single runs (no arithmetic is saved and the working set grows; benchmarks/bench_physics_ensemble.py),
     so larger batches are for accelerator backends.
     """
-    world = Path(world)
+    world, out = Path(world), Path(out)
+    prepare_output(out, FORECAST_KIND, overwrite, inputs=[world], clear=False)  # before anything is read or run
     manifest = read_manifest(world)
     cfg = WorldConfig.model_validate(manifest["config"])
     if members < 2:
@@ -122,20 +128,24 @@ def physics_ensemble(
     restart = xr.open_zarr(world / "restart.zarr")
     world_times = cfg.times()
     indices = _init_indices(world_times, restart.time.values, init_times)
-    core = HeldSuarezCore(cfg)
-    error = BalancedAnalysisError(core, cfg.analysis_error, cfg.seed)
+    # The grid exactly as the world's truth has it (recomputing it can differ in the last bit), so
+    # that the forecast aligns with the truth in plain xarray.
+    grid = xr.open_zarr(world / "truth.zarr")
     n_leads = lead_hours // cfg.output_hours + 1
     batch = min(member_batch, members)  # no more lanes than members
     coords = {
         "number": np.arange(members),
         "time": world_times[indices],
         "prediction_timedelta": (np.arange(n_leads) * cfg.output_hours).astype("timedelta64[h]").astype("timedelta64[ns]"),
-        "latitude": core.latitudes,
-        "longitude": core.longitudes,
-        "level": core.levels,
+        "latitude": grid["latitude"].values,
+        "longitude": grid["longitude"].values,
+        "level": grid["level"].values,
     }
-    out = Path(out)
-    with atomic_directory(out, overwrite=overwrite) as tmp, bar(total=len(indices) * members, desc="physics ensemble", unit="member") as progress:
+    core = HeldSuarezCore(cfg)
+    error = BalancedAnalysisError(core, cfg.analysis_error, cfg.seed)
+    # Forecast stores are opaque zarr: only a marked one is replaced (an unmarked one may be the user's).
+    with atomic_directory(out, FORECAST_KIND, overwrite=overwrite, inputs=[world]) as tmp, \
+            bar(total=len(indices) * members, desc="physics ensemble", unit="member") as progress:
         for position, index in enumerate(indices):
             truth = {k: restart[k].sel(time=world_times[index]).values for k in STATE_FIELDS}
             analysis = error.perturb(truth, ANALYSIS_STREAM, index)

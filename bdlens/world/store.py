@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -12,6 +11,7 @@ import numpy as np
 import xarray as xr
 
 from bdlens.grid import VARIABLE_ATTRS
+from bdlens.outputs import mark_output, partial_path, prepare_output, replace_with
 
 # The demo world's surface fields are stand-ins; their CF attributes say so on top of the shared ones.
 _STAND_IN_COMMENTS = {
@@ -45,27 +45,34 @@ def coordinate_attrs(ds: xr.Dataset) -> xr.Dataset:
 
 
 @contextmanager
-def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary sibling directory that replaces ``target`` only if the block succeeds.
+def atomic_directory(
+    target: Path,
+    kind: str,
+    overwrite: bool = False,
+    inputs: Iterable[str | Path | None] = (),
+    flag: str = "--out",
+    layout: Sequence[str] = (),
+    required: Sequence[str] = (),
+) -> Iterator[Path]:
+    """Yield a partial sibling directory that replaces ``target`` only if the block succeeds.
 
-    Nothing is left behind on failure, and an existing ``target`` is kept unless ``overwrite``.
+    ``target`` is checked first by :func:`bdlens.outputs.prepare_output` (the arguments are its own:
+    an existing one is replaced only with ``overwrite`` and only if it is a bdlens ``kind``, never an
+    input). The finished directory gets bdlens's marker; nothing is left behind on failure, and a
+    partial left by a killed run is removed by the next one (:func:`bdlens.outputs.partial_path`).
     """
     target = Path(target)
-    if target.exists() and not overwrite:
-        from bdlens.errors import BdlensError
-
-        raise BdlensError(f"{target} already exists; choose another path or pass --overwrite to replace it")
-    tmp = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    prepare_output(target, kind, overwrite, inputs=inputs, flag=flag, layout=layout, required=required, clear=False)
+    tmp = partial_path(target)
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         yield tmp
+        mark_output(tmp, kind)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if target.exists():
-        shutil.rmtree(target)
-    tmp.rename(target)
+    replace_with(tmp, target)
 
 
 def fields_dataset(fields: dict[str, np.ndarray], coords: dict[str, np.ndarray], leading: tuple[str, ...]) -> xr.Dataset:
