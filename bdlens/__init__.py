@@ -13,4 +13,15 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["__version__"]
+#: Public names imported on first use, so that `import bdlens` stays light (no xarray, matplotlib or torch).
+_LAZY = {"uncertainty_maps": "bdlens.report.maps"}
+
+__all__ = ["__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from importlib import import_module
+
+        return getattr(import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'bdlens' has no attribute {name!r}")

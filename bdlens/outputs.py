@@ -58,12 +58,15 @@ def prepare_output(
     resume: bool = False,
     inputs: Iterable[str | Path | None] = (),
     flag: str = "--out",
+    dry_run: bool = False,
 ) -> bool:
     """Check (and with ``overwrite`` clear) the output directory ``path`` before any work starts.
 
     Returns True when an existing output of ``kind`` is to be resumed, False for a fresh start.
     Raises :class:`BdlensError` (one line, what to do) in the cases of the module docstring; nothing
     is changed on disk unless ``overwrite`` replaces an output that bdlens marked as its own.
+    ``dry_run`` checks only: a command that builds its output elsewhere and moves it into place at
+    the end calls it first with ``dry_run`` (fail early) and again just before the move (replace).
     """
     path = Path(path)
     if resume and overwrite:
@@ -88,5 +91,6 @@ def prepare_output(
     if found != kind:
         what = "was not written by bdlens" if found is None else f"holds a bdlens {found} output, not a {kind}"
         raise BdlensError(f"{path} {what}; --overwrite only replaces a bdlens {kind}, so move it away or choose another {flag}")
-    shutil.rmtree(path)
+    if not dry_run:
+        shutil.rmtree(path)
     return False
