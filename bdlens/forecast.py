@@ -146,3 +146,40 @@ def posterior_forecast(
             raise BdlensError(f"posterior given for {step} h was trained for {stepper.step_hours} h")
     two_times = next(iter(steppers.values())).ensemble.bayes.config.n_input_times == 2
     return _run(steppers, layout, two_times, analysis, init_times, lead_hours, batch_size, members)
+
+
+def hybrid_forecast(
+    posterior: str | Path,
+    perturbation: str | Path,
+    layout: FieldLayout,
+    analysis: xr.Dataset,
+    init_times: Sequence[np.datetime64] | np.ndarray,
+    lead_hours: Sequence[int],
+    weight_samples: int,
+    draws: int,
+    seed: int = 0,
+    batch_size: int = 8,
+) -> xr.Dataset:
+    """K × J hybrid ensemble: K weight samples of a VI posterior, each with J draws of its learned perturbation.
+
+    ``posterior`` and ``perturbation`` are one step model pair (e.g. the bundled ``vi_6h`` and
+    ``perturb_6h``); every step perturbs, so leads are multiples of its step. Member i = k·J + j
+    keeps weight sample θ_k (from ``seed`` and k) and perturbation stream j (from ``seed`` and j) for
+    the whole rollout. Dims (number, time, prediction_timedelta, …) with the design coordinates
+    ``weight_sample`` (k) and ``perturbation_draw`` (j) on ``number``, as
+    :func:`bdlens.uncertainty.decompose` and :func:`bdlens.uncertainty_maps` read them.
+    """
+    from bdlens.perturbation.learned import LearnedPerturbationStep
+
+    if weight_samples < 1 or draws < 1:
+        raise BdlensError(f"weight_samples and draws must be at least 1, got {weight_samples} and {draws}")
+    parts = []
+    for j in range(draws):
+        noise_seed = int(np.random.SeedSequence([seed, j]).generate_state(1)[0])
+        step = LearnedPerturbationStep(posterior, perturbation, weight_samples, seed, layout, noise_seed=noise_seed)
+        two_times = step.ensemble.bayes.config.n_input_times == 2
+        part = _run({step.step_hours: step}, layout, two_times, analysis, init_times, lead_hours, batch_size, weight_samples)
+        parts.append(part.assign_coords(number=np.arange(weight_samples) * draws + j))
+    ensemble = xr.concat(parts, dim="number").sortby("number")
+    number = ensemble["number"].values
+    return ensemble.assign_coords(weight_sample=("number", number // draws), perturbation_draw=("number", number % draws))

@@ -224,6 +224,7 @@ class PerturbedEnsemble:
         sigma_scale: float = 1.0,
         temperature: float = 1.0,
         chunk_size: int | None = None,
+        noise_seed: int | None = None,
     ) -> None:
         self.members = members_tuple(members)
         with torch.no_grad():
@@ -232,7 +233,7 @@ class PerturbedEnsemble:
                 self.ensemble.weights = tempered_weights(self.ensemble, temperature)
         self.bayes = bayes
         self.network = network
-        self.seed = int(seed)
+        self.seed = int(seed if noise_seed is None else noise_seed)  # of the perturbation noise; ``seed`` draws the weights
         self.constants = constants
         self.sigma_scale = float(sigma_scale)
         self.step_index = 0
@@ -282,6 +283,8 @@ class LearnedPerturbationStep(PosteriorStep):
 
     Usable wherever :class:`bdlens.forecast.PosteriorStep` is (``rollout``, ``_run``). ``sigma_scale``
     and ``temperature`` default to the ``calibration.json`` beside the perturbation checkpoint, else 1.
+    ``seed`` draws the weights and, unless ``noise_seed`` is given, the perturbation noise: steps
+    with one ``seed`` and several ``noise_seed`` share their weight samples θ_k (a K × J design).
     :meth:`start` keys the noise to the init times of the next rollout (see :class:`PerturbedEnsemble`).
     """
 
@@ -294,6 +297,7 @@ class LearnedPerturbationStep(PosteriorStep):
         layout: FieldLayout,
         sigma_scale: float | None = None,
         temperature: float | None = None,
+        noise_seed: int | None = None,
     ) -> None:
         super().__init__(posterior, members, seed, layout)
         network, manifest = load_perturbation(perturbation)
@@ -307,6 +311,7 @@ class LearnedPerturbationStep(PosteriorStep):
             seed,
             sigma_scale=calibration.get("amplitude", 1.0) if sigma_scale is None else sigma_scale,
             temperature=calibration.get("temperature", 1.0) if temperature is None else temperature,
+            noise_seed=noise_seed,
         )
 
     def start(self, init_keys: Sequence[int]) -> None:
