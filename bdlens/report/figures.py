@@ -16,7 +16,8 @@ import xarray as xr
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-LEAD_DIM = "prediction_timedelta"
+from bdlens.evaluate import LEAD_DIM
+
 _SUPERSCRIPTS = str.maketrans("-0123456789", "⁻⁰¹²³⁴⁵⁶⁷⁸⁹")
 
 

@@ -206,7 +206,10 @@ def score(systems: Sequence[System], truth: xr.Dataset, fields: Sequence[Field],
     out = {}
     for variable in sorted({f.variable for f in fields}):
         levels = sorted({f.level for f in fields if f.variable == variable and f.level is not None})
-        pick = (lambda ds: ds[[variable]].sel(level=levels)) if levels else (lambda ds: ds[[variable]])  # noqa: E731
+
+        def pick(ds: xr.Dataset, variable: str = variable, levels: list[int] = levels) -> xr.Dataset:
+            return ds[[variable]].sel(level=levels) if levels else ds[[variable]]
+
         result = evaluate(
             {s.name: pick(s.data) for s in systems},
             pick(truth),

@@ -18,10 +18,10 @@ import pandas as pd
 import xarray as xr
 
 from bdlens.errors import BdlensError
+from bdlens.evaluate import LEAD_DIM
 from bdlens.report.figures import pretty_units
 from bdlens.uncertainty import PERTURBATION_DRAW, WEIGHT_SAMPLE, decompose, has_design
 
-LEAD_DIM = "prediction_timedelta"
 #: The quantities of :func:`uncertainty_maps`, suffixes of its output variables ``VARIABLE_QUANTITY``.
 QUANTITIES = ("mean", "total_std", "epistemic_std", "aleatoric_std", "epistemic_fraction")
 LeadLike = int | float | np.timedelta64 | pd.Timedelta
