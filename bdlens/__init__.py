@@ -13,12 +13,15 @@ try:
 except PackageNotFoundError:  # running from a source tree that was not installed
     __version__ = "0.0.0+unknown"
 
-__all__ = ["Forecaster", "__version__"]
+#: Public names imported on first use, so that `import bdlens` stays light (no xarray, matplotlib or torch).
+_LAZY = {"Forecaster": "bdlens.ensemble", "uncertainty_maps": "bdlens.report.maps"}
+
+__all__ = ["__version__", *_LAZY]
 
 
-def __getattr__(name: str):  # lazy: `import bdlens` stays light (no torch) until the API is used
-    if name == "Forecaster":
-        from bdlens.ensemble import Forecaster
+def __getattr__(name: str) -> object:
+    if name in _LAZY:
+        from importlib import import_module
 
-        return Forecaster
+        return getattr(import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'bdlens' has no attribute {name!r}")

@@ -20,12 +20,11 @@ import numpy as np
 import pandas as pd
 import xarray as xr
 
-from bdlens import metrics
 from bdlens.data.reader import format_times, reading
 from bdlens.errors import BdlensError
+from bdlens.metrics import registry
 from bdlens.outputs import check_output_file, partial_path
 from bdlens.progress import bar
-from bdlens.uncertainty import decompose, has_design, mixture_crps_check
 
 log = logging.getLogger(__name__)
 
@@ -38,22 +37,6 @@ DEFAULT_QUANTILES: tuple[float, ...] = (0.1, 0.5, 0.9)
 TARGET_CHUNK_BYTES = 16 * 2**20
 _BIN_DIMS: tuple[str, ...] = ("quantile", "probability_bin", "rank", "zonal_wavenumber")
 TABLE_COLUMNS: tuple[str, ...] = ("forecast", "variable", "level", "lead_hours", "metric", "bin", "value")
-
-DESCRIPTIONS: dict[str, str] = {
-    "crps": "fair CRPS (WB2), mean over init time and area",
-    "crps_standard": "standard (empirical-CDF) CRPS",
-    "rmse": "ensemble-mean RMSE, sqrt after averaging the MSE",
-    "rmse_debiased": "sqrt of (MSE - s^2/M), clipped at 0",
-    "spread": "sqrt of mean unbiased ensemble variance",
-    "spread_skill_raw": "spread / RMSE, no correction",
-    "spread_skill_corrected": "spread / RMSE times sqrt((M+1)/M)",
-    "acc": "ACC of the ensemble mean against the climatology",
-    "energy_score": "fair energy score over the latitude x longitude field (area-weighted norm)",
-    "epistemic_variance": "random-effects ANOVA epistemic variance (unclipped), mean over init time and area",
-    "aleatoric_variance": "random-effects ANOVA aleatoric variance, mean over init time and area",
-    "mixture_crps_gap": "mean per-weight-sample standard CRPS minus mixture standard CRPS (>= 0)",
-}
-
 
 def open_data(path: str | Path, member_dim: str = "number") -> xr.Dataset:
     """Open a forecast or truth store lazily in the canonical layout (:func:`bdlens.data.open_dataset`),
@@ -85,14 +68,19 @@ def valid_times(forecast: xr.Dataset | xr.DataArray) -> np.ndarray:
     return forecast["time"].values[:, None] + leads[None, :]
 
 
-def check_inputs(name: str, forecast: xr.Dataset, truth: xr.Dataset, member_dim: str, variables: Sequence[str]) -> None:
-    """Raise :class:`BdlensError` for the bad inputs that would make the scores meaningless."""
-    if member_dim not in forecast.dims:
+def check_inputs(
+    name: str, forecast: xr.Dataset, truth: xr.Dataset, member_dim: str, variables: Sequence[str], deterministic: bool = False
+) -> None:
+    """Raise :class:`BdlensError` for the bad inputs that would make the scores meaningless.
+
+    ``deterministic`` accepts forecasts without (or with one) member, scored as deterministic.
+    """
+    if member_dim not in forecast.dims and not deterministic:
         raise BdlensError(
             f"forecast {name}: no member dimension {member_dim!r} (dims {tuple(forecast.dims)}); "
-            "pass its name with --member-dim, or score a deterministic forecast with another tool"
+            "pass its name with --member-dim, or score a deterministic forecast with `bdlens report`"
         )
-    if forecast.sizes[member_dim] < 2:
+    if not deterministic and forecast.sizes[member_dim] < 2:
         raise BdlensError(f"forecast {name}: only one member along {member_dim!r}; ensemble metrics need at least 2")
     missing = [v for v in variables if v not in truth.data_vars]
     if missing:
@@ -127,9 +115,18 @@ def _restrict_to_verifiable(forecast: xr.Dataset, truth_times: np.ndarray) -> xr
 
 
 def coarsen_chunks(forecast: xr.DataArray, member_dim: str, target_bytes: int = TARGET_CHUNK_BYTES) -> xr.DataArray:
-    """Merge stored chunks along init time up to about ``target_bytes``, members in one chunk."""
+    """Merge stored chunks up to about ``target_bytes``, members in one chunk.
+
+    When one init (all members, leads, levels, the whole grid) fits, chunks hold whole inits, as many
+    as fit: a store written in small chunks would otherwise cost a task-graph overhead many times
+    its compute. Otherwise the stored chunks are kept and only merged along init time.
+    """
     if not forecast.chunks:
         return forecast
+    per_init = forecast.nbytes / forecast.sizes["time"]
+    if per_init <= target_bytes:
+        whole = {d: -1 for d in forecast.dims if d != "time"}
+        return forecast.chunk({**whole, "time": min(forecast.sizes["time"], int(target_bytes // per_init))})
     forecast = forecast.chunk({member_dim: -1})
     largest = {dim: max(sizes) for dim, sizes in zip(forecast.dims, forecast.chunks, strict=True)}
     chunk_bytes = int(np.prod(list(largest.values()))) * forecast.dtype.itemsize
@@ -140,50 +137,27 @@ def coarsen_chunks(forecast: xr.DataArray, member_dim: str, target_bytes: int = 
 def variable_metrics(
     forecast: xr.DataArray,
     truth: xr.DataArray,
-    climatology: xr.DataArray,
-    thresholds: xr.DataArray,
+    climatology: xr.DataArray | None,
+    thresholds: xr.DataArray | None,
     member_dim: str = "number",
     seed: int = 0,
+    metrics: Sequence[registry.Metric] | None = None,
 ) -> xr.Dataset:
-    """All metrics of one variable, lazily: ``scores`` (metric, lead, [level]) plus the diagnostics.
+    """The registry's metrics of one variable, lazily: ``scores`` (metric, lead, [level]) plus the diagnostics.
 
     ``truth`` is already aligned (see :func:`align_truth`); ``thresholds`` has a ``quantile`` dim.
+    ``metrics`` defaults to the scores and diagnostics of :mod:`bdlens.metrics.registry`; those the
+    forecast cannot support (too few members, no weight-sample design) are left out.
     """
-    dims = [d for d in REDUCE_DIMS if d in forecast.dims]
-    scalar = {
-        "crps": metrics.crps(forecast, truth, member_dim, dims),
-        "crps_standard": metrics.crps(forecast, truth, member_dim, dims, fair=False),
-        "rmse": metrics.ensemble_mean_rmse(forecast, truth, member_dim, dims),
-        "rmse_debiased": metrics.ensemble_mean_rmse(forecast, truth, member_dim, dims, debiased=True),
-        "spread": metrics.spread(forecast, member_dim, dims),
-        "spread_skill_raw": metrics.spread_skill_ratio(forecast, truth, member_dim, dims, corrected=False),
-        "spread_skill_corrected": metrics.spread_skill_ratio(forecast, truth, member_dim, dims),
-        "acc": metrics.acc(forecast, truth, climatology, member_dim, dims),
-        "energy_score": metrics.energy_score(forecast, truth, member_dim, dims=[d for d in dims if d == "time"]),
-    }
-    for fair, prefix in ((False, "brier"), (True, "fair_brier")):
-        brier = metrics.brier_score(forecast, truth, thresholds, member_dim, dims, fair=fair)
-        for q in brier["quantile"].values:
-            scalar[f"{prefix}_q{q:g}"] = brier.sel(quantile=q, drop=True)
-    if has_design(forecast, member_dim):
-        parts = decompose(forecast, member_dim, dims)
-        scalar["epistemic_variance"] = parts["epistemic"]
-        scalar["aleatoric_variance"] = parts["aleatoric"]
-        scalar["mixture_crps_gap"] = mixture_crps_check(forecast, truth, member_dim, dims)["gap"]
-    names = list(scalar)
-    scores = xr.concat([scalar[n].drop_attrs() for n in names], dim=pd.Index(names, name="metric"), coords="minimal")
-    reliability = metrics.reliability(forecast, truth, thresholds, member_dim, dims)
-    spectra = metrics.zonal_spectra(forecast, truth, member_dim, [d for d in dims if d != "longitude"])
-    return xr.Dataset(
-        {
-            "scores": scores,
-            "rank_histogram": metrics.rank_histogram(forecast, truth, member_dim, dims, seed=seed).drop_attrs(),
-            "reliability_observed_frequency": reliability["observed_frequency"].drop_attrs(),
-            "reliability_bin_fraction": reliability["bin_fraction"].drop_attrs(),
-            "spectrum_forecast": spectra["forecast"].drop_attrs(),
-            "spectrum_truth": spectra["truth"].drop_attrs(),
-        }
-    ).drop_vars(["forecast_probability", "valid_time"], errors="ignore")
+    dims = tuple(d for d in REDUCE_DIMS if d in forecast.dims)
+    inputs = registry.Inputs(forecast, truth, member_dim, dims, climatology, thresholds, seed)
+    chosen = registry.select() if metrics is None else metrics
+    values = registry.compute([m for m in chosen if m.kind == "score"], inputs)
+    out = xr.Dataset(registry.compute([m for m in chosen if m.kind != "score"], inputs))
+    if values:
+        # object dtype: forecasts with different metric sets join on it (pandas string indexes do not)
+        out["scores"] = xr.concat(list(values.values()), dim=pd.Index(list(values), name="metric", dtype=object), coords="minimal")
+    return out.drop_vars(["forecast_probability", "valid_time"], errors="ignore")
 
 
 def evaluate(
@@ -194,15 +168,20 @@ def evaluate(
     climatology: xr.Dataset | None = None,
     quantiles: Sequence[float] = DEFAULT_QUANTILES,
     seed: int = 0,
+    metrics: Sequence[str] | None = None,
+    deterministic: bool = False,
 ) -> xr.Dataset:
     """Score each named forecast against the truth; returns the computed metrics Dataset.
 
     Output variables, for each forecast variable V: ``V`` (forecast, metric, prediction_timedelta,
-    [level]) with the scalar metrics of :data:`DESCRIPTIONS` and ``brier_q*``/``fair_brier_q*`` at
-    the climatological quantiles; ``V_rank_histogram`` (…, rank); ``V_reliability_*`` (…, quantile,
-    probability_bin); ``V_spectrum_forecast`` / ``V_spectrum_truth`` (…, zonal_wavenumber).
-    ``climatology`` defaults to the truth's time mean (right for the seasonless demo world); Brier
-    thresholds are per-point quantiles of the truth over its whole period.
+    [level]) with the scores of :mod:`bdlens.metrics.registry` (``brier_q*``/``fair_brier_q*`` at
+    the climatological quantiles); ``V_rank_histogram`` (…, rank); ``V_reliability_*`` (…, quantile,
+    probability_bin); ``V_spectrum_forecast`` / ``V_spectrum_truth`` (…, zonal_wavenumber); with
+    ``metrics`` naming checks, ``V_calibration_ratio`` and the like. ``metrics``: registry names
+    (default: every score and diagnostic). ``climatology`` defaults to the truth's time mean (right
+    for the seasonless demo world); Brier thresholds are per-point quantiles of the truth over its
+    whole period. ``deterministic``: a forecast without member dim is scored as one member (the
+    metrics that need M ≥ 2 are NaN for it).
     """
     if not forecasts:
         raise BdlensError("no forecasts to evaluate; pass at least one forecast store")
@@ -212,11 +191,15 @@ def evaluate(
     jobs = []
     for name, forecast in forecasts.items():
         names = list(variables) if variables else [str(v) for v in forecast.data_vars]
-        check_inputs(name, forecast, truth, member_dim, names)
+        check_inputs(name, forecast, truth, member_dim, names, deterministic)
         jobs.extend((name, variable) for variable in names)
+    chosen = registry.select(metrics)
     results: dict[str, dict[str, xr.Dataset]] = {}
     for name, variable in bar(jobs, desc="evaluate", unit="field"):
-        forecast = coarsen_chunks(_restrict_to_verifiable(forecasts[name], truth["time"].values)[variable], member_dim)
+        forecast = _restrict_to_verifiable(forecasts[name], truth["time"].values)[variable]
+        if member_dim not in forecast.dims:
+            forecast = forecast.expand_dims({member_dim: 1})
+        forecast = coarsen_chunks(forecast, member_dim)
         observed = truth[variable]
         if "level" in forecast.dims:
             observed = observed.sel(level=forecast["level"].values)
@@ -232,7 +215,7 @@ def evaluate(
         # a field that is NaN everywhere would otherwise only leave a quietly different score.
         empty = xr.Dataset({"member": forecast.isnull().all([d for d in forecast.dims if d != member_dim]), "truth": aligned.isnull().all()})
         with reading(f"forecast {name} or the truth, variable {variable}"):
-            scores, empty = dask.compute(variable_metrics(forecast, aligned, clim, thresholds, member_dim, seed), empty)
+            scores, empty = dask.compute(variable_metrics(forecast, aligned, clim, thresholds, member_dim, seed, chosen), empty)
         _refuse_empty(name, variable, empty, member_dim)
         results.setdefault(variable, {})[name] = scores
     return _assemble(results, quantiles, climatology is not None)
@@ -257,14 +240,13 @@ def _assemble(results: dict[str, dict[str, xr.Dataset]], quantiles: Sequence[flo
     out = xr.Dataset()
     for variable, per_forecast in results.items():
         combined = xr.concat(list(per_forecast.values()), dim=pd.Index(list(per_forecast), name="forecast"), join="outer")
-        out[variable] = combined["scores"].assign_attrs(variable=variable, diagnostic="scores")
+        if "scores" in combined:
+            out[variable] = combined["scores"].assign_attrs(variable=variable, diagnostic="scores")
         for diagnostic in combined.data_vars:
             if diagnostic != "scores":
                 out[f"{variable}_{diagnostic}"] = combined[diagnostic].assign_attrs(variable=variable, diagnostic=diagnostic)
-    metric_names = out["metric"].values.tolist()
-    out = out.assign_coords(
-        metric_description=("metric", [DESCRIPTIONS.get(m, "Brier score of value > climatological quantile" + (" (fair)" if m.startswith("fair") else "")) for m in metric_names])
-    )
+    if "metric" in out.dims:
+        out = out.assign_coords(metric_description=("metric", [registry.description(m) for m in out["metric"].values.tolist()]))
     out.attrs.update(
         reduced_over="initialisation time, latitude (cell-area weighted), longitude; per lead and level; NaN points skipped",
         valid_time="truth taken at time + prediction_timedelta; init/lead pairs without truth are left out",

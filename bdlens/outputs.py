@@ -103,6 +103,7 @@ def prepare_output(
     layout: Sequence[str] = (),
     required: Sequence[str] = (),
     clear: bool = True,
+    dry_run: bool = False,
 ) -> bool:
     """Check (and with ``overwrite`` clear) the output directory ``path`` before any work starts.
 
@@ -113,6 +114,8 @@ def prepare_output(
     ``overwrite`` may replace in place, for a caller that swaps the new one in when it is complete
     (:func:`replace_with`). Raises :class:`BdlensError` (one line, what to do) in the cases of the
     module docstring; nothing is changed on disk unless ``overwrite`` replaces bdlens's own output.
+    ``dry_run`` checks only: a command that builds its output elsewhere and moves it into place at
+    the end calls it first with ``dry_run`` (fail early) and again just before the move (replace).
     """
     path = Path(path)
     if resume and overwrite:
@@ -137,7 +140,7 @@ def prepare_output(
         raise BdlensError(f"{path} {what}; --overwrite only replaces a bdlens {kind}, so move it away or choose another {flag}")
     if foreign:
         raise BdlensError(f"{path} holds files bdlens did not write ({_shown(foreign)}); move them away to replace it with --overwrite")
-    if clear:
+    if clear and not dry_run:
         shutil.rmtree(path)
     return False
 

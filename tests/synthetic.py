@@ -186,3 +186,44 @@ def write_synthetic(
     else:
         raise ValueError(f"unknown format {fmt!r}; use 'zarr' or 'netcdf'")
     return path
+
+
+def synthetic_forecast(
+    truth: xr.Dataset,
+    n_inits: int = 3,
+    lead_hours: Sequence[int] = (6, 12, 24),
+    weight_samples: int = 3,
+    draws: int = 2,
+    epistemic_std: float = 0.5,
+    aleatoric_std: float = 1.0,
+    design: bool = True,
+    seed: int = 1,
+) -> xr.Dataset:
+    """An ensemble in the bdlens forecast layout: truth at valid time + b_k + e_kj (Gaussian, in units of
+    each field's noise scale), K = ``weight_samples`` × J = ``draws`` members; member i has k = i // J,
+    j = i % J (coordinates ``weight_sample`` / ``perturbation_draw`` unless ``design`` is False). The
+    first ``n_inits`` truth times are the inits; valid times past the truth are NaN.
+    """
+    rng = np.random.default_rng(seed)
+    inits = truth["time"].values[:n_inits]
+    leads = pd.to_timedelta(list(lead_hours), unit="h")
+    out = {}
+    for name, da in truth.data_vars.items():
+        if "time" not in da.dims:
+            continue
+        at_valid = xr.concat(
+            [da.reindex(time=inits + lead.to_timedelta64()).assign_coords(time=inits) for lead in leads],
+            dim=pd.Index(leads, name="prediction_timedelta"),
+        ).transpose("time", "prediction_timedelta", ...)
+        scale = _noise_scale(np.asarray(da.isel(time=0).values))
+        shape = at_valid.shape
+        between = rng.standard_normal((weight_samples, 1, *shape)) * epistemic_std
+        within = rng.standard_normal((weight_samples, draws, *shape)) * aleatoric_std
+        noise = (between + within).reshape(weight_samples * draws, *shape) * scale
+        out[name] = (at_valid + xr.DataArray(noise, dims=("number", *at_valid.dims))).astype(np.float32).assign_attrs(da.attrs)
+    ds = xr.Dataset(out).transpose("number", "time", "prediction_timedelta", ...)
+    members = np.arange(weight_samples * draws)
+    ds = ds.assign_coords(number=members)
+    if design:
+        ds = ds.assign_coords(weight_sample=("number", members // draws), perturbation_draw=("number", members % draws))
+    return ds

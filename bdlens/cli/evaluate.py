@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import argparse
-import contextlib
 import logging
-from collections.abc import Iterator
 from pathlib import Path
 
-from bdlens.errors import BdlensError
+from bdlens.cli.options import add_scoring_options, dask_scheduler
 
 log = logging.getLogger(__name__)
 
@@ -29,34 +27,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--truth", required=True, help="truth store (zarr or netCDF) with the same grid and variables")
     parser.add_argument("--out", help="write metrics to this .nc (all diagnostics) or .csv (long table); default: print a summary")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a metrics file bdlens wrote")
-    parser.add_argument("--scheduler", metavar="ADDRESS", help="address of a dask.distributed scheduler, e.g. tcp://host:8786")
-    parser.add_argument("--member-dim", default="number", help="name of the forecasts' ensemble member dimension (default: number; member and realization are recognised)")
     parser.add_argument("--variables", nargs="+", help="variables to score (default: all variables of each forecast)")
     parser.add_argument("--climatology", help="store with the climatology for ACC (default: the truth's time mean)")
-    parser.add_argument(
-        "--quantiles", nargs="+", type=float, help="climatological quantiles for the Brier scores (default: 0.1 0.5 0.9)"
-    )
-    parser.add_argument("--seed", type=int, default=0, help="seed of the rank-histogram tie breaking (default: 0)")
+    add_scoring_options(parser)
     parser.set_defaults(func=run)
-
-
-@contextlib.contextmanager
-def _scheduler(address: str | None) -> Iterator[None]:
-    """Connect a dask.distributed client for the duration, or use the local threaded scheduler."""
-    if address is None:
-        yield
-        return
-    from distributed import Client
-
-    try:
-        client = Client(address, timeout="20s")
-    except OSError as err:
-        raise BdlensError(f"cannot reach the dask scheduler at {address} ({err}); check the address and that it is running") from err
-    log.info("computing on the dask cluster at %s (%d workers)", address, len(client.scheduler_info().get("workers", {})))
-    try:
-        yield
-    finally:
-        client.close()
 
 
 def _names(paths: list[str]) -> list[str]:
@@ -82,7 +56,7 @@ def run(args: argparse.Namespace) -> int:
     # The reader renames the member dimension to `number` (member and realization without being told).
     forecasts = {name: evaluate.open_data(path, args.member_dim) for name, path in zip(_names(args.forecasts), args.forecasts, strict=True)}
     climatology = evaluate.open_data(args.climatology) if args.climatology else None
-    with _scheduler(args.scheduler):
+    with dask_scheduler(args.scheduler):
         result = evaluate.evaluate(
             forecasts,
             truth,

@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
+from collections.abc import Iterator
 
 from bdlens.errors import BdlensError
+
+log = logging.getLogger(__name__)
+
 
 
 def set_threads(threads: int | None) -> None:
@@ -29,3 +35,32 @@ def add_data_options(parser: argparse.ArgumentParser, trained_on: str) -> None:
     """``--world`` and ``--threads`` for commands that read data through a trained checkpoint."""
     parser.add_argument("--world", help=f"data: 'demo', 'small' or a WB2 zarr (default: the data the {trained_on} was trained on)")
     parser.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's choice)")
+
+
+def add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    """``--member-dim``, ``--quantiles``, ``--seed`` and ``--scheduler`` for the commands that score forecasts."""
+    parser.add_argument("--member-dim", default="number", help="name of the ensemble member dimension (default: number; member and realization are recognised)")
+    parser.add_argument(
+        "--quantiles", nargs="+", type=float, help="climatological quantiles of the Brier scores and reliability diagrams (default: 0.1 0.5 0.9)"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the rank-histogram tie breaking (default: 0)")
+    parser.add_argument("--scheduler", metavar="ADDRESS", help="address of a dask.distributed scheduler, e.g. tcp://host:8786")
+
+
+@contextlib.contextmanager
+def dask_scheduler(address: str | None) -> Iterator[None]:
+    """Connect a dask.distributed client for the duration, or use the local threaded scheduler."""
+    if address is None:
+        yield
+        return
+    from distributed import Client
+
+    try:
+        client = Client(address, timeout="20s")
+    except OSError as err:
+        raise BdlensError(f"cannot reach the dask scheduler at {address} ({err}); check the address and that it is running") from err
+    log.info("computing on the dask cluster at %s (%d workers)", address, len(client.scheduler_info().get("workers", {})))
+    try:
+        yield
+    finally:
+        client.close()

@@ -169,6 +169,7 @@ class PerturbedEnsemble:
         sigma_scale: float = 1.0,
         temperature: float = 1.0,
         chunk_size: int | None = None,
+        noise_seed: int | None = None,
     ) -> None:
         self.members = members_tuple(members)
         with torch.no_grad():
@@ -177,7 +178,7 @@ class PerturbedEnsemble:
                 self.ensemble.weights = tempered_weights(self.ensemble, temperature)
         self.bayes = bayes
         self.network = network
-        self.seed = int(seed)
+        self.seed = int(seed if noise_seed is None else noise_seed)  # of the perturbation noise; ``seed`` draws the weights
         self.constants = constants
         self.sigma_scale = float(sigma_scale)
         self.step_index = 0
