@@ -27,14 +27,14 @@ import numpy as np
 import torch
 
 from bdlens import streams
-from bdlens.checkpoint import read_manifest, save_checkpoint
+from bdlens.checkpoint import bundled_checkpoint, read_manifest, save_checkpoint
 from bdlens.data import Fields, open_dataset
 from bdlens.ensemble import Design, Forecast, Forecaster, MemberSource
 from bdlens.ensemble.diffusion import DiffusionMembers
 from bdlens.models import ModelConfig
 from bdlens.models.diffusion import KIND, Denoiser, EDMSettings, SamplerSettings
 from bdlens.models.lead_time import Call
-from bdlens.models.pretrained import bundled_checkpoint, layout_of
+from bdlens.models.pretrained import layout_of
 from bdlens.world.build import build
 
 

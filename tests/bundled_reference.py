@@ -14,7 +14,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bdlens.models.pretrained import bundled_checkpoint, load_trained
+from bdlens.checkpoint import bundled_checkpoint
+from bdlens.models.pretrained import load_trained
 from bdlens.perturbation.learned import load_perturbation
 
 REFERENCE = Path(__file__).resolve().parent / "data" / "bundled_reference.npz"

@@ -20,7 +20,8 @@ from test_evaluate import make_forecast, make_truth, store
 from test_perturbation_learned import perturb_config, world  # noqa: F401  (a tiny VI posterior and its data)
 from test_training import tiny_setup  # noqa: F401  (tiny model, data and configs on a synthetic store)
 
-import bdlens.models.pretrained as pretrained
+import bdlens.checkpoint as checkpoint
+import bdlens.training.bundle as training_bundle
 from bdlens.cli import main
 from bdlens.outputs import MARKER, prepare_output
 
@@ -138,7 +139,7 @@ def test_calibrate_writes_only_under_out(world: dict, tmp_path: Path, capsys, mo
     assert sorted(p.name for p in (tmp_path / "cal").iterdir()) == sorted([MARKER, "calibration.json"])
     assert snapshot(world["vi"]) == before  # nothing beside the input checkpoint
     refused(capsys, [*common, "--out", str(world["vi"]), "--overwrite"], "also an input")
-    monkeypatch.setattr(pretrained, "BUNDLED_DIR", world["vi"].parent)  # as if the posterior were bundled in the package
+    monkeypatch.setattr(checkpoint, "BUNDLED_DIR", world["vi"].parent)  # as if the posterior were bundled in the package
     import bdlens
 
     monkeypatch.setattr(bdlens, "__file__", str(world["vi"].parent / "__init__.py"))
@@ -195,10 +196,11 @@ def test_evaluate_out_never_replaces_an_input_or_a_foreign_file(tmp_path: Path, 
 
 
 def test_bundle_never_replaces_its_own_source(tiny_setup: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    monkeypatch.setattr(pretrained, "BUNDLED_DIR", tmp_path / "assets")
+    for module in (checkpoint, training_bundle):
+        monkeypatch.setattr(module, "BUNDLED_DIR", tmp_path / "assets")
     run = tmp_path / "det"
     assert main(["-q", *train_det(tiny_setup, run)]) == 0
-    bundled = pretrained.bundle(run / "checkpoint", "det_tiny")
+    bundled = training_bundle.bundle(run / "checkpoint", "det_tiny")
     before = snapshot(tmp_path)
     refused(capsys, ["train", "bundle", str(bundled), "--name", "det_tiny", "--overwrite"], "also an input")
     refused(capsys, ["train", "bundle", str(run / "checkpoint"), "--name", "../escape"], "letters, digits and underscores")

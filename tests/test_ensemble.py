@@ -73,6 +73,16 @@ def test_learned_perturbation_uses_only_the_steps_it_can_perturb(forecaster, ana
     assert (ds.temperature.sel(level=850).std("number").mean(("latitude", "longitude")) > 0).all()
 
 
+def test_persistence_reference_repeats_the_analysis(forecaster, analysis):
+    ds = forecaster.ensemble(init=[INIT], members=1, lead="48h", model="persistence", data=analysis)
+    start = analysis.sel(time=INIT)
+    for lead in ds.prediction_timedelta.values:
+        np.testing.assert_array_equal(ds.temperature.sel(prediction_timedelta=lead).isel(number=0).values, start.temperature.values)
+    assert ds.attrs["network_evaluations_per_member_step"] == 0
+    with pytest.raises(BdlensError, match="takes no --weights"):
+        forecaster.ensemble(init=[INIT], members=2, weights=2, model="persistence", data=analysis)
+
+
 def test_stored_decomposition_equals_the_one_from_the_members(forecaster, analysis, tmp_path):
     ds = run(forecaster, analysis, out=tmp_path / "fc.zarr", members=6, weights=3)
     stored = xr.open_zarr(tmp_path / "fc.zarr", group="decomposition").load()

@@ -61,8 +61,9 @@ def test_bundled_model_claims_are_what_the_committed_scripts_wrote() -> None:
     or command wrote (evaluation/results/*.json, calibration.json, the manifests), rounded as printed."""
     import json
 
+    from bdlens.checkpoint import bundled_checkpoint
     from bdlens.models import count_parameters
-    from bdlens.models.pretrained import bundled_checkpoint, load_trained
+    from bdlens.models.pretrained import load_trained
     from bdlens.perturbation.learned import load_perturbation
 
     det = json.loads((ROOT / "evaluation" / "results" / "deterministic_skill.json").read_text())

@@ -40,6 +40,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--perturbation", choices=PERTURBATIONS, default="default",
                         help="aleatoric scheme: learned network, SPPT, initial-condition fields or none "
                              "(default: the system's calibrated choice)")
+    parser.add_argument("--model", choices=("hybrid", "diffusion", "persistence"), default="hybrid",
+                        help="hybrid: posterior (or --no-bayes deterministic) weights x --perturbation; diffusion: the EDM "
+                             "baseline of a diffusion checkpoint (--checkpoint); persistence: the reference (default: hybrid)")
     parser.add_argument("--no-bayes", action="store_true", help="deterministic weights (K = 1): the aleatoric-only system")
     parser.add_argument("--temperature", type=float, help="posterior temperature (default: the calibration's)")
     parser.add_argument("--amplitude", type=float, help="perturbation amplitude (default: the calibration's)")
@@ -90,10 +93,11 @@ def run(args: argparse.Namespace) -> int:
     try:
         forecast = forecaster.ensemble(
             init=args.init, members=args.members, weights=args.weights, lead=args.lead, output_step=args.output_step,
-            perturbation=None if args.perturbation == "default" else args.perturbation, bayes=not args.no_bayes,
+            perturbation=None if args.perturbation == "default" and args.model == "hybrid" else (
+                "none" if args.perturbation == "default" else args.perturbation), bayes=not args.no_bayes,
             seed=args.seed, data=args.data, out=args.out, batch_size=args.batch_size, resume=args.resume,
             overwrite=args.overwrite, temperature=args.temperature, amplitude=args.amplitude,
-            command=shlex.join(["bdlens", *sys.argv[1:]]),
+            command=shlex.join(["bdlens", *sys.argv[1:]]), model=args.model,
         )
     except KeyboardInterrupt:
         print(f"bdlens ensemble: interrupted; continue with the same command and --resume (output {args.out})", file=sys.stderr)

@@ -35,14 +35,14 @@ from bdlens.checkpoint import BUNDLED_DIR
 from bdlens.data import Fields, NormStats, open_dataset
 from bdlens.ensemble.base import MemberSource
 from bdlens.ensemble.design import PERTURBATION_DRAW, WEIGHT_SAMPLE, Design, anova, split_members
-from bdlens.ensemble.members import DeterministicMembers, PosteriorMembers, PosteriorModel
+from bdlens.ensemble.members import DeterministicMembers, PersistenceMembers, PosteriorMembers, PosteriorModel
 from bdlens.ensemble.rollout import _iso, history_offsets, initial_states, member_states
 from bdlens.ensemble.schemes import SCHEMES, SchemeContext, build_scheme
 from bdlens.ensemble.store import create_store, finalise, finished_units, open_forecast, record_unit, stored_attrs, unit_name, write_region
 from bdlens.ensemble.system import System, load_system
 from bdlens.errors import BdlensError
 from bdlens.models.lead_time import greedy_schedule, plan_rollout
-from bdlens.models.pretrained import load_trained
+from bdlens.models.pretrained import layout_of, load_trained
 from bdlens.outputs import mark_output, prepare_output
 from bdlens.progress import bar
 from bdlens.world.export import BUNDLED_ANALYSIS
@@ -54,6 +54,9 @@ CHUNK_MEMBERS = 20
 # Physical bounds a member must stay within (K); outside them it is recorded, not hidden.
 TEMPERATURE_BOUNDS = (150.0, 350.0)
 MEMORY_FRACTION = 0.25
+# What makes the members: the hybrid (posterior or deterministic weights × a perturbation scheme), the
+# diffusion baseline (a `bdlens train diffusion` checkpoint, K = 1) or the persistence reference.
+MODELS = ("hybrid", "diffusion", "persistence")
 
 
 def parse_hours(text: str | int, what: str) -> int:
@@ -115,6 +118,7 @@ class Request:
     inits: tuple[str, ...]
     data: str
     checkpoint: str
+    model: str = "hybrid"
 
     def key(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -146,8 +150,19 @@ class Forecaster:
         return max(k for k in range(1, min(preferred, members) + 1) if members % k == 0)
 
     def source(self, design: Design, perturbation: str, bayes: bool, seed: int,
-               temperature: float | None = None, amplitude: float | None = None) -> tuple[MemberSource, dict[str, float]]:
-        """The member source of a run and the (temperature, amplitude) it uses."""
+               temperature: float | None = None, amplitude: float | None = None, model: str = "hybrid",
+               ) -> tuple[MemberSource, dict[str, float]]:
+        """The member source of a run and the (temperature, amplitude) it uses; ``model`` is one of
+        :data:`MODELS` (``hybrid``: posterior or deterministic weights with ``perturbation``)."""
+        if model == "diffusion":
+            if not self.system.checkpoints["diffusion"]:
+                raise BdlensError(f"{self.system.root} holds no diffusion checkpoint; pass one with --checkpoint (bdlens train diffusion)")
+            from bdlens.ensemble.diffusion import DiffusionMembers
+
+            return DiffusionMembers(next(iter(self.system.checkpoints["diffusion"].values())), seed, device=self.device), {}
+        if model == "persistence":
+            inner, used = self.source(design, "none", False, seed)
+            return PersistenceMembers(inner), {}
         settings = self.system.scheme(perturbation)
         temp = float(settings.get("temperature", 1.0) if temperature is None else temperature)
         amp = float(settings.get("amplitude", 1.0) if amplitude is None else amplitude)
@@ -160,7 +175,7 @@ class Forecaster:
                 bayes_model, manifest = load_posterior(path, self.device)
                 if manifest.get("norm_stats") is None:
                     raise BdlensError(f"posterior {path} has no norm_stats in its manifest; retrain it with `bdlens train vi`")
-                models[step] = PosteriorModel(bayes_model, _layout(bayes_model.config), NormStats.from_dict(manifest["norm_stats"]))
+                models[step] = PosteriorModel(bayes_model, layout_of(bayes_model.config, path), NormStats.from_dict(manifest["norm_stats"]))
             inner: MemberSource = PosteriorMembers(models, design, seed, temp)
             stats = {s: m.stats for s, m in models.items()}
             layout = next(iter(models.values())).layout
@@ -198,6 +213,7 @@ class Forecaster:
         temperature: float | None = None,
         amplitude: float | None = None,
         command: str | None = None,
+        model: str = "hybrid",
     ) -> xr.Dataset:
         """Run an ensemble of ``members`` = K weight samples × J perturbation draws.
 
@@ -206,7 +222,8 @@ class Forecaster:
         ``none`` and :data:`bdlens.ensemble.schemes.SCHEMES` (default: the system's calibrated
         choice); ``bayes=False`` uses the deterministic weights (K = 1); ``data``: a WB2/ERA5-layout
         zarr/netCDF path or Dataset with the analyses (default: the bundled demo analyses).
-        ``temperature`` / ``amplitude`` override the calibration. Returns the forecast (dims
+        ``temperature`` / ``amplitude`` override the calibration; ``model``: one of :data:`MODELS`
+        (the diffusion and persistence members have K = 1 and no perturbation scheme). Returns the forecast (dims
         number, time, prediction_timedelta, [level,] latitude, longitude; physical units), lazy on
         the store when ``out`` is given, in memory otherwise.
         """
@@ -215,7 +232,7 @@ class Forecaster:
             try:
                 kwargs = dict(init=init, members=members, weights=weights, lead=lead, output_step=output_step,
                               perturbation=perturbation, bayes=bayes, seed=seed, data=data, batch_size=batch_size,
-                              temperature=temperature, amplitude=amplitude, command=command)
+                              temperature=temperature, amplitude=amplitude, command=command, model=model)
                 return self.ensemble(out=tmp / "forecast.zarr", **kwargs).load()
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -223,6 +240,12 @@ class Forecaster:
         perturbation = self.default_perturbation() if perturbation is None else perturbation
         if perturbation != "none" and perturbation not in SCHEMES:
             raise BdlensError(f"unknown --perturbation {perturbation!r}; choose one of: none, {', '.join(sorted(SCHEMES))}")
+        if model not in MODELS:
+            raise BdlensError(f"unknown --model {model!r}; choose one of: {', '.join(MODELS)}")
+        if model != "hybrid":
+            if weights is not None or not bayes or perturbation not in (None, "none"):
+                raise BdlensError(f"--model {model} takes no --weights, --no-bayes or --perturbation; leave them out")
+            bayes, perturbation = False, "none"
         if weights is not None and not bayes:
             raise BdlensError("--weights sets the number of posterior weight samples; it cannot be combined with --no-bayes")
         k = self.default_weights(members, bayes) if weights is None else int(weights)
@@ -238,7 +261,7 @@ class Forecaster:
         inputs = [self.system.root] + ([] if isinstance(data_path, xr.Dataset) else [data_path])
         resuming = prepare_output(out, "forecast", overwrite=overwrite and dist.main, resume=resume, inputs=inputs) if dist.main else resume
 
-        source, used = self.source(design, perturbation, bayes, seed, temperature, amplitude)
+        source, used = self.source(design, perturbation, bayes, seed, temperature, amplitude, model)
         for lead_h in leads:
             try:
                 greedy_schedule(lead_h, source.steps)
@@ -250,10 +273,10 @@ class Forecaster:
         layout = _source_layout(source)
         offsets = history_offsets(source)
         history = initial_states(analysis, layout, init_times, offsets)
-        request = Request(members, k, lead_hours, output_hours, perturbation, bayes, int(seed), used["temperature"],
-                          used["amplitude"], tuple(_iso(t) for t in init_times),
+        request = Request(members, k, lead_hours, output_hours, perturbation, bayes, int(seed), used.get("temperature", 0.0),
+                          used.get("amplitude", 0.0), tuple(_iso(t) for t in init_times),
                           "bundled demo analyses" if data is None else ("in-memory Dataset" if isinstance(data_path, xr.Dataset) else str(data_path)),
-                          "bundled demo models" if self.system.root == BUNDLED_DIR else str(self.system.root))
+                          "bundled demo models" if self.system.root == BUNDLED_DIR else str(self.system.root), model)
         group = design.draws if bayes else 1
         # Chunks (rounded up to whole weight groups) small enough that every process gets work.
         chunk = min(members, group * math.ceil(min(CHUNK_MEMBERS, math.ceil(members / dist.world_size)) / group))
@@ -266,7 +289,8 @@ class Forecaster:
             "command": command or "bdlens.Forecaster.ensemble",
             "config": request.key(),
             "seed": int(seed),
-            "checkpoints": json.dumps(self.system.hashes(("vi",) if bayes else ("deterministic",)) | (
+            "checkpoints": json.dumps(self.system.hashes(
+                {"diffusion": ("diffusion",), "persistence": ()}.get(model, ("vi",) if bayes else ("deterministic",))) | (
                 self.system.hashes(("perturbation",)) if perturbation == "learned" else {})),
             "complete": False,
         }
@@ -366,16 +390,6 @@ def _backbone_configs(source: MemberSource) -> list:
 def _source_layout(source: MemberSource) -> Any:
     model = next(iter(_innermost(source).models.values()))
     return model.layout
-
-
-def _layout(config: Any) -> Any:
-    from bdlens.data import FieldLayout
-    from bdlens.grid import GRIDS
-
-    grid = next((g for g in GRIDS.values() if (g.nlat, g.nlon) == (config.nlat, config.nlon)), None)
-    if grid is None:
-        raise BdlensError(f"model grid {config.nlon}x{config.nlat} is not a supported grid")
-    return FieldLayout(config.upper_variables, config.levels, config.surface_variables, grid)
 
 
 def _out_of_bounds(layout: Any, state: Fields, ids: tuple[int, ...], lead: int, init: str) -> list[dict[str, Any]]:

@@ -20,7 +20,7 @@ import torch
 from bdlens.bayes import BayesianTransformer
 from bdlens.bayes.sampling import forward_members, sample_weights
 from bdlens.data import FieldLayout, Fields, NormStats
-from bdlens.ensemble.base import Forecast, History
+from bdlens.ensemble.base import Forecast, History, MemberSource
 from bdlens.ensemble.design import Design
 from bdlens.errors import BdlensError
 from bdlens.models.lead_time import Call
@@ -125,3 +125,26 @@ class PosteriorMembers:
 
     def describe(self) -> str:
         return "posterior" if self.temperature == 1.0 else f"posterior (temperature {self.temperature:g})"
+
+
+class PersistenceMembers:
+    """The persistence reference: every lead repeats the initial state (no network, one step of any length)."""
+
+    network_evaluations = 0
+    n_input_times = 1
+
+    def __init__(self, template: MemberSource) -> None:
+        self.models = template.models  # layout of the fields, for the engine
+        self.steps = (min(template.steps),)
+
+    def start(self, forecast: Forecast) -> None:
+        pass
+
+    def initial(self, history: History) -> History:
+        return history
+
+    def step(self, previous: Fields | None, current: Fields, call: Call) -> Fields:
+        return current
+
+    def describe(self) -> str:
+        return "persistence"

@@ -25,7 +25,7 @@ from bdlens.checkpoint import MANIFEST, WEIGHTS, read_manifest
 from bdlens.errors import BdlensError
 
 SYSTEM_FILE = "ensemble.json"
-KINDS = ("deterministic", "vi", "perturbation")
+KINDS = ("deterministic", "vi", "perturbation", "diffusion")
 
 
 @dataclass
@@ -80,15 +80,15 @@ def load_system(path: str | Path) -> System:
         manifest = read_manifest(cand)
         kind = manifest.get("kind")
         if kind not in KINDS:
-            raise BdlensError(f"{cand} holds a {kind!r} checkpoint; the ensemble needs deterministic, vi or perturbation checkpoints")
+            raise BdlensError(f"{cand} holds a {kind!r} checkpoint; the ensemble needs deterministic, vi, perturbation or diffusion checkpoints")
         if not (cand / WEIGHTS).is_file():
             raise BdlensError(f"{cand} has no {WEIGHTS}; the checkpoint is incomplete")
         step = _step_hours(manifest, cand)
         if step in found[kind]:
             raise BdlensError(f"{root} holds two {kind} checkpoints for {step} h ({found[kind][step].name}, {cand.name}); keep one")
         found[kind][step] = cand
-    if not found["deterministic"] and not found["vi"]:
-        raise BdlensError(f"{root} holds no deterministic or vi checkpoint; pass a `bdlens train` output or a bundle")
+    if not found["deterministic"] and not found["vi"] and not found["diffusion"]:
+        raise BdlensError(f"{root} holds no deterministic, vi or diffusion checkpoint; pass a `bdlens train` output or a bundle")
     settings: dict[str, Any] = {}
     if (root / SYSTEM_FILE).is_file():
         try:
