@@ -1,4 +1,4 @@
-"""The evaluation engine behind ``bdlens evaluate``: every metric of SPEC §7 per variable, level and lead.
+"""The evaluation engine behind ``bdlens evaluate``: every metric of docs/science.md §7 per variable, level and lead.
 
 Forecasts (dims ``number, time, prediction_timedelta, [level,] latitude, longitude``; ``time`` is the
 initialisation) are matched to the truth at valid time = time + prediction_timedelta. Init/lead

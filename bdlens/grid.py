@@ -1,4 +1,4 @@
-"""Grids and conventions shared by every stage (SPEC §1).
+"""Grids and conventions shared by every stage (docs/science.md §1).
 
 Canonical layout: latitude **ascending** (south → north), longitude in [0, 360) ascending, level in
 hPa ascending (50 … 1000), WeatherBench2 long variable names, SI units.

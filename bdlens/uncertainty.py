@@ -1,4 +1,4 @@
-"""Epistemic / aleatoric variance decomposition and the theorem checks of SPEC §6.
+"""Epistemic / aleatoric variance decomposition and the theorem checks of docs/science.md §6.
 
 Members y_kj (k = weight sample θ_k, j = perturbation draw ξ_kj) are identified by the coordinates
 ``weight_sample`` and ``perturbation_draw`` on the member dimension. The design must be balanced:
@@ -76,7 +76,7 @@ def decompose(forecast: xr.DataArray, member_dim: Hashable = "number", dims: Seq
 
 
 def total_variance_check(forecast: xr.DataArray, member_dim: Hashable = "number", dims: Sequence[Hashable] | None = None) -> xr.Dataset:
-    """The law of total variance on the ensemble itself (SPEC §6.1), as a numerical check.
+    """The law of total variance on the ensemble itself (docs/science.md §6.1), as a numerical check.
 
     With population (divisor-N) moments, the variance of all members equals the variance of the
     group means plus the mean within-group variance, exactly. Returns ``total``, ``between``,
@@ -108,7 +108,7 @@ def mixture_crps_check(
     """CRPS of the whole ensemble (the mixture over θ) vs the mean CRPS of its per-θ sub-ensembles.
 
     Returns ``mixture``, ``mean_per_weight_sample`` and ``gap`` = mean_per_weight_sample − mixture
-    (≥ 0 by convexity, SPEC §6.3). With the standard (empirical-CDF) CRPS, the default, the mixture's
+    (≥ 0 by convexity, docs/science.md §6.3). With the standard (empirical-CDF) CRPS, the default, the mixture's
     ECDF is the mean of the sub-ensembles' ECDFs and the gap is ≥ 0 at every point exactly; the fair
     CRPS estimates the same quantities without bias but only satisfies the inequality on average.
     """
@@ -126,7 +126,7 @@ def mixture_crps_check(
 def calibration_check(
     forecast: xr.DataArray, truth: xr.DataArray, member_dim: Hashable = "number", dims: Sequence[Hashable] | None = None
 ) -> xr.Dataset:
-    """The calibration identity E[(ȳ − y)²] = (M+1)/M · E[s²] (SPEC §6.4) on a forecast.
+    """The calibration identity E[(ȳ − y)²] = (M+1)/M · E[s²] (docs/science.md §6.4) on a forecast.
 
     Returns ``mse`` (ensemble-mean MSE), ``expected_mse`` ((M+1)/M times the mean unbiased variance)
     and ``ratio`` = mse / expected_mse, which is 1 up to sampling error for a calibrated ensemble

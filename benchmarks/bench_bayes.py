@@ -14,7 +14,7 @@
 from __future__ import annotations
 
 import argparse
-import time
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -33,20 +33,8 @@ from bdlens.training.distributed import Distributed
 from bdlens.training.vi import TrainingSettings, svi_optimiser
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best-of-``repeats`` seconds per call of each function, timed in alternation so that load from
-    other processes on a shared machine hits every variant alike."""
-    for fn in fns.values():
-        fn()  # warm-up: allocator, kernel selection
-    best = dict.fromkeys(fns, float("inf"))
-    for _ in range(repeats):
-        for label, fn in fns.items():
-            start = time.perf_counter()
-            fn()
-            best[label] = min(best[label], time.perf_counter() - start)
-    return best
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved  # noqa: E402
 
 
 def _state(config: ModelConfig, batch: int, g: torch.Generator) -> Fields:
@@ -64,7 +52,7 @@ def bench_sampling(bayes, config: ModelConfig, members: int, repeats: int) -> No
     base = bayes.base
     with torch.no_grad():
         weights = sample_weights(bayes, members, seed=0)
-        rows = list(_interleaved({
+        rows = list(interleaved({
             "deterministic, batch of K": lambda: base(upper_k, surface_k),
             "batched K samples (vmap)": lambda: forward_members(bayes, weights, upper, surface),
             # the same vmap outside member_batched(): PyTorch's own rule for F.linear (bmm, then a separate bias add)
@@ -82,7 +70,7 @@ def bench_sampling(bayes, config: ModelConfig, members: int, repeats: int) -> No
     print(f"one batched pass: {batched / det:.2f}x the deterministic batch (goal ≤ 1.3x); serial / batched = "
           f"{timing['K serial functional passes'] / batched:.2f}; vmap rule of F.linear / fused = "
           f"{timing['batched, vmap rule of F.linear'] / batched:.2f}")
-    # The weights are drawn once per forecast and kept for the whole rollout (SPEC §4).
+    # The weights are drawn once per forecast and kept for the whole rollout (docs/science.md §4).
     print(f"with drawing the weights: {(batched + draw) / det:.2f}x for a single step, "
           f"{(batched + draw / 20) / det:.2f}x per step of a 20-step (5-day) rollout")
 
@@ -117,7 +105,7 @@ def bench_svi(bayes, config: ModelConfig, batch: int, repeats: int) -> None:
         optimiser.step()
         return loss.item()
 
-    times = _interleaved({"validated": svi_step(True), "svi": svi_step(False), "hand": hand_step}, repeats)
+    times = interleaved({"validated": svi_step(True), "svi": svi_step(False), "hand": hand_step}, repeats)
     print(f"\nVI training step, batch {batch}: hand-written loop {times['hand']:.3f} s; pyro SVI {times['svi']:.3f} s "
           f"({times['validated']:.3f} s with pyro's argument validation on)")
     for label in ("validated", "svi"):

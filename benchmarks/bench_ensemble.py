@@ -18,15 +18,20 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from bdlens.data import Fields, open_dataset
 from bdlens.ensemble import Forecast, Forecaster
 from bdlens.ensemble.design import Design
-from bdlens.ensemble.engine import BUNDLED_ANALYSIS, _initial_states, _source_layout
+from bdlens.ensemble.engine import _source_layout
+from bdlens.ensemble.rollout import initial_states
 from bdlens.models.lead_time import plan_rollout
+from bdlens.world.export import BUNDLED_ANALYSIS
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from timing import interleaved  # noqa: E402
 
 
 def timed_run(args: list[str]) -> tuple[float, float]:
@@ -37,19 +42,6 @@ def timed_run(args: list[str]) -> tuple[float, float]:
     wall = time.perf_counter() - tick
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     return wall, max(peak, before) / 1024
-
-
-def interleaved(fns: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Best-of-``repeats`` seconds per call of each function, timed in alternation."""
-    best = {name: float("inf") for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeats):
-        for name, fn in fns.items():
-            tick = time.perf_counter()
-            fn()
-            best[name] = min(best[name], time.perf_counter() - tick)
-    return best
 
 
 def step_costs(batch: int, repeats: int) -> dict[str, float]:
@@ -69,7 +61,7 @@ def step_costs(batch: int, repeats: int) -> dict[str, float]:
         source, _ = forecaster.source(design, scheme, bayes, seed=0)
         layout = _source_layout(source)
         offsets = [0] + [-s for s in source.steps]
-        history = _initial_states(analysis, layout, init, offsets)
+        history = initial_states(analysis, layout, init, offsets)
         plan = tuple(plan_rollout(source.steps, [24], True))
         call = plan[-1]
 

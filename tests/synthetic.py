@@ -1,6 +1,6 @@
 """Small synthetic WeatherBench2-layout datasets for tests (import with ``from synthetic import ...``).
 
-:func:`synthetic_dataset` builds an in-memory Dataset in the canonical bdlens layout (SPEC §1) with
+:func:`synthetic_dataset` builds an in-memory Dataset in the canonical bdlens layout (docs/science.md §1) with
 physically plausible magnitudes (standard-atmosphere geopotential and temperature, a jet-like zonal
 wind, MSLP around 1013 hPa) plus seeded noise that differs at every time, so a test that picks the
 wrong time, level or variable sees different numbers. :func:`write_synthetic` writes it to disk as

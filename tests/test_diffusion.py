@@ -1,4 +1,4 @@
-"""Diffusion baseline (SPEC §8): preconditioning, σ schedule, Heun sampler on an analytic Gaussian,
+"""Diffusion baseline (docs/science.md §8): preconditioning, σ schedule, Heun sampler on an analytic Gaussian,
 network-evaluation count, adaptive layer norm, training on the one loop, members independent of the batch."""
 
 from __future__ import annotations
@@ -53,7 +53,7 @@ def test_sigma_schedule_endpoints_and_monotonicity() -> None:
     assert len(sigmas) == settings.steps + 1 == 21
     assert sigmas[0] == pytest.approx(80.0) and sigmas[-2] == pytest.approx(0.03) and sigmas[-1] == 0.0
     assert np.all(np.diff(sigmas) < 0)
-    i = 7  # SPEC §8 written out
+    i = 7  # docs/science.md §8 written out
     expected = (80 ** (1 / 7) + i / 19 * (0.03 ** (1 / 7) - 80 ** (1 / 7))) ** 7
     assert sigmas[i] == pytest.approx(expected, rel=1e-12)
     with pytest.raises(ValueError, match="sigma_min"):

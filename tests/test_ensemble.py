@@ -91,6 +91,16 @@ def test_stored_decomposition_equals_the_one_from_the_members(forecaster, analys
         for part in ("epistemic", "aleatoric", "total"):
             np.testing.assert_allclose(stored[f"{name}_{part}_variance"].values, recomputed[part].values, rtol=2e-4, atol=1e-6)
     assert ds.attrs["complete"] is True or ds.attrs["complete"] == 1
+    # The uncertainty maps of the engine's own store: epistemic² + aleatoric² = total² (Ê clipped at 0, as the maps say).
+    import bdlens
+
+    maps = bdlens.uncertainty_maps(xr.open_zarr(tmp_path / "fc.zarr"), variables=["geopotential"], levels=[500]).compute()
+    e, a, t = (maps[f"geopotential_{q}_std"].values for q in ("epistemic", "aleatoric", "total"))
+    np.testing.assert_allclose(e**2 + a**2, t**2, rtol=1e-6)
+    total = stored["geopotential_total_variance"].sel(level=500).values
+    clipped = np.maximum(stored["geopotential_epistemic_variance"].sel(level=500).values, 0) + stored["geopotential_aleatoric_variance"].sel(level=500).values
+    np.testing.assert_allclose(t**2, clipped, rtol=2e-4, atol=1e-3)
+    assert np.all(clipped >= total - 1e-3)
     assert ds.attrs["network_evaluations_per_member_step"] == 1.0
     assert ds.attrs["wall_seconds_per_member_step"] > 0
 

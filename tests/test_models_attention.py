@@ -215,7 +215,7 @@ def test_block_equals_a_plain_softmax_reference_with_the_paper_bias_index(shifte
 def test_the_two_shift_signs_differ_only_by_a_relabelling_of_window_types():
     """With even windows, rolling by +half a window (Pangu) or −half a window (legacy) cuts the same
     windows: Pangu's window i along an axis is the legacy window i − 1. A legacy block's bias table with
-    its window types relabelled that way gives a Pangu block the same output (SPEC §3)."""
+    its window types relabelled that way gives a Pangu block the same output (docs/science.md §3)."""
     torch.manual_seed(8)
     window, shape = (2, 2, 4), (4, 6, 8)
     legacy = EarthSpecificBlock(8, 2, window, shape, True, 2.0, 0.0, -1).double().eval()

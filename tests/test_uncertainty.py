@@ -1,4 +1,4 @@
-"""The variance decomposition and the theorem checks of SPEC §6 on synthetic ensembles with known truth."""
+"""The variance decomposition and the theorem checks of docs/science.md §6 on synthetic ensembles with known truth."""
 
 from __future__ import annotations
 
@@ -56,7 +56,7 @@ def test_decomposition_pointwise_matches_direct_anova_and_is_lazy():
     eager = decompose(forecast)
     np.testing.assert_allclose(eager.aleatoric.values, within, rtol=1e-12)
     np.testing.assert_allclose(eager.epistemic.values, between, rtol=1e-12)
-    assert (eager.epistemic < 0).any()  # unclipped on small samples, as SPEC §6.2 asks
+    assert (eager.epistemic < 0).any()  # unclipped on small samples, as docs/science.md §6.2 asks
     lazy = decompose(forecast.chunk({"time": 7, "number": 5}))
     assert isinstance(lazy.epistemic.data, dask.array.Array)
     np.testing.assert_allclose(lazy.epistemic.values, between, rtol=1e-12)

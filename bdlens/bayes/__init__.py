@@ -1,4 +1,4 @@
-"""Variational Bayesian 3DEST (SPEC §4): epistemic uncertainty from a posterior over the weights.
+"""Variational Bayesian 3DEST (docs/science.md §4): epistemic uncertainty from a posterior over the weights.
 
 * :class:`PosteriorSettings`, :func:`from_deterministic`, :class:`BayesianTransformer`,
   :class:`MeanFieldPosterior` — mean-field Gaussian q(θ) = N(μ, diag softplus(ρ)²) over chosen

@@ -1,4 +1,4 @@
-"""The tempered negative ELBO of SPEC §4 as a pyro model and guide.
+"""The tempered negative ELBO of docs/science.md §4 as a pyro model and guide.
 
     L(μ, ρ) = E_q[ℓ(θ; batch)] + β · KL(q ‖ p) / N_D
 

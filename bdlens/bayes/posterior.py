@@ -1,4 +1,4 @@
-"""Mean-field Gaussian posterior over chosen 3DEST weights (SPEC §4), and its save/load format.
+"""Mean-field Gaussian posterior over chosen 3DEST weights (docs/science.md §4), and its save/load format.
 
 q(θ) = N(μ, diag σ²), σ = softplus(ρ), over the parameters that a selection picks (all of them,
 attention + MLP only, the last stages only, or fnmatch patterns of parameter names); every other
@@ -46,7 +46,7 @@ POSTERIOR_WEIGHTS = "posterior.safetensors"
 PRIOR_MEAN = "prior_mean."
 PRIOR_MEAN_BUNDLE = "prior_mean_bundle"  # manifest["posterior"] key: the bundled checkpoint holding the prior mean
 
-# Named parameter selections of SPEC §4 as fnmatch patterns over `named_parameters` names.
+# Named parameter selections of docs/science.md §4 as fnmatch patterns over `named_parameters` names.
 SELECTIONS: dict[str, tuple[str, ...]] = {
     "all": ("*",),
     "attention_mlp": ("*.attn.*", "*.mlp.*"),

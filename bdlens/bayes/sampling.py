@@ -1,4 +1,4 @@
-"""Posterior weight samples and their forecasts in one batched forward pass (SPEC §4).
+"""Posterior weight samples and their forecasts in one batched forward pass (docs/science.md §4).
 
 Member k's weights are θ_k = μ + σ ⊙ ε_k with ε_k ~ N(0, I) drawn from the generator of
 (seed, "posterior-weights", k) alone (:func:`bdlens.streams.generator`), so member k is the same whether it is drawn among 4 members or among 32, and

@@ -140,6 +140,8 @@ def run_calibration(args: argparse.Namespace) -> int:
     if len(inits) == 0:
         raise BdlensError(f"the world's validation period has no init with {config.lead} of truth after it; use a longer world")
     record = calibrate_system(forecaster, args.perturbation, analysis, truth, inits, config)
+    record["command"] = shlex.join(["bdlens", *sys.argv[1:]])
+    record["config"] = config.model_dump(mode="json")
     path = write_system_file(args.out, args.perturbation, record, forecaster.system.settings, args.default)
     print(json.dumps({k: record[k] for k in ("amplitude", "temperature", "before", "after")}, indent=1, default=float))
     print(f"wrote {path}")

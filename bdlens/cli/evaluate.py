@@ -1,4 +1,4 @@
-"""``bdlens evaluate``: score ensemble forecasts against a truth store (SPEC §7)."""
+"""``bdlens evaluate``: score ensemble forecasts against a truth store (docs/science.md §7)."""
 
 from __future__ import annotations
 

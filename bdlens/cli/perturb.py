@@ -1,4 +1,4 @@
-"""``bdlens train perturb`` (the learned perturbation network) and ``bdlens calibrate`` (SPEC §5).
+"""``bdlens train perturb`` (the learned perturbation network) and ``bdlens calibrate`` (docs/science.md §5).
 
 Both start from a VI posterior checkpoint (``bdlens train vi``); the data, normalisation statistics
 and world come from its manifest, so everything is trained and tuned on the data the backbone saw.
@@ -43,7 +43,7 @@ def register_perturb(train_subparsers: argparse._SubParsersAction) -> None:
     p = train_subparsers.add_parser(
         "perturb",
         help="train the learned (μ, σ) perturbation network with fair CRPS on a frozen VI posterior",
-        description="Train a small 3DEST that perturbs the latest input state at every step (SPEC §5), with fair CRPS over "
+        description="Train a small 3DEST that perturbs the latest input state at every step (docs/science.md §5), with fair CRPS over "
         "M members, the backbone frozen and an autoregressive curriculum. Writes OUT/metrics.jsonl, OUT/state.pt and "
         "OUT/checkpoint. Data-parallel under torchrun: `torchrun --nproc_per_node N -m bdlens train perturb ...`.",
     )

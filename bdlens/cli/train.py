@@ -21,7 +21,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
          "train_det_6h"),
         ("diffusion", "train the conditional EDM diffusion baseline on the 3DEST backbone",
          "Denoising score matching of a 3DEST denoiser conditioned on (X_{t-Δ}, X_t) with adaptive layer norms on the noise "
-         "level (SPEC §8, docs/diffusion.md).", "diffusion_demo"),
+         "level (docs/science.md §8, docs/diffusion.md).", "diffusion_demo"),
     )
     for name, summary, what, example in from_config:
         command = commands.add_parser(

@@ -1,6 +1,6 @@
 """Data layer: read WB2/ERA5-layout files, normalise, convert to tensors, and serve training samples.
 
-* :func:`open_dataset` — any WB2/ERA5 zarr or netCDF → lazy canonical Dataset (SPEC §1);
+* :func:`open_dataset` — any WB2/ERA5 zarr or netCDF → lazy canonical Dataset (docs/science.md §1);
   :func:`check_finite` — NaN/inf scan, one lazy pass.
 * :class:`NormStats`, :func:`compute_stats`, :func:`load_or_compute_stats` — latitude-weighted
   mean/std per variable and level over the training period, cached with a key.

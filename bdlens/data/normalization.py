@@ -1,4 +1,4 @@
-"""Normalisation statistics: one mean and one std per 2-D field (variable × level), SPEC §1.
+"""Normalisation statistics: one mean and one std per 2-D field (variable × level), docs/science.md §1.
 
 The statistics are **latitude-weighted** with the cell-area weights of :func:`bdlens.grid.lat_weights`:
 they describe the global area average, so the pole rows of grids that include the poles (240×121,

@@ -1,4 +1,4 @@
-"""Open WeatherBench2 / ERA5-layout files and return them in the canonical bdlens layout (SPEC §1).
+"""Open WeatherBench2 / ERA5-layout files and return them in the canonical bdlens layout (docs/science.md §1).
 
 Canonical layout: dims named ``time``, ``level``, ``latitude``, ``longitude`` (and ``number``,
 ``prediction_timedelta`` for forecasts), latitude **ascending** (south → north), longitude in

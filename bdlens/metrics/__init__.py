@@ -1,4 +1,4 @@
-"""Ensemble verification metrics (SPEC §7): xarray in, xarray out, lazy on dask, member dim ``number``.
+"""Ensemble verification metrics (docs/science.md §7): xarray in, xarray out, lazy on dask, member dim ``number``.
 
 Every metric averages over explicit ``dims`` (default time, latitude, longitude, the latitude
 average weighted by cell area) and states the reduction in ``attrs["reduced_over"]``; see

@@ -1,4 +1,4 @@
-"""Ensemble CRPS, fair (default, WB2) and standard (empirical CDF), in O(M log M) (SPEC §7).
+"""Ensemble CRPS, fair (default, WB2) and standard (empirical CDF), in O(M log M) (docs/science.md §7).
 
 With the members sorted, x_(1) ≤ … ≤ x_(M), the pairwise term is
 Σ_{i,j}|x_i − x_j| = 2 Σ_i (2i − M − 1) x_(i), so

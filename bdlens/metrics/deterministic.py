@@ -1,4 +1,4 @@
-"""Ensemble-mean RMSE (plain and debiased) and the anomaly correlation coefficient (SPEC §7)."""
+"""Ensemble-mean RMSE (plain and debiased) and the anomaly correlation coefficient (docs/science.md §7)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Spread, spread-skill, rank histograms, Brier scores with reliability data and the energy score (SPEC §7).
+"""Spread, spread-skill, rank histograms, Brier scores with reliability data and the energy score (docs/science.md §7).
 
 These functions take DataArrays. NaN policy as in :mod:`bdlens.metrics.weighting`: a point where the
 truth or any member is NaN is NaN (or, for the histograms, left out), and reductions skip it.

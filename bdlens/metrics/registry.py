@@ -7,8 +7,8 @@ adding one entry to :data:`METRICS`; the evaluation engine, the CSV tables and t
 
 Kinds: ``score`` (a value per lead and level after averaging over init time and area; an extra
 ``quantile`` dim is flattened to one score per quantile, e.g. ``brier_q0.9``), ``diagnostic``
-(extra dims such as ``rank``, kept as arrays) and ``check`` (the theorem checks of SPEC §6, computed
-by the report; ``bdlens evaluate`` leaves them out unless asked). Conventions: SPEC §7 and
+(extra dims such as ``rank``, kept as arrays) and ``check`` (the theorem checks of docs/science.md §6, computed
+by the report; ``bdlens evaluate`` leaves them out unless asked). Conventions: docs/science.md §7 and
 ``docs/science.md``; the reductions are those of :mod:`bdlens.metrics.weighting`.
 """
 
@@ -141,7 +141,7 @@ def aleatoric_variance(x: Inputs) -> xr.DataArray:
 
 
 def mixture_crps_gap(x: Inputs) -> xr.DataArray:
-    """mean_k CRPS(sub-ensemble k) − CRPS(all members), standard CRPS; ≥ 0 by convexity (SPEC §6.3)."""
+    """mean_k CRPS(sub-ensemble k) − CRPS(all members), standard CRPS; ≥ 0 by convexity (docs/science.md §6.3)."""
     return mixture_crps_check(x.forecast, x.truth, x.member_dim, x.dims)["gap"]
 
 
@@ -161,17 +161,17 @@ def spectrum(x: Inputs) -> xr.Dataset:
 
 
 def total_variance(x: Inputs) -> xr.Dataset:
-    """|Var(all) − Var_k(group means) − mean_k Var(draws)| / Var(all), population moments (SPEC §6.1); rounding level."""
+    """|Var(all) − Var_k(group means) − mean_k Var(draws)| / Var(all), population moments (docs/science.md §6.1); rounding level."""
     return total_variance_check(x.forecast, x.member_dim, x.dims)
 
 
 def mixture_crps(x: Inputs) -> xr.Dataset:
-    """CRPS(mixture) and mean_k CRPS(sub-ensemble k), standard CRPS; gap = difference ≥ 0 (SPEC §6.3)."""
+    """CRPS(mixture) and mean_k CRPS(sub-ensemble k), standard CRPS; gap = difference ≥ 0 (docs/science.md §6.3)."""
     return mixture_crps_check(x.forecast, x.truth, x.member_dim, x.dims)
 
 
 def calibration(x: Inputs) -> xr.Dataset:
-    """ratio = mean (x̄ − y)² / ((M + 1)/M · mean s²), 1 for a calibrated ensemble (SPEC §6.4)."""
+    """ratio = mean (x̄ − y)² / ((M + 1)/M · mean s²), 1 for a calibrated ensemble (docs/science.md §6.4)."""
     return calibration_check(x.forecast, x.truth, x.member_dim, x.dims)
 
 
@@ -214,9 +214,9 @@ METRICS: Mapping[str, Metric] = MappingProxyType(
             Metric("rank_histogram", rank, "rank histogram, M+1 bins, cell-area weighted frequencies", "diagnostic", min_members=1),
             Metric("reliability", reliability_diagram, "reliability diagram of value > climatological quantile", "diagnostic", min_members=1, needs=("thresholds",)),
             Metric("spectrum", spectrum, "zonal power spectrum of the members (mean) and of the truth", "diagnostic", min_members=1),
-            Metric("total_variance", total_variance, "law of total variance on the members (SPEC 6.1)", "check", min_members=4, needs_design=True),
-            Metric("mixture_crps", mixture_crps, "mixture CRPS vs mean per-weight-sample CRPS (SPEC 6.3)", "check", min_members=4, needs_design=True),
-            Metric("calibration", calibration, "calibration identity E[(mean - y)^2] = (M+1)/M E[s^2] (SPEC 6.4)", "check"),
+            Metric("total_variance", total_variance, "law of total variance on the members (docs/science.md §6.1)", "check", min_members=4, needs_design=True),
+            Metric("mixture_crps", mixture_crps, "mixture CRPS vs mean per-weight-sample CRPS (docs/science.md §6.3)", "check", min_members=4, needs_design=True),
+            Metric("calibration", calibration, "calibration identity E[(mean - y)^2] = (M+1)/M E[s^2] (docs/science.md §6.4)", "check"),
         )
     }
 )

@@ -1,4 +1,4 @@
-"""Zonal power spectra of ensemble members and of the truth (SPEC §7).
+"""Zonal power spectra of ensemble members and of the truth (docs/science.md §7).
 
 Members that are too smooth (lost small-scale power, as blurry ensemble means or under-dispersive
 generative models show) are visible as a spectrum that falls below the truth's at high wavenumbers.

@@ -1,4 +1,4 @@
-"""Latitude weights and the explicit reductions every metric shares (SPEC §1, §7).
+"""Latitude weights and the explicit reductions every metric shares (docs/science.md §1, §7).
 
 Reduction policy, common to all metrics: ``dims`` names the dimensions averaged over. ``None`` means
 the default ``("time", "latitude", "longitude")`` restricted to those present; an explicit sequence

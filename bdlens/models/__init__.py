@@ -1,4 +1,4 @@
-"""The 3D Earth-Specific Transformer backbone (SPEC §3), its loss and hierarchical temporal aggregation."""
+"""The 3D Earth-Specific Transformer backbone (docs/science.md §3), its loss and hierarchical temporal aggregation."""
 
 from bdlens.models.config import ModelConfig
 from bdlens.models.lead_time import Call, greedy_schedule, plan_rollout, rollout

@@ -1,4 +1,4 @@
-"""3D window attention with the Earth-specific positional bias and the shifted-window mask (SPEC §3).
+"""3D window attention with the Earth-specific positional bias and the shifted-window mask (docs/science.md §3).
 
 Windows are (wz, wh, ww) tokens in (pressure, latitude, longitude). After partitioning, a token
 tensor becomes ``(B · nW, nTypes, N, C)``: longitude windows go into the batch axis (they share one

@@ -1,4 +1,4 @@
-"""Configuration of the 3D Earth-Specific Transformer (SPEC §3), validated with pydantic.
+"""Configuration of the 3D Earth-Specific Transformer (docs/science.md §3), validated with pydantic.
 
 A configuration fixes the variables, levels and grid the network sees, the number of input times,
 and every size of the backbone (channels, depths, heads, window, patch). :meth:`ModelConfig.from_yaml`
@@ -27,7 +27,7 @@ class ModelConfig(BaseModel):
     ``patch`` are (pressure, latitude, longitude) sizes in tokens and grid points. ``residual`` makes
     the network predict the increment X_{t+Δ} − X_t (original Pangu-Weather: false).
 
-    ``convention`` fixes how tokens are laid out inside the network (SPEC §3): ``"pangu"`` (the
+    ``convention`` fixes how tokens are laid out inside the network (docs/science.md §3): ``"pangu"`` (the
     default) feeds the levels from the ground up (1000 → 50 hPa), so the surface token shares its
     vertical window with the near-surface levels, and rolls shifted windows by +half a window, as
     Pangu-Weather's pseudocode does; ``"legacy"`` is the convention of checkpoints written before this

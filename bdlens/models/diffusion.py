@@ -1,4 +1,4 @@
-"""Conditional EDM diffusion on the 3DEST backbone (SPEC §8; Karras et al. 2022, GenCast-style; docs/diffusion.md).
+"""Conditional EDM diffusion on the 3DEST backbone (docs/science.md §8; Karras et al. 2022, GenCast-style; docs/diffusion.md).
 
 **Target.** The residual X_{t+Δ} − X_t in *residual units*: minus the mean and over the std of the
 tendency over the training period per variable and level (:class:`ResidualScaling`), so σ_data = 1.

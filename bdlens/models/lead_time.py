@@ -1,4 +1,4 @@
-"""Hierarchical temporal aggregation (SPEC §3): compose models of several step lengths for any lead.
+"""Hierarchical temporal aggregation (docs/science.md §3): compose models of several step lengths for any lead.
 
 **Greedy schedule.** With models for steps Δ ∈ S (hours, e.g. {1, 3, 6, 24}), lead T is reached by
 as many calls of the largest step as fit, then of the next one, and so on:

@@ -1,4 +1,4 @@
-"""The Pangu-Weather training loss (SPEC §3): latitude- and variable-weighted L1 on normalised fields.
+"""The Pangu-Weather training loss (docs/science.md §3): latitude- and variable-weighted L1 on normalised fields.
 
 loss = mean_{b,v,z,h,w}(w_v · w_lat(h) · |ŷ − y|)_upper
        + surface_factor · mean_{b,v,h,w}(w_v · w_lat(h) · |ŷ − y|)_surface

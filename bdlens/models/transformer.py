@@ -1,4 +1,4 @@
-"""The 3D Earth-Specific Transformer (3DEST), the Pangu-Weather backbone (SPEC §3).
+"""The 3D Earth-Specific Transformer (3DEST), the Pangu-Weather backbone (docs/science.md §3).
 
 Inputs, normalised per variable and level:
   upper   (B, T_in, V_u, Z, H, W)   the T_in input times, oldest first (X_{t−Δ}, X_t)

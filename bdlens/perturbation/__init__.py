@@ -1,4 +1,4 @@
-"""Aleatoric perturbations (SPEC §5): random patterns on the sphere (:mod:`.patterns`), SPPT on the
+"""Aleatoric perturbations (docs/science.md §5): random patterns on the sphere (:mod:`.patterns`), SPPT on the
 network's tendency with physical constraints (:mod:`.sppt`), initial-condition perturbations
 (:mod:`.initial`), the learned CRPS-trained perturbation network (:mod:`.learned`, ``bdlens train
 perturb``) and amplitude calibration (:mod:`.calibrate`, ``bdlens calibrate``)."""

@@ -1,4 +1,4 @@
-"""Calibration of the perturbation amplitude and the posterior temperature (SPEC §5).
+"""Calibration of the perturbation amplitude and the posterior temperature (docs/science.md §5).
 
 Two knobs scale the ensemble spread at forecast time:
 * the **amplitude** a: a multiplier on the learned network's σ (X_t' = X_t + μ + a·σ ε), or on the

@@ -1,4 +1,4 @@
-"""Initial-condition perturbations for baseline ensembles (SPEC §5): white Gaussian noise, spherical
+"""Initial-condition perturbations for baseline ensembles (docs/science.md §5): white Gaussian noise, spherical
 Gaussian random fields and bred vectors.
 
 All return *perturbations* δ (add them, or ± pairs, to the analysis) on physical fields: upper air

@@ -1,4 +1,4 @@
-"""Learned flow-dependent perturbation network, trained with fair CRPS (SPEC §5).
+"""Learned flow-dependent perturbation network, trained with fair CRPS (docs/science.md §5).
 
 A small 3DEST (:class:`PerturbationNetwork`, its own :class:`~bdlens.models.ModelConfig` on the
 backbone's variables, levels and grid) maps the latest input state(s) to a mean μ and a standard

@@ -1,4 +1,4 @@
-"""Random patterns on the sphere: Gaussian fields from spherical-harmonic coefficients (SPEC §5).
+"""Random patterns on the sphere: Gaussian fields from spherical-harmonic coefficients (docs/science.md §5).
 
 One *scale* is a Gaussian random field with grid-point standard deviation σ, correlation length L
 and e-folding time τ. Its real orthonormal spherical-harmonic coefficients r̂_nm have variance
@@ -83,7 +83,7 @@ class PatternScale:
         return 0.5 * (self.length_km * 1e3 / EARTH_RADIUS_M) ** 2
 
 
-# ECMWF's three SPPT scales (SPEC §5).
+# ECMWF's three SPPT scales (docs/science.md §5).
 SPPT_SCALES: tuple[PatternScale, ...] = (
     PatternScale(0.52, 6.0, 500.0),
     PatternScale(0.18, 72.0, 1000.0),

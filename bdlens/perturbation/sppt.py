@@ -1,4 +1,4 @@
-"""Flow-dependent SPPT applied to the network's tendency, with physical constraints (SPEC §5).
+"""Flow-dependent SPPT applied to the network's tendency, with physical constraints (docs/science.md §5).
 
 With the network increment Δ = f_θ(X) − X_t, the perturbed step is
 

@@ -226,7 +226,7 @@ def score(systems: Sequence[System], truth: xr.Dataset, fields: Sequence[Field],
 
 
 def _checks(system: System, field: Field, scored: xr.Dataset) -> dict[str, str]:
-    """The SPEC §6 theorem checks of one system and field, over all leads: a value and a verdict per check."""
+    """The docs/science.md §6 theorem checks of one system and field, over all leads: a value and a verdict per check."""
     v = field.variable
 
     def series(name: str) -> np.ndarray:

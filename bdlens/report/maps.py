@@ -1,7 +1,7 @@
 """Uncertainty maps of an ensemble forecast and the matplotlib panel that shows them.
 
 :func:`uncertainty_maps` splits the member spread at every point with the one-way random-effects
-ANOVA of :func:`bdlens.uncertainty.decompose` (SPEC §6.2, ``docs/reports.md``): aleatoric
+ANOVA of :func:`bdlens.uncertainty.decompose` (docs/science.md §6.2, ``docs/reports.md``): aleatoric
 Â = mean_k s_k², epistemic Ê = s²(group means) − Â/J. Standard deviations need a non-negative
 variance, so the maps clip Ê at 0 (and say so in the attributes) and define the total as
 max(Ê, 0) + Â: then epistemic² + aleatoric² = total² at every point exactly, and where Ê ≥ 0 the

@@ -112,7 +112,7 @@ def validate(model: torch.nn.Module, setup: Setup, n_samples: int, batch_size: i
 
 
 class DeterministicObjective(Objective):
-    """The weighted L1 loss of one step Δ, AdamW with warm-up and cosine decay (SPEC §3)."""
+    """The weighted L1 loss of one step Δ, AdamW with warm-up and cosine decay (docs/science.md §3)."""
 
     description = "train deterministic"
 

@@ -1,4 +1,4 @@
-"""``bdlens train diffusion``: the conditional EDM baseline on the 3DEST backbone (SPEC §8), on the one loop.
+"""``bdlens train diffusion``: the conditional EDM baseline on the 3DEST backbone (docs/science.md §8), on the one loop.
 
 Each optimiser step takes the step's seeded batch of ((X_{t−Δ}, X_t), X_{t+Δ}) samples (inputs from
 the analysis with ``analysis_input_probability``, as for the deterministic model), turns the target

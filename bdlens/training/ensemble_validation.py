@@ -38,7 +38,7 @@ class ValidationSettings(BaseModel):
 def fair_crps(ensemble: Tensor, truth: Tensor) -> Tensor:
     """Pointwise fair CRPS with the members on dim 0: ensemble (M, ...), truth (...) → (...), M ≥ 2.
 
-    mean_i|x_i − y| − Σ_i (2i − M − 1) x_(i) / (M(M − 1)) with the members sorted (SPEC §7), the
+    mean_i|x_i − y| − Σ_i (2i − M − 1) x_(i) / (M(M − 1)) with the members sorted (docs/science.md §7), the
     same estimator as :func:`bdlens.metrics.crps`; differentiable (through ``torch.sort``'s values).
     """
     m = ensemble.shape[0]

@@ -1,9 +1,9 @@
-"""Training the learned perturbation network with fair CRPS (SPEC §5; the network: :mod:`bdlens.perturbation.learned`).
+"""Training the learned perturbation network with fair CRPS (docs/science.md §5; the network: :mod:`bdlens.perturbation.learned`).
 
 The backbone and the posterior are frozen; each training sample rolls out M members (weights
 ``sample_weights(bayes, M, seed_t)`` with a fresh seed per optimiser step, held fixed over the
 rollout) for n steps, and the loss is the fair CRPS (:func:`fair_crps`) of the M members against the
-truth at every lead 1..n, latitude- and variable-weighted like the backbone's L1 loss (SPEC §3: with
+truth at every lead 1..n, latitude- and variable-weighted like the backbone's L1 loss (docs/science.md §3: with
 one member the fair-CRPS kernel becomes |x − y|), averaged over the leads. Gradients flow through the
 frozen backbone into the perturbation network only. The rollout length n follows an autoregressive
 curriculum (:func:`curriculum_rollout`): 1 step for the first ``steps_per_stage`` optimiser steps,

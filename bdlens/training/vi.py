@@ -1,4 +1,4 @@
-"""Variational post-training of a Bayesian 3DEST with pyro's SVI (SPEC §4).
+"""Variational post-training of a Bayesian 3DEST with pyro's SVI (docs/science.md §4).
 
 The loop is pyro's ``SVI`` with ``TraceMeanField_ELBO`` (closed-form KL) and ``pyro.optim.Adam``
 (separate learning rates for μ and ρ). benchmarks/bench_bayes.py measures pyro's per-step overhead

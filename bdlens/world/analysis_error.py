@@ -1,4 +1,4 @@
-"""The analysis-error model of the demo world (SPEC §2).
+"""The analysis-error model of the demo world (docs/science.md §2).
 
 An analysis is the truth plus an error δ drawn from a balanced, spatially correlated Gaussian model
 defined in the dynamical core's spectral space:

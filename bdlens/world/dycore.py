@@ -18,7 +18,7 @@ import numpy as np
 
 from bdlens.world.config import WorldConfig
 
-# 64×32 equiangular output (WB2 5.625°): fixed by SPEC §1 for the demo world.
+# 64×32 equiangular output (WB2 5.625°): fixed by docs/science.md §1 for the demo world.
 OUTPUT_NLON, OUTPUT_NLAT = 64, 32
 STATE_FIELDS = ("vorticity", "divergence", "temperature_variation", "log_surface_pressure")
 

@@ -1,4 +1,4 @@
-"""``bdlens world ensemble``: the perfect-model physics ensemble (SPEC §2).
+"""``bdlens world ensemble``: the perfect-model physics ensemble (docs/science.md §2).
 
 Member j of the forecast from init time t_i restarts the dynamical core from the analysis state
 (truth + δ_analysis(i)) perturbed once more with an independent draw δ_ens(i, j) of the *same*
