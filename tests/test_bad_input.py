@@ -446,7 +446,7 @@ def test_times_in_messages_are_iso_to_the_minute(tmp_path: Path, capsys) -> None
 def test_an_interrupted_run_says_how_to_resume(tiny_setup: Path, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
     from interrupt import stop_after_saving
 
-    import bdlens.training.deterministic as det
+    import bdlens.training.loop as det
 
     stop_after_saving(monkeypatch, det, 2)
     capsys.readouterr()

@@ -187,7 +187,7 @@ def test_member_i_does_not_depend_on_the_batch(trained: Path, tiny_setup: Path) 
     four, alone, again, other = run((0, 1, 2, 3)), run((2,)), run((2,)), run((2,), init_key=101)
     for lead in (6, 12):
         for a, b, c in zip(four[lead], alone[lead], again[lead], strict=True):
-            torch.testing.assert_close(a[2], b[0], rtol=1e-5, atol=1e-3)  # physical units; the batched matmuls round differently
+            torch.testing.assert_close(a[2], b[0], rtol=1e-5, atol=1e-2)  # physical units (1e-2 m/s, K, Pa): batched matmuls round differently
             torch.testing.assert_close(c, b, rtol=0, atol=0)
         assert not torch.allclose(four[lead].upper[0], four[lead].upper[1])  # members differ
         assert not torch.allclose(other[lead].upper, alone[lead].upper)  # and so do forecasts from other inits

@@ -77,7 +77,7 @@ def test_persistence_reference_repeats_the_analysis(forecaster, analysis):
     ds = forecaster.ensemble(init=[INIT], members=1, lead="48h", model="persistence", data=analysis)
     start = analysis.sel(time=INIT)
     for lead in ds.prediction_timedelta.values:
-        np.testing.assert_array_equal(ds.temperature.sel(prediction_timedelta=lead).isel(number=0).values, start.temperature.values)
+        np.testing.assert_array_equal(ds.temperature.sel(prediction_timedelta=lead).isel(number=0, time=0).values, start.temperature.values)
     assert ds.attrs["network_evaluations_per_member_step"] == 0
     with pytest.raises(BdlensError, match="takes no --weights"):
         forecaster.ensemble(init=[INIT], members=2, weights=2, model="persistence", data=analysis)
@@ -95,11 +95,11 @@ def test_stored_decomposition_equals_the_one_from_the_members(forecaster, analys
     import bdlens
 
     maps = bdlens.uncertainty_maps(xr.open_zarr(tmp_path / "fc.zarr"), variables=["geopotential"], levels=[500]).compute()
-    e, a, t = (maps[f"geopotential_{q}_std"].values for q in ("epistemic", "aleatoric", "total"))
+    e, a, t = (maps[f"geopotential_{q}_std"].sel(level=500).values for q in ("epistemic", "aleatoric", "total"))
     np.testing.assert_allclose(e**2 + a**2, t**2, rtol=1e-6)
     total = stored["geopotential_total_variance"].sel(level=500).values
     clipped = np.maximum(stored["geopotential_epistemic_variance"].sel(level=500).values, 0) + stored["geopotential_aleatoric_variance"].sel(level=500).values
-    np.testing.assert_allclose(t**2, clipped, rtol=2e-4, atol=1e-3)
+    np.testing.assert_allclose(t**2, clipped, rtol=1e-3, atol=0.1)  # float64 maps vs the float32 store (cancellation in Ê)
     assert np.all(clipped >= total - 1e-3)
     assert ds.attrs["network_evaluations_per_member_step"] == 1.0
     assert ds.attrs["wall_seconds_per_member_step"] > 0

@@ -41,7 +41,8 @@ def _truth() -> xr.Dataset:
 
 
 def _store(ds: xr.Dataset, path: Path) -> str:
-    ds.to_zarr(path, mode="w", consolidated=False)
+    # Every chunk on disk, NaN ones too: a store with missing chunks is refused as incomplete.
+    ds.to_zarr(path, mode="w", consolidated=False, write_empty_chunks=True)
     return str(path)
 
 

@@ -78,15 +78,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run the ensemble and print the per-lead summary."""
-    import torch
 
+    from bdlens.cli.options import set_threads
     from bdlens.ensemble.engine import Forecaster
     from bdlens.ensemble.summary import summary_table
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise BdlensError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     if args.members < 1:
         raise BdlensError(f"--members must be at least 1, got {args.members}")
     forecaster = Forecaster.from_pretrained(args.checkpoint, device=args.device)
@@ -114,8 +111,8 @@ def run_calibration(args: argparse.Namespace) -> int:
     import json
 
     import numpy as np
-    import torch
 
+    from bdlens.cli.options import set_threads
     from bdlens.configs import config_path
     from bdlens.data import open_dataset
     from bdlens.data.splits import load_data_config
@@ -123,10 +120,7 @@ def run_calibration(args: argparse.Namespace) -> int:
     from bdlens.training.calibration import EnsembleCalibrationConfig, calibrate_system, write_system_file
     from bdlens.world.build import build
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise BdlensError(f"--threads must be at least 1, got {args.threads}")
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     config = EnsembleCalibrationConfig.from_yaml(config_path(args.config))
     if (args.out / "ensemble.json").exists() and not args.overwrite:
         raise BdlensError(f"{args.out / 'ensemble.json'} exists; pass --overwrite to replace it or choose another --out")

@@ -91,9 +91,11 @@ def _from_config(args: argparse.Namespace) -> int:
     return 0
 
 def _vi(args: argparse.Namespace) -> int:
-    import torch
 
     from bdlens.bayes.posterior import from_deterministic
+    from bdlens.checkpoint import checkpoint_hash
+    from bdlens.cli.options import set_threads
+    from bdlens.cli.perturb import _world_path
     from bdlens.configs import config_path, portable_path
     from bdlens.data import analysis_dataset, analysis_path, checkpoint_datasets
     from bdlens.models.pretrained import load_trained
@@ -101,13 +103,12 @@ def _vi(args: argparse.Namespace) -> int:
     from bdlens.training.run import CHECKPOINT, check_run_dir
     from bdlens.training.vi import VIConfig, train_vi
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_threads(args.threads)
     config_file = config_path(args.config)
     config = VIConfig.from_yaml(config_file)
     trained = load_trained(args.source)
     dist_info = Distributed.from_env()
-    check_run_dir(args.out, args.resume, args.overwrite, dist_info.main)
+    check_run_dir(args.out, args.resume, args.overwrite, dist_info.main, [args.source, args.analysis, config_file, _world_path(args.world)])
     sets, data_config, data_path = checkpoint_datasets(trained.manifest, args.source, args.world, ["train", "val"],
                                                        made_by="bdlens train deterministic")
     extra = {
@@ -123,7 +124,7 @@ def _vi(args: argparse.Namespace) -> int:
     train_vi(
         from_deterministic(trained.model, config.posterior), sets["train"], config, args.out, val_set=sets["val"],
         constants=sets["train"].constants, norm_stats=trained.manifest["norm_stats"], resume=args.resume,
-        manifest_extra=extra, analysis_set=analysis,
+        manifest_extra=extra, analysis_set=analysis, depends={"--from checkpoint": checkpoint_hash(args.source)},
     )
     if dist_info.main:
         print(args.out / CHECKPOINT)

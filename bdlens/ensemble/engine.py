@@ -237,8 +237,7 @@ class Forecaster:
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
         out = Path(out)
-        perturbation = self.default_perturbation() if perturbation is None else perturbation
-        if perturbation != "none" and perturbation not in SCHEMES:
+        if perturbation not in (None, "none") and perturbation not in SCHEMES:
             raise BdlensError(f"unknown --perturbation {perturbation!r}; choose one of: none, {', '.join(sorted(SCHEMES))}")
         if model not in MODELS:
             raise BdlensError(f"unknown --model {model!r}; choose one of: {', '.join(MODELS)}")
@@ -246,6 +245,7 @@ class Forecaster:
             if weights is not None or not bayes or perturbation not in (None, "none"):
                 raise BdlensError(f"--model {model} takes no --weights, --no-bayes or --perturbation; leave them out")
             bayes, perturbation = False, "none"
+        perturbation = self.default_perturbation() if perturbation is None else perturbation
         if weights is not None and not bayes:
             raise BdlensError("--weights sets the number of posterior weight samples; it cannot be combined with --no-bayes")
         k = self.default_weights(members, bayes) if weights is None else int(weights)

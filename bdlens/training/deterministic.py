@@ -206,7 +206,8 @@ def train(
     its :class:`Setup` (the diffusion baseline), default the deterministic one."""
     dist_info = Distributed.from_env()
     dist_info.check_batch(cfg.batch_size)
-    run_dir = check_run_dir(run_dir, resume, overwrite, dist_info.main)
+    inputs = [config_file, config_path(cfg.model), config_path(cfg.data), None if cfg.world in ("demo", "small") else cfg.world]
+    run_dir = check_run_dir(run_dir, resume, overwrite, dist_info.main, inputs)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
     setup = prepare(cfg)
