@@ -95,3 +95,30 @@ def test_bundled_model_claims_are_what_the_committed_scripts_wrote() -> None:
     assert f"fair CRPS {before['crps']:.5f} → {after['crps']:.5f}" in row
     assert f"corrected spread-skill {before['spread_skill']:.3f} → {after['spread_skill']:.3f}" in row
     assert calibration["provenance"]["command"].startswith("bdlens calibrate --vi bdlens/assets/models/vi_6h")
+
+
+def test_ensemble_claims_are_what_the_committed_results_say() -> None:
+    """The README's default-ensemble numbers come from evaluation/results/ensemble_skill.csv and the
+    bundled ensemble.json, rounded as printed."""
+    import json
+
+    import pandas as pd
+
+    readme = (ROOT / "README.md").read_text()
+    table = pd.read_csv(ROOT / "evaluation" / "results" / "ensemble_skill.csv")
+    z500 = table[table.field == "z500"]
+
+    def value(system: str, metric: str, hours: int) -> float:
+        return float(z500[(z500.system == system) & (z500.metric == metric) & (z500.lead_hours == hours)].value.iloc[0])
+
+    for system, label in (("hybrid", "| hybrid (posterior"), ("epistemic", "| epistemic only"), ("aleatoric", "| aleatoric only")):
+        row = next(line for line in readme.splitlines() if line.startswith(label))
+        cells = [f"{value(system, 'crps', h):.0f} / {value(system, 'spread_skill', h):.2f}" for h in (24, 72, 120, 240)]
+        assert row.split(" | ", 1)[1].rstrip(" |").split(" | ") == cells, row
+    row = next(line for line in readme.splitlines() if line.startswith("| deterministic (RMSE)"))
+    assert row.split(" | ", 1)[1].rstrip(" |").split(" | ") == [f"{value('deterministic', 'rmse', h):.0f}" for h in (24, 72, 120, 240)]
+    assert (table[table.metric == "out_of_bounds_count"].value == 0).all()
+    sppt = json.loads((ROOT / "bdlens" / "assets" / "models" / "ensemble.json").read_text())["schemes"]["sppt"]
+    assert f"SPPT amplitude {sppt['amplitude']:.2f} on every step model and posterior temperature {sppt['temperature']:g}" in " ".join(readme.split())
+    before, after = sppt["calibration"]["before"], sppt["calibration"]["after"]
+    assert f"{before['spread_skill']:.2f} → {after['spread_skill']:.2f}, CRPS in climatological-std units {before['crps']:.3f} → {after['crps']:.3f}" in " ".join(readme.split())
