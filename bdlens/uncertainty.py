@@ -24,9 +24,17 @@ from bdlens.metrics.probabilistic import mean_variance_and_mse
 from bdlens.metrics.weighting import annotate, require_members, resolve_dims, weighted_mean, whole_members
 
 
-def has_design(forecast: xr.DataArray | xr.Dataset, member_dim: Hashable = "number") -> bool:
-    """Whether the member dimension carries the ``weight_sample`` and ``perturbation_draw`` coordinates."""
+def _design_coords(forecast: xr.DataArray | xr.Dataset, member_dim: Hashable) -> bool:
     return all(name in forecast.coords and forecast[name].dims == (member_dim,) for name in (WEIGHT_SAMPLE, PERTURBATION_DRAW))
+
+
+def has_design(forecast: xr.DataArray | xr.Dataset, member_dim: Hashable = "number") -> bool:
+    """Whether the member dimension carries the ``weight_sample`` and ``perturbation_draw`` coordinates
+    of a design that can be split: at least 2 weight samples and 2 draws (an engine run with K = 1 or
+    J = 1 writes the coordinates too, but has nothing to split)."""
+    if not _design_coords(forecast, member_dim):
+        return False
+    return min(np.unique(forecast[WEIGHT_SAMPLE].values).size, np.unique(forecast[PERTURBATION_DRAW].values).size) >= 2
 
 
 def grouped(forecast: xr.DataArray, member_dim: Hashable = "number") -> xr.DataArray:
@@ -36,7 +44,7 @@ def grouped(forecast: xr.DataArray, member_dim: Hashable = "number") -> xr.DataA
     missing or the design is not a balanced K × J grid with K, J ≥ 2.
     """
     require_members(forecast, member_dim, minimum=4)
-    if not has_design(forecast, member_dim):
+    if not _design_coords(forecast, member_dim):
         raise BdlensError(
             f"forecast member dim {member_dim!r} lacks the {WEIGHT_SAMPLE!r} and {PERTURBATION_DRAW!r} coordinates "
             "needed to split epistemic from aleatoric variance (bdlens forecasts write them)"
