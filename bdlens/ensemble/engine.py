@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import re
 import shutil
 import tempfile
@@ -45,6 +44,7 @@ from bdlens.models.lead_time import greedy_schedule, plan_rollout
 from bdlens.models.pretrained import layout_of, load_trained
 from bdlens.outputs import mark_output, prepare_output
 from bdlens.progress import bar
+from bdlens.training.distributed import Distributed
 from bdlens.world.export import BUNDLED_ANALYSIS
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class Forecaster:
         data_path = BUNDLED_ANALYSIS if data is None else data
         analysis = data_path if isinstance(data_path, xr.Dataset) else open_dataset(data_path, sparse_times=True)
         init_times = parse_inits(init, analysis.time.values)
-        dist = _distributed()
+        dist = Distributed.from_env()  # joins the gloo group under torchrun
         inputs = [self.system.root] + ([] if isinstance(data_path, xr.Dataset) else [data_path])
         resuming = prepare_output(out, "forecast", overwrite=overwrite and dist.main, resume=resume, inputs=inputs) if dist.main else resume
 
@@ -306,7 +306,7 @@ class Forecaster:
             create_store(out, layout, coords, chunk, attrs)
         elif dist.main and stored_attrs(out).get("config") != request.key():
             raise BdlensError(f"{out} was started with other options; resume with the same options or start anew with --overwrite")
-        dist.barrier()
+        _barrier(dist)
         done = finished_units(out)
         units = [(i, c) for i in range(len(init_times)) for c in range(math.ceil(members / chunk))]
         mine = [u for n, u in enumerate(units) if n % dist.world_size == dist.rank and unit_name(*u) not in done]
@@ -314,10 +314,10 @@ class Forecaster:
             for i, c in mine:
                 self._run_unit(source, out, history, init_times, (i, c), range(c * chunk, min((c + 1) * chunk, members)), batch, calls, leads)
                 progress.update(1)
-        dist.barrier()
+        _barrier(dist)
         if dist.main:
             _finish(out, design, source, attrs)
-        dist.barrier()
+        _barrier(dist)
         return open_forecast(out)
 
     def _run_unit(self, source: MemberSource, out: Path, history: dict[int, Fields], init_times: np.ndarray,
@@ -433,33 +433,10 @@ def _finish(out: Path, design: Design, source: MemberSource, attrs: dict[str, An
     })
 
 
-class _Single:
-    """One process (no torchrun)."""
-
-    rank, world_size, main = 0, 1, True
-
-    def barrier(self) -> None:
-        pass
-
-
-class _Ranks:
-    """This process's place under torchrun; barriers through the gloo group."""
-
-    def __init__(self) -> None:
-        import torch.distributed as dist
-
-        if not dist.is_initialized():
-            dist.init_process_group("gloo")
-        self.rank, self.world_size = dist.get_rank(), dist.get_world_size()
-        self.main = self.rank == 0
-        self._dist = dist
-
-    def barrier(self) -> None:
-        self._dist.barrier()
-
-
-def _distributed() -> _Single | _Ranks:
-    return _Ranks() if int(os.environ.get("WORLD_SIZE", "1")) > 1 else _Single()
+def _barrier(dist: Distributed) -> None:
+    """Wait for every process of a torchrun job (nothing to wait for in a plain run)."""
+    if dist.parallel:
+        torch.distributed.barrier()
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

@@ -169,7 +169,6 @@ class PerturbedEnsemble:
         sigma_scale: float = 1.0,
         temperature: float = 1.0,
         chunk_size: int | None = None,
-        noise_seed: int | None = None,
     ) -> None:
         self.members = members_tuple(members)
         with torch.no_grad():
@@ -178,7 +177,7 @@ class PerturbedEnsemble:
                 self.ensemble.weights = tempered_weights(self.ensemble, temperature)
         self.bayes = bayes
         self.network = network
-        self.seed = int(seed if noise_seed is None else noise_seed)  # of the perturbation noise; ``seed`` draws the weights
+        self.seed = int(seed)
         self.constants = constants
         self.sigma_scale = float(sigma_scale)
         self.step_index = 0
