@@ -1,7 +1,8 @@
 """Every random stream of bdlens, derived from (seed, stream name, init key, member, step).
 
 A draw is keyed by the run's ``seed``, the ``stream`` it serves (e.g. ``"posterior-weights"``,
-``"sppt"``, ``"learned-perturbation"``, ``"initial-condition"``), the forecast's *init key* (its init
+``"sppt"``, ``"learned-perturbation"``, ``"initial-condition"``; in training ``"sample-order"``,
+``"analysis-inputs"``, ``"perturbation-training"``), the forecast's *init key* (its init
 time in whole hours since 1970, :func:`init_key`), the ensemble member and the step (for rollouts:
 the lead in hours of the state being produced). The key goes through :class:`numpy.random.SeedSequence`
 (a well-mixed hash: neighbouring keys give independent streams) into a CPU ``torch.Generator``, so

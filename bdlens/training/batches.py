@@ -15,6 +15,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset, default_collate
 
+from bdlens import streams
 from bdlens.data import Fields
 from bdlens.errors import BdlensError
 from bdlens.grid import GRIDS
@@ -43,8 +44,9 @@ def collate(
 
 def analysis_choice(seed: int, step: int, rank: int, batch: int, input_times: int, probability: float) -> torch.Tensor:
     """Which input times of this rank's batch at ``step`` come from the analysis: boolean (batch, input_times),
-    each true with ``probability``, from a generator of (seed, step, rank) alone (so resuming replays it)."""
-    draw = torch.Generator().manual_seed(seed * 7_919 + step * 104_729 + rank)
+    each true with ``probability``, from the stream (seed, "analysis-inputs", rank, step) of
+    :mod:`bdlens.streams` alone (so resuming replays it)."""
+    draw = streams.generator(seed, "analysis-inputs", member=rank, step=step)
     return torch.rand(batch, input_times, generator=draw) < probability
 
 

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from bdlens import streams
 from bdlens.errors import BdlensError
 
 
@@ -60,7 +61,7 @@ def batch_indices(step: int, n_samples: int, batch_size: int, seed: int, dist_in
     if per_epoch == 0:
         raise BdlensError(f"batch_size {batch_size} exceeds the {n_samples} training samples; lower batch_size")
     epoch, position = divmod(step, per_epoch)
-    order = torch.randperm(n_samples, generator=torch.Generator().manual_seed(seed * 1_000_003 + epoch))
+    order = torch.randperm(n_samples, generator=streams.generator(seed, "sample-order", step=epoch))
     batch = order[position * batch_size : (position + 1) * batch_size]
     return batch[dist_info.rank :: dist_info.world_size].tolist()
 

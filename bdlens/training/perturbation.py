@@ -19,12 +19,12 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from bdlens import streams
 from bdlens.bayes.posterior import BayesianTransformer
 from bdlens.configs import YamlConfig
 from bdlens.errors import BdlensError
@@ -107,8 +107,9 @@ def curriculum_rollout(step: int, settings: CurriculumSettings) -> int:
 
 
 def step_seed(seed: int, step: int) -> int:
-    """The seed of optimiser step ``step``'s weight samples and noise (a 31-bit value from (seed, step))."""
-    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step)]).generate_state(1)[0] & 0x7FFFFFFF)
+    """The seed of optimiser step ``step``'s weight samples and noise: a 31-bit draw of the stream
+    (seed, "perturbation-training", step) of :mod:`bdlens.streams`."""
+    return int(torch.randint(2**31 - 1, (), generator=streams.generator(seed, "perturbation-training", step=step)))
 
 
 def rollout_loss(
