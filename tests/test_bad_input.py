@@ -130,21 +130,18 @@ def test_resumed_perturbation_run_keeps_files_it_did_not_write(world: dict, tmp_
     assert snapshot(tmp_path / "run" / "checkpoint" / "calibration.json", tmp_path / "run" / "notes.md") == kept
 
 
-def test_calibrate_writes_only_under_out(world: dict, tmp_path: Path, capsys, monkeypatch: pytest.MonkeyPatch) -> None:  # noqa: F811
-    cal = {"members": 2, "leads": [1], "max_forecasts": 1, "batch_size": 1, "temperature": {"tune": True, "values": [1.0, 2.0]}}
-    (tmp_path / "cal.yaml").write_text(json.dumps(cal))
-    before = snapshot(world["vi"])
-    common = ["calibrate", "--vi", str(world["vi"]), "--config", str(tmp_path / "cal.yaml")]
-    assert main(["-q", *common, "--out", str(tmp_path / "cal")]) == 0
-    assert sorted(p.name for p in (tmp_path / "cal").iterdir()) == sorted([MARKER, "calibration.json"])
-    assert snapshot(world["vi"]) == before  # nothing beside the input checkpoint
-    refused(capsys, [*common, "--out", str(world["vi"]), "--overwrite"], "also an input")
-    monkeypatch.setattr(checkpoint, "BUNDLED_DIR", world["vi"].parent)  # as if the posterior were bundled in the package
-    import bdlens
+def test_calibrate_refuses_an_input_or_a_foreign_folder_as_out(tmp_path: Path, capsys) -> None:
+    """`bdlens calibrate` checks --out before loading anything: never the system it calibrates (its
+    ensemble.json is an input), never a folder bdlens did not write."""
+    from bdlens.checkpoint import BUNDLED_DIR
 
-    monkeypatch.setattr(bdlens, "__file__", str(world["vi"].parent / "__init__.py"))
-    refused(capsys, [*common, "--out", str(tmp_path / "cal2"), "--beside-checkpoint"], "inside the installed bdlens package")
-    assert snapshot(world["vi"]) == before and not (tmp_path / "cal2").exists()
+    before = snapshot(BUNDLED_DIR / "ensemble.json")
+    refused(capsys, ["calibrate", "--perturbation", "sppt", "--out", str(BUNDLED_DIR), "--overwrite"], "also an input")
+    assert snapshot(BUNDLED_DIR / "ensemble.json") == before
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.md").write_text("mine")
+    refused(capsys, ["calibrate", "--perturbation", "sppt", "--out", str(tmp_path / "mine"), "--overwrite"], "notes.md")
+    assert (tmp_path / "mine" / "notes.md").read_text() == "mine"
 
 
 def test_a_killed_run_leaves_a_partial_that_the_next_run_removes(tmp_path: Path) -> None:
@@ -356,7 +353,7 @@ def test_duplicate_init_times_and_non_positive_counts_are_refused(tmp_path: Path
     with pytest.raises(BdlensError, match="2000-01-02T00 given more than once"):
         _init_indices(times, times[::4], ["2000-01-02T00", "2000-01-03T00", "2000-01-02"])
     refused(capsys, ["train", "vi", "--from", "x", "--config", "c", "--out", "o", "--threads", "0"], "--threads must be at least 1 (got 0)")
-    refused(capsys, ["calibrate", "--vi", "x", "--config", "c", "--out", str(tmp_path / "o"), "--threads", "-2"], "--threads must be at least 1")
+    refused(capsys, ["calibrate", "--perturbation", "sppt", "--out", str(tmp_path / "o"), "--threads", "-2"], "--threads must be at least 1")
     assert not (tmp_path / "o").exists()
 
 

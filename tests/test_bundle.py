@@ -36,7 +36,7 @@ def test_posterior_bundle_names_the_deterministic_bundle_that_holds_its_prior_me
     assert any(k.startswith("prior_mean.") for k in load_file(alone / POSTERIOR_WEIGHTS))
 
     old = training_bundle.bundle(tmp_path / "vi", "vi_tiny")
-    (old / "calibration.json").write_text("{}")  # a companion file of the old bundle
+    (old / "extra.safetensors").write_text("")  # a file of the bundle layout that the new bundle does not have
     training_bundle.bundle(det, "det_tiny")
     with pytest.raises(BdlensError, match="--overwrite"):
         training_bundle.bundle(tmp_path / "vi", "vi_tiny")
@@ -47,7 +47,7 @@ def test_posterior_bundle_names_the_deterministic_bundle_that_holds_its_prior_me
     shared = training_bundle.bundle(tmp_path / "vi", "vi_tiny", overwrite=True)
     assert not any(k.startswith("prior_mean.") for k in load_file(shared / POSTERIOR_WEIGHTS))
     assert (shared / POSTERIOR_WEIGHTS).stat().st_size < 0.6 * (alone / POSTERIOR_WEIGHTS).stat().st_size
-    assert not (shared / "calibration.json").exists()  # a replaced bundle is replaced whole
+    assert not (shared / "extra.safetensors").exists()  # a replaced bundle is replaced whole
     assert sorted(p.name for p in (tmp_path / "assets").iterdir()) == ["det_tiny", "vi_alone", "vi_tiny"]  # no partial left
     loaded, manifest = load_posterior(shared)
     assert manifest["posterior"]["prior_mean_bundle"] == "det_tiny"

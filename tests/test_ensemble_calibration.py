@@ -4,15 +4,69 @@ ensemble, the system file it writes is what the engine then uses for every step 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import xarray as xr
 
 from bdlens.checkpoint import BUNDLED_DIR
+from bdlens.cli import main
 from bdlens.ensemble import Forecaster
-from bdlens.training.calibration import EnsembleCalibrationConfig, calibrate_system, ensemble_scores, write_system_file
+from bdlens.errors import BdlensError
+from bdlens.training.calibration import (
+    EnsembleCalibrationConfig,
+    calibrate,
+    calibrate_system,
+    ensemble_scores,
+    objective,
+    write_system_file,
+)
+from bdlens.training.ensemble_validation import fair_crps
+
+
+def toy(true_spread: float, base_spread: float = 1.0, n: int = 20000, k: int = 8):
+    """evaluate(a, T) for members m + a·T·base_spread·ε against truth m + true_spread·η (fixed draws)."""
+    g = torch.Generator().manual_seed(0)
+    mean = torch.randn(n, generator=g, dtype=torch.float64)
+    truth = mean + true_spread * torch.randn(n, generator=g, dtype=torch.float64)
+    eps = torch.randn(k, n, generator=g, dtype=torch.float64)
+
+    def evaluate(a: float, t: float) -> dict:
+        ens = mean + a * t * base_spread * eps
+        variance, mse = ens.var(0, correction=1).mean(), (ens.mean(0) - truth).square().mean()
+        return {"crps": float(fair_crps(ens, truth).mean()), "spread_skill": math.sqrt(variance / mse * (k + 1) / k)}
+
+    return evaluate
+
+
+@pytest.mark.parametrize("true_spread", [0.3, 2.0])
+def test_calibration_recovers_a_known_spread(true_spread: float) -> None:
+    config = EnsembleCalibrationConfig(amplitude={"low": 0.05, "high": 10.0, "xatol": 0.005})
+    result = calibrate(toy(true_spread), config)
+    assert result["amplitude"] == pytest.approx(true_spread, rel=0.04)
+    assert result["temperature"] == 1.0 and result["after"]["spread_skill"] == pytest.approx(1.0, abs=0.04)
+    assert result["after"]["crps"] < result["before"]["crps"]
+    assert result["after"]["objective"] == objective(result["after"]["crps"], result["after"]["spread_skill"], 1.0)
+    assert len(result["history"]) <= 1 + config.amplitude.max_evaluations
+
+
+def test_temperature_only_calibration_picks_the_grid_value_that_fits() -> None:
+    config = EnsembleCalibrationConfig(temperature={"tune": True, "values": [1.0, 2.0, 4.0, 8.0]})
+    result = calibrate(toy(2.0, base_spread=0.5), config, tune_amplitude=False)  # spread 0.5·T: T = 4 fits
+    assert (result["amplitude"], result["temperature"]) == (1.0, 4.0)
+    assert [r["temperature"] for r in result["history"]] == [1.0, 2.0, 4.0, 8.0]
+    with pytest.raises(BdlensError, match="nothing to calibrate"):
+        calibrate(toy(1.0), EnsembleCalibrationConfig(), tune_amplitude=False)
+
+
+def test_calibrate_refuses_to_replace_a_system_file(tmp_path, capsys):
+    (tmp_path / "ensemble.json").write_text("{}")
+    assert main(["-q", "calibrate", "--perturbation", "sppt", "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--overwrite" in err and (tmp_path / "ensemble.json").read_text() == "{}"
 
 
 def test_scores_match_a_brute_force_reference():

@@ -27,13 +27,14 @@ from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.metrics import crps
 from bdlens.models import EarthSpecificTransformer, ModelConfig
-from bdlens.perturbation.learned import PerturbationNetwork, PerturbedEnsemble, State, load_perturbation
+from bdlens.perturbation.learned import PerturbationNetwork, State, load_perturbation
 from bdlens.streams import generator as stream_generator
 from bdlens.training.ensemble_validation import fair_crps
 from bdlens.training.perturbation import (
     CurriculumSettings,
     EnsembleCRPSLoss,
     PerturbConfig,
+    PerturbedEnsemble,
     curriculum_rollout,
     rollout_loss,
     train_perturbation,

@@ -58,7 +58,7 @@ def _bundled_row(name: str) -> str:
 
 def test_bundled_model_claims_are_what_the_committed_scripts_wrote() -> None:
     """Every number of the README's bundled-models table is read here from the result the named script
-    or command wrote (evaluation/results/*.json, calibration.json, the manifests), rounded as printed."""
+    or command wrote (evaluation/results/*.json, the manifests), rounded as printed."""
     import json
 
     from bdlens.checkpoint import bundled_checkpoint
@@ -83,18 +83,15 @@ def test_bundled_model_claims_are_what_the_committed_scripts_wrote() -> None:
     shown = [round(spread[vi["lead_hours"].index(h)]) for h in (6, 24, 120)]
     assert "epistemic Z500 spread " + " / ".join(map(str, shown)) + " m²/s² at 6 h / 1 d / 5 d" in row
 
-    directory = bundled_checkpoint("perturb_6h")
-    calibration = json.loads((directory / "calibration.json").read_text())
-    network, manifest = load_perturbation(directory)
+    network, manifest = load_perturbation(bundled_checkpoint("perturb_6h"))
     row = _bundled_row("perturb_6h")
     assert f"({round(count_parameters(network), -3) // 1000:.0f} k parameters)" in row
     training = manifest["perturb_config"]["training"]
     assert f"fair CRPS over {training['members']} members and a 1→{training['curriculum']['max_rollout']}-step curriculum" in row
-    assert f"amplitude {calibration['amplitude']:.2f}, posterior temperature {calibration['temperature']:g}" in row
-    before, after = calibration["before"], calibration["after"]
-    assert f"fair CRPS {before['crps']:.5f} → {after['crps']:.5f}" in row
-    assert f"corrected spread-skill {before['spread_skill']:.3f} → {after['spread_skill']:.3f}" in row
-    assert calibration["provenance"]["command"].startswith("bdlens calibrate --vi bdlens/assets/models/vi_6h")
+    six_hours, one_day = manifest["validation"]
+    assert (six_hours["lead_steps"], one_day["lead_steps"], one_day["members"]) == (1, 4, 8)
+    assert f"fair CRPS {six_hours['crps']:.4f} / {one_day['crps']:.4f}" in row
+    assert f"corrected spread-skill {six_hours['spread_skill']:.2f} / {one_day['spread_skill']:.2f}" in row
 
 
 def test_ensemble_claims_are_what_the_committed_results_say() -> None:

@@ -21,7 +21,7 @@ from bdlens import __version__
 from bdlens.errors import BdlensError
 
 # Sub-command modules, in the order they appear in --help.
-COMMAND_MODULES: tuple[str, ...] = ("ensemble", "world", "train", "evaluate", "report", "perturb")
+COMMAND_MODULES: tuple[str, ...] = ("ensemble", "world", "train", "evaluate", "report")
 
 log = logging.getLogger("bdlens")
 

@@ -57,7 +57,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=run)
 
     cal = subparsers.add_parser(
-        "calibrate-ensemble",
+        "calibrate",
         help="tune a scheme's amplitude and the posterior temperature on ensembles from analyses (every step model)",
         description=(
             "Run the system's ensembles from the analysis at validation-period inits of a world, verify them against "
@@ -112,18 +112,24 @@ def run_calibration(args: argparse.Namespace) -> int:
 
     import numpy as np
 
+    from bdlens.checkpoint import BUNDLED_DIR
     from bdlens.cli.options import set_threads
     from bdlens.configs import config_path
     from bdlens.data import open_dataset
     from bdlens.data.splits import load_data_config
     from bdlens.ensemble.engine import Forecaster, parse_hours
-    from bdlens.training.calibration import EnsembleCalibrationConfig, calibrate_system, write_system_file
+    from bdlens.ensemble.system import SYSTEM_FILE
+    from bdlens.outputs import prepare_output
+    from bdlens.training.calibration import CALIBRATION_KIND, EnsembleCalibrationConfig, calibrate_system, write_system_file
     from bdlens.world.build import build
 
     set_threads(args.threads)
-    config = EnsembleCalibrationConfig.from_yaml(config_path(args.config))
-    if (args.out / "ensemble.json").exists() and not args.overwrite:
-        raise BdlensError(f"{args.out / 'ensemble.json'} exists; pass --overwrite to replace it or choose another --out")
+    config_file = config_path(args.config)
+    config = EnsembleCalibrationConfig.from_yaml(config_file)
+    system_dir = args.checkpoint or BUNDLED_DIR
+    # The system's own ensemble.json is an input: the result goes elsewhere and is copied in by hand.
+    prepare_output(args.out, CALIBRATION_KIND, args.overwrite, inputs=[system_dir, args.world, config_file],
+                   layout=(SYSTEM_FILE,), required=(SYSTEM_FILE,))
     forecaster = Forecaster.from_pretrained(args.checkpoint)
     world = args.world or build()
     truth, analysis = open_dataset(world / "truth.zarr").load(), open_dataset(world / "analysis.zarr").load()

@@ -4,7 +4,7 @@
 directory (a ``bdlens train`` output) or a directory of them (the bundled demo models,
 ``bdlens/assets/models``, or a folder of runs). Every checkpoint is recognised by its manifest's
 ``kind`` (``deterministic``, ``vi``, ``perturbation``) and step length. An optional ``ensemble.json``
-beside them holds the system's calibration and defaults (written by ``bdlens calibrate --engine``):
+beside them holds the system's calibration and defaults (written by ``bdlens calibrate``):
 
     {"default_perturbation": "sppt", "default_weights": 10,
      "schemes": {"sppt": {"amplitude": 1.2, "temperature": 1.5}, "none": {"temperature": 2.0},

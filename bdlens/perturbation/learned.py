@@ -12,30 +12,19 @@ state, the perturbation follows the flow. ``s`` is the calibrated amplitude (1 w
 The network starts harmless: its output convolutions are scaled by ``init_scale`` and the ρ bias
 set so that μ ≈ 0 and σ ≈ ``init_sigma`` everywhere.
 
-The training-time ensemble (:class:`PerturbedEnsemble`, normalised units; forecasts use
-:mod:`bdlens.ensemble.schemes.learned`): member k has posterior weight sample θ_k (drawn
-from (seed, k), fixed for the rollout, as in :class:`~bdlens.bayes.PosteriorEnsemble`) and its own
-noise: ε for member k of the forecast with *init key* i at step s comes from a generator seeded by
-(seed, i, k, s) alone (:func:`bdlens.streams.generator`, stream
-``learned-perturbation``), so a member's forecast does not depend on which other members or which
-other initial times share its batch, nor on the batch size. The init keys of a batch are set by
-``start(init_keys)``;
-without it they are the positions 0..B−1 in the batch (training and validation). The step counter
-restarts at ``start`` and whenever a rollout starts from a state shared by all members (the analysis).
-
-Training: :mod:`bdlens.training.perturbation` (``bdlens train perturb``), fair CRPS over M members
-with the backbone frozen and an autoregressive curriculum.
+Forecasts use the network through :mod:`bdlens.ensemble.schemes.learned`; training
+(:mod:`bdlens.training.perturbation`, ``bdlens train perturb``) optimises fair CRPS over M members
+with the backbone frozen and an autoregressive curriculum. The noise ε of a member comes from the
+stream ``learned-perturbation`` of :mod:`bdlens.streams` (:data:`NOISE_STREAM`).
 
 Checkpoint: ``<run>/checkpoint`` with ``model.safetensors`` and a manifest of ``kind:
 "perturbation"``, the network's model config and init settings, the norm stats, the backbone (VI)
-checkpoint it was trained with, and provenance. A ``calibration.json`` beside it (written by
-``bdlens calibrate``) records the calibrated amplitude and posterior temperature.
+checkpoint it was trained with, and provenance. The calibrated amplitude lives in the system's
+``ensemble.json`` (``bdlens calibrate``).
 """
 
 from __future__ import annotations
 
-import json
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,20 +33,16 @@ import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor, nn
 
-from bdlens.bayes.posterior import BayesianTransformer, inverse_softplus
-from bdlens.bayes.sampling import PosteriorEnsemble
+from bdlens.bayes.posterior import inverse_softplus
 from bdlens.checkpoint import load_state_into, load_weights, read_manifest, require_fields, save_checkpoint
 from bdlens.data import Fields
 from bdlens.errors import BdlensError
 from bdlens.models import EarthSpecificTransformer, ModelConfig
 from bdlens.models.layers import PatchRecovery
-from bdlens.perturbation.initial import member_noise
-from bdlens.perturbation.patterns import init_keys_for, members_tuple
 
 KIND = "perturbation"
 FORMAT_VERSION = 1
 NOISE_STREAM = "learned-perturbation"
-CALIBRATION = "calibration.json"
 
 State = tuple[Tensor, Tensor]
 
@@ -137,92 +122,6 @@ class PerturbationNetwork(nn.Module):
 
 
 # ----------------------------------------------------------------------------------------------
-# Ensembles
-
-
-def tempered_weights(ensemble: PosteriorEnsemble, temperature: float) -> Tensor:
-    """Weights μ + T·σ ε of the ensemble's members: its samples μ + σ ε with the deviation scaled by T."""
-    if not temperature > 0:
-        raise BdlensError(f"the posterior temperature must be positive, got {temperature}")
-    mu = ensemble.bayes.posterior.mu.detach()
-    return mu + temperature * (ensemble.weights.detach() - mu)
-
-
-class PerturbedEnsemble:
-    """K posterior members, each perturbing its latest input with the learned network before each step.
-
-    Normalised units. :meth:`step` is the ``callable(previous, current)`` of
-    :func:`bdlens.models.lead_time.rollout` with the shapes of :class:`~bdlens.bayes.PosteriorEnsemble`:
-    shared (B, …) or per-member (K, B, …) states in, (K, B, …) out. ``sigma_scale`` multiplies σ
-    (calibrated amplitude), ``temperature`` the posterior's σ at sampling time. ``network=None``
-    gives the plain posterior ensemble (no perturbation). :meth:`start` keys the noise to the
-    forecasts of the next rollout (see the module docstring).
-    """
-
-    def __init__(
-        self,
-        bayes: BayesianTransformer,
-        network: PerturbationNetwork | None,
-        members: int | Sequence[int],
-        seed: int,
-        constants: Tensor | None = None,
-        sigma_scale: float = 1.0,
-        temperature: float = 1.0,
-        chunk_size: int | None = None,
-    ) -> None:
-        self.members = members_tuple(members)
-        with torch.no_grad():
-            self.ensemble = PosteriorEnsemble(bayes, self.members, seed, constants, chunk_size)
-            if temperature != 1.0:
-                self.ensemble.weights = tempered_weights(self.ensemble, temperature)
-        self.bayes = bayes
-        self.network = network
-        self.seed = int(seed)
-        self.constants = constants
-        self.sigma_scale = float(sigma_scale)
-        self.step_index = 0
-        self.init_keys: tuple[int, ...] | None = None
-
-    def start(self, init_keys: Sequence[int]) -> None:
-        """Key the noise of the next rollout to these forecasts (one integer per forecast of the batch,
-        e.g. the init time in hours since 1970) and restart the step counter."""
-        self.init_keys = tuple(int(k) for k in init_keys)
-        self.step_index = 0
-
-    @property
-    def size(self) -> int:
-        """K, the number of members."""
-        return len(self.members)
-
-    def noise(self, init_keys: Sequence[int], like: State, step: int) -> State:
-        """ε for every member and forecast at ``step``: upper (K, B, V_u, Z, H, W), surface (K, B, V_s, H, W)
-        with B = len(init_keys), like ``like``'s dtype and device; member k of forecast b from its own
-        generator of (seed, init_keys[b], k, step), drawn on the CPU."""
-        shapes = [like[0].shape[-4:], like[1].shape[-3:]]
-        upper, surface = member_noise(shapes, self.seed, self.members, NOISE_STREAM, step=step, inits=init_keys)
-        return upper.to(like[0].device, like[0].dtype), surface.to(like[1].device, like[1].dtype)
-
-    def _per_member(self, state: State) -> State:
-        u, s = state
-        return (u.expand(self.size, *u.shape), s.expand(self.size, *s.shape)) if u.ndim == 5 else (u, s)
-
-    def step(self, previous: State | None, current: State) -> State:
-        """(X_{t−Δ}, X_t) → X_{t+Δ} for every member, X_t perturbed first (see the class docstring)."""
-        if current[0].ndim == 5:  # a rollout starts from the shared analysis: restart the noise streams
-            self.step_index = 0
-        if self.network is not None:
-            cur = self._per_member(current)
-            k, b = cur[0].shape[:2]
-            prev = None if previous is None or self.network.config.n_input_times == 1 else self._per_member(previous)
-            flat = lambda state: None if state is None else tuple(x.reshape(k * b, *x.shape[2:]) for x in state)  # noqa: E731
-            eps = self.noise(init_keys_for(self.init_keys, b), cur, self.step_index)
-            perturbed = self.network.perturb(flat(prev), flat(cur), flat(eps), self.constants, self.sigma_scale)
-            current = tuple(x.reshape(k, b, *x.shape[1:]) for x in perturbed)
-        self.step_index += 1
-        return self.ensemble.step(previous, current)
-
-
-# ----------------------------------------------------------------------------------------------
 # Checkpoints
 
 
@@ -257,14 +156,3 @@ def load_perturbation(directory: str | Path, device: torch.device | str = "cpu")
     network = PerturbationNetwork(config)
     load_state_into(network, load_weights(directory), directory)
     return network.to(device).eval(), manifest
-
-
-def read_calibration(directory: str | Path) -> dict[str, Any]:
-    """The ``calibration.json`` beside a checkpoint's manifest ({} when there is none)."""
-    path = Path(directory) / CALIBRATION
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise BdlensError(f"{path} is corrupted ({err.msg}); rerun `bdlens calibrate`") from err

@@ -21,8 +21,8 @@ from bdlens.outputs import foreign_files, partial_path, prepare_output, replace_
 
 BUNDLE_KIND = "bundled checkpoint"
 #: Every file of a bundled checkpoint (the bundles ship without an output marker: this layout is how
-#: --overwrite recognises one). "calibration.json" is the perturbation layer's companion file.
-BUNDLE_LAYOUT = ("manifest.json", "*.safetensors", "calibration.json")
+#: --overwrite recognises one).
+BUNDLE_LAYOUT = ("manifest.json", "*.safetensors")
 # kind → "module:function" that loads a checkpoint of that kind (imported on use).
 LOADERS = {
     "deterministic": "bdlens.models.pretrained:load_trained",
@@ -73,7 +73,7 @@ def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwri
         save_file(tensors, staging / POSTERIOR_WEIGHTS)
         written.add(POSTERIOR_WEIGHTS)
     save_checkpoint(staging, load_weights(checkpoint), manifest)
-    # Companion files (a posterior's ρ, a calibration.json) travel along; anything else does not.
+    # Companion files (a posterior's ρ) travel along; anything else does not.
     skipped = written | set(foreign_files(checkpoint, BUNDLE_LAYOUT))
     for extra_file in sorted(checkpoint.iterdir()):
         if extra_file.is_file() and extra_file.name not in skipped:

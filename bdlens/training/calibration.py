@@ -1,12 +1,26 @@
-"""Calibrating a whole ensemble system from analyses (``bdlens calibrate-ensemble``; docs/science.md §5).
+"""Calibrating a whole ensemble system from analyses (``bdlens calibrate``; docs/science.md §5).
 
-The amplitude a of a perturbation scheme and the posterior temperature T are tuned as a real
-forecast is run: ensembles from the *analysis* at validation-period inits, through the ensemble
-engine (so the calibration applies to every step model of the rollout, 24 h steps included),
-verified against the *truth*. The objective and the search are those of
-:func:`bdlens.perturbation.calibrate.calibrate`: J = CRPS · (1 + λ ln² SSR), with CRPS the fair
-CRPS and SSR the corrected spread-skill ratio pooled over fields and leads, each field in units of
-its own climatological standard deviation (the truth's, over the validation period), latitude-weighted.
+Two knobs scale an ensemble's spread at forecast time: the **amplitude** a of a perturbation scheme
+(a multiplier on its spread: the learned network's σ, every SPPT pattern scale's σ, the IC field's
+std) and the **posterior temperature** T (θ_k = μ + T·σ_q ε_k). They are tuned as a real forecast is
+run: ensembles from the *analysis* at validation-period inits, through the ensemble engine (so the
+calibration applies to every step model of the rollout, 24 h steps included), verified against the
+*truth*.
+
+**Objective.** J(a, T) = CRPS(a, T) · (1 + λ · ln² SSR(a, T)), with CRPS the fair CRPS and SSR the
+corrected spread-skill ratio pooled over fields and leads, each field in units of its own
+climatological standard deviation (the truth's, over the validation period), latitude-weighted. The
+fair CRPS is proper, so for a well-specified model its minimum is the calibrated spread, where SSR ≈ 1
+as well; the penalty (λ = ``penalty``, 0 for pure CRPS) breaks ties toward SSR = 1 when bias or a
+misspecified spatial structure pulls the two apart, and treats an SSR of ½ and of 2 as equally bad.
+Every evaluation uses the same seeds (common random numbers), so J is a smooth function of a and T.
+
+**Search.** a: bounded Brent search (:func:`scipy.optimize.minimize_scalar`) over ln a in
+[ln low, ln high]; T (when tuned): each value of a small grid, with the search over a inside. The best
+(a, T) by J is kept; the record has J, CRPS and SSR before (a = T = 1) and after.
+:func:`calibrate` takes any ``evaluate(a, T) → {"crps", "spread_skill"}``, so it is tested on a toy
+problem with a known spread.
+
 The result is written to ``OUT/ensemble.json`` (the system file the engine reads); copy it beside
 the checkpoints (e.g. into the bundle) to make it the system's calibration.
 """
@@ -15,22 +29,62 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 import xarray as xr
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+from scipy.optimize import minimize_scalar
 
 from bdlens.configs import YamlConfig
 from bdlens.ensemble import Forecaster
+from bdlens.ensemble.system import SYSTEM_FILE
+from bdlens.errors import BdlensError
 from bdlens.metrics import crps
 from bdlens.metrics.probabilistic import mean_variance_and_mse
-from bdlens.perturbation.calibrate import AmplitudeSearch, TemperatureSearch, calibrate
+from bdlens.outputs import mark_output
 from bdlens.progress import bar
 
 DIMS = ("time", "latitude", "longitude")
+#: the kind of ``bdlens calibrate --out`` (a directory holding ``ensemble.json``)
+CALIBRATION_KIND = "ensemble calibration"
+Evaluate = Callable[[float, float], dict[str, Any]]
+
+
+class AmplitudeSearch(BaseModel):
+    """Bounds and tolerance of the amplitude search (on ln a)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    low: float = Field(default=0.1, gt=0)
+    high: float = Field(default=5.0, gt=0)
+    xatol: float = Field(default=0.02, gt=0, description="absolute tolerance on ln a (0.02: 2 %)")
+    max_evaluations: int = Field(default=20, ge=3)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AmplitudeSearch:
+        if not self.low < 1.0 < self.high:
+            raise ValueError(f"need low < 1 < high so that the uncalibrated amplitude is inside, got [{self.low}, {self.high}]")
+        return self
+
+
+class TemperatureSearch(BaseModel):
+    """Whether to tune the posterior temperature, and the values tried."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tune: bool = False
+    values: tuple[float, ...] = (1.0, 2.0, 4.0)
+
+    @model_validator(mode="after")
+    def _positive(self) -> TemperatureSearch:
+        if not self.values or min(self.values) <= 0:
+            raise ValueError("temperature values must be a non-empty list of positive numbers")
+        return self
+
+
 
 
 class EnsembleCalibrationConfig(YamlConfig):
@@ -49,6 +103,47 @@ class EnsembleCalibrationConfig(YamlConfig):
     penalty: float = Field(default=1.0, ge=0)
     amplitude: AmplitudeSearch = AmplitudeSearch()
     temperature: TemperatureSearch = TemperatureSearch()
+
+
+def objective(crps: float, spread_skill: float, penalty: float) -> float:
+    """J = CRPS · (1 + λ ln² SSR) (see the module docstring)."""
+    return crps * (1.0 + penalty * math.log(spread_skill) ** 2)
+
+
+def calibrate(evaluate: Evaluate, config: EnsembleCalibrationConfig, tune_amplitude: bool = True) -> dict[str, Any]:
+    """Search (a, T) minimising J; ``evaluate(a, T)`` returns at least ``crps`` and ``spread_skill``.
+
+    Returns {"amplitude", "temperature", "before", "after", "history"}: ``before``/``after`` are the
+    evaluations at (1, 1) and at the optimum (with ``objective`` added), ``history`` every evaluation.
+    """
+    temperatures = config.temperature.values if config.temperature.tune else (1.0,)
+    if not tune_amplitude and len(temperatures) == 1:
+        raise BdlensError("nothing to calibrate: give a perturbation (learned or SPPT) or enable temperature tuning")
+    search = config.amplitude
+    cache: dict[tuple[float, float], dict[str, Any]] = {}
+
+    def score(a: float, t: float) -> dict[str, Any]:
+        key = (float(a), float(t))
+        if key not in cache:
+            result = dict(evaluate(*key))
+            result["objective"] = objective(result["crps"], result["spread_skill"], config.penalty)
+            cache[key] = {"amplitude": key[0], "temperature": key[1], **result}
+        return cache[key]
+
+    score(1.0, 1.0)
+    for t in temperatures:
+        if tune_amplitude:
+            minimize_scalar(
+                lambda log_a, t=t: score(math.exp(log_a), t)["objective"],
+                bounds=(math.log(search.low), math.log(search.high)),
+                method="bounded",
+                options={"xatol": search.xatol, "maxiter": search.max_evaluations},
+            )
+        else:
+            score(1.0, t)
+    best = min(cache.values(), key=lambda r: r["objective"])
+    return {"amplitude": best["amplitude"], "temperature": best["temperature"], "before": cache[(1.0, 1.0)], "after": best,
+            "history": list(cache.values())}
 
 
 def _field(ds: xr.Dataset, spec: str) -> xr.DataArray:
@@ -108,7 +203,6 @@ def write_system_file(out: Path, perturbation: str, record: dict[str, Any], base
     system["schemes"] = schemes
     if make_default:
         system["default_perturbation"] = perturbation
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / "ensemble.json"
+    path = mark_output(out, CALIBRATION_KIND) / SYSTEM_FILE
     path.write_text(json.dumps(system, indent=1, default=float))
     return path

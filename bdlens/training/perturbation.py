@@ -26,16 +26,109 @@ from torch.utils.data import Dataset
 
 from bdlens import streams
 from bdlens.bayes.posterior import BayesianTransformer
+from bdlens.bayes.sampling import PosteriorEnsemble
 from bdlens.configs import YamlConfig
 from bdlens.errors import BdlensError
 from bdlens.models import WeightedL1Loss
-from bdlens.perturbation.learned import NetworkSettings, PerturbationNetwork, PerturbedEnsemble, State, save_perturbation
+from bdlens.perturbation.initial import member_noise
+from bdlens.perturbation.learned import NOISE_STREAM, NetworkSettings, PerturbationNetwork, State, save_perturbation
+from bdlens.perturbation.patterns import init_keys_for, members_tuple
 from bdlens.training.batches import collate_states, collate_targets, latitudes, lead_targets
 from bdlens.training.distributed import Distributed, batch_indices, optimizer_step
 from bdlens.training.ensemble_validation import ValidationSettings, ensemble_scores, fair_crps, reported
 from bdlens.training.loop import Cadence, Objective, run
 from bdlens.training.run import last_validation
 from bdlens.training.schedule import lr_factor
+
+
+def tempered_weights(ensemble: PosteriorEnsemble, temperature: float) -> Tensor:
+    """Weights μ + T·σ ε of the ensemble's members: its samples μ + σ ε with the deviation scaled by T."""
+    if not temperature > 0:
+        raise BdlensError(f"the posterior temperature must be positive, got {temperature}")
+    mu = ensemble.bayes.posterior.mu.detach()
+    return mu + temperature * (ensemble.weights.detach() - mu)
+
+
+class PerturbedEnsemble:
+    """K posterior members, each perturbing its latest input with the learned network before each step:
+    the differentiable training-time ensemble (forecasts use :mod:`bdlens.ensemble.schemes.learned`).
+
+    Member k has posterior weight sample θ_k (fixed for the rollout) and its own noise: ε for member k
+    of the forecast with *init key* i at step s comes from the stream (seed, "learned-perturbation",
+    k, s, i) of :mod:`bdlens.streams` alone, so a member does not depend on which other members or
+    forecasts share its batch. The init keys of a batch are set by :meth:`start`; without it they are
+    the positions 0..B−1 in the batch (training and validation). The step counter restarts at
+    ``start`` and whenever a rollout starts from a state shared by all members (the analysis).
+
+    Normalised units. :meth:`step` is the ``callable(previous, current)`` of
+    :func:`bdlens.models.lead_time.rollout` with the shapes of :class:`~bdlens.bayes.PosteriorEnsemble`:
+    shared (B, …) or per-member (K, B, …) states in, (K, B, …) out. ``sigma_scale`` multiplies σ
+    (calibrated amplitude), ``temperature`` the posterior's σ at sampling time. ``network=None``
+    gives the plain posterior ensemble (no perturbation). :meth:`start` keys the noise to the
+    forecasts of the next rollout (see the module docstring).
+    """
+
+    def __init__(
+        self,
+        bayes: BayesianTransformer,
+        network: PerturbationNetwork | None,
+        members: int | Sequence[int],
+        seed: int,
+        constants: Tensor | None = None,
+        sigma_scale: float = 1.0,
+        temperature: float = 1.0,
+        chunk_size: int | None = None,
+    ) -> None:
+        self.members = members_tuple(members)
+        with torch.no_grad():
+            self.ensemble = PosteriorEnsemble(bayes, self.members, seed, constants, chunk_size)
+            if temperature != 1.0:
+                self.ensemble.weights = tempered_weights(self.ensemble, temperature)
+        self.bayes = bayes
+        self.network = network
+        self.seed = int(seed)
+        self.constants = constants
+        self.sigma_scale = float(sigma_scale)
+        self.step_index = 0
+        self.init_keys: tuple[int, ...] | None = None
+
+    def start(self, init_keys: Sequence[int]) -> None:
+        """Key the noise of the next rollout to these forecasts (one integer per forecast of the batch,
+        e.g. the init time in hours since 1970) and restart the step counter."""
+        self.init_keys = tuple(int(k) for k in init_keys)
+        self.step_index = 0
+
+    @property
+    def size(self) -> int:
+        """K, the number of members."""
+        return len(self.members)
+
+    def noise(self, init_keys: Sequence[int], like: State, step: int) -> State:
+        """ε for every member and forecast at ``step``: upper (K, B, V_u, Z, H, W), surface (K, B, V_s, H, W)
+        with B = len(init_keys), like ``like``'s dtype and device; member k of forecast b from its own
+        generator of (seed, init_keys[b], k, step), drawn on the CPU."""
+        shapes = [like[0].shape[-4:], like[1].shape[-3:]]
+        upper, surface = member_noise(shapes, self.seed, self.members, NOISE_STREAM, step=step, inits=init_keys)
+        return upper.to(like[0].device, like[0].dtype), surface.to(like[1].device, like[1].dtype)
+
+    def _per_member(self, state: State) -> State:
+        u, s = state
+        return (u.expand(self.size, *u.shape), s.expand(self.size, *s.shape)) if u.ndim == 5 else (u, s)
+
+    def step(self, previous: State | None, current: State) -> State:
+        """(X_{t−Δ}, X_t) → X_{t+Δ} for every member, X_t perturbed first (see the class docstring)."""
+        if current[0].ndim == 5:  # a rollout starts from the shared analysis: restart the noise streams
+            self.step_index = 0
+        if self.network is not None:
+            cur = self._per_member(current)
+            k, b = cur[0].shape[:2]
+            prev = None if previous is None or self.network.config.n_input_times == 1 else self._per_member(previous)
+            flat = lambda state: None if state is None else tuple(x.reshape(k * b, *x.shape[2:]) for x in state)  # noqa: E731
+            eps = self.noise(init_keys_for(self.init_keys, b), cur, self.step_index)
+            perturbed = self.network.perturb(flat(prev), flat(cur), flat(eps), self.constants, self.sigma_scale)
+            current = tuple(x.reshape(k, b, *x.shape[1:]) for x in perturbed)
+        self.step_index += 1
+        return self.ensemble.step(previous, current)
 
 
 class EnsembleCRPSLoss(WeightedL1Loss):
