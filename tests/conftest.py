@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ import pytest
 
 @pytest.fixture(scope="session")
 def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A `bdlens world build --small` world in a session-private cache directory."""
+    """A `bdlens world build --small` world in a session-private cache directory, or in
+    ``$BDLENS_TEST_WORLD_CACHE`` when set (reused across sessions while developing; CI leaves it unset)."""
     from bdlens.world.build import build
 
-    return build(small=True, cache_dir=tmp_path_factory.mktemp("world-cache"))
+    cache = os.environ.get("BDLENS_TEST_WORLD_CACHE")
+    return build(small=True, cache_dir=Path(cache) if cache else tmp_path_factory.mktemp("world-cache"))

@@ -83,6 +83,29 @@ def test_persistence_reference_repeats_the_analysis(forecaster, analysis):
         forecaster.ensemble(init=[INIT], members=2, weights=2, model="persistence", data=analysis)
 
 
+def test_climatology_members_follow_past_trajectories_of_the_training_period(forecaster, analysis):
+    """Member m at every lead is the data at τ_m + lead, one τ_m per member at the init's hour of day
+    inside the training period; independent of the batch size; another seed picks other analogues."""
+    ds = forecaster.ensemble(init=[INIT], members=6, lead="48h", model="climatology", data=analysis, batch_size=6, seed=1)
+    times = analysis.time.values
+    for m in range(6):
+        member = ds.temperature.isel(number=m, time=0)
+        matches = [t for t in times if np.array_equal(analysis.temperature.sel(time=t).values, member.isel(prediction_timedelta=0).values)]
+        assert len(matches) == 1, m
+        start = matches[0] - ds.prediction_timedelta.values[0]
+        assert (start - start.astype("datetime64[D]")) == np.timedelta64(0)  # the init's hour of day (00 UTC)
+        for lead in ds.prediction_timedelta.values:
+            np.testing.assert_array_equal(member.sel(prediction_timedelta=lead).values, analysis.temperature.sel(time=start + lead).values)
+    assert len({float(ds.temperature.isel(number=m, time=0, prediction_timedelta=0).mean()) for m in range(6)}) > 2
+    again = forecaster.ensemble(init=[INIT], members=6, lead="48h", model="climatology", data=analysis, batch_size=2, seed=1)
+    np.testing.assert_array_equal(values(again), values(ds))
+    other = forecaster.ensemble(init=[INIT], members=6, lead="48h", model="climatology", data=analysis, seed=2)
+    assert not np.array_equal(values(other), values(ds))
+    assert ds.attrs["network_evaluations_per_member_step"] == 0
+    with pytest.raises(BdlensError, match="training period"):  # the bundled analyses hold test-period inits only
+        forecaster.ensemble(members=2, lead="24h", model="climatology")
+
+
 def test_stored_decomposition_equals_the_one_from_the_members(forecaster, analysis, tmp_path):
     ds = run(forecaster, analysis, out=tmp_path / "fc.zarr", members=6, weights=3)
     stored = xr.open_zarr(tmp_path / "fc.zarr", group="decomposition").load()

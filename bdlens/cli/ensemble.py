@@ -40,9 +40,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--perturbation", choices=PERTURBATIONS, default="default",
                         help="aleatoric scheme: learned network, SPPT, initial-condition fields or none "
                              "(default: the system's calibrated choice)")
-    parser.add_argument("--model", choices=("hybrid", "diffusion", "persistence"), default="hybrid",
+    parser.add_argument("--model", choices=("hybrid", "diffusion", "persistence", "climatology"), default="hybrid",
                         help="hybrid: posterior (or --no-bayes deterministic) weights x --perturbation; diffusion: the EDM "
-                             "baseline of a diffusion checkpoint (--checkpoint); persistence: the reference (default: hybrid)")
+                             "baseline of a diffusion checkpoint (--checkpoint); persistence and climatology (past trajectories "
+                             "of --data's training years, same season and hour): the references (default: hybrid)")
     parser.add_argument("--no-bayes", action="store_true", help="deterministic weights (K = 1): the aleatoric-only system")
     parser.add_argument("--temperature", type=float, help="posterior temperature (default: the calibration's)")
     parser.add_argument("--amplitude", type=float, help="perturbation amplitude (default: the calibration's)")

@@ -34,7 +34,7 @@ from bdlens.checkpoint import BUNDLED_DIR
 from bdlens.data import Fields, NormStats, open_dataset
 from bdlens.ensemble.base import MemberSource
 from bdlens.ensemble.design import PERTURBATION_DRAW, WEIGHT_SAMPLE, Design, anova, split_members
-from bdlens.ensemble.members import DeterministicMembers, PersistenceMembers, PosteriorMembers, PosteriorModel
+from bdlens.ensemble.members import ClimatologyMembers, DeterministicMembers, PersistenceMembers, PosteriorMembers, PosteriorModel
 from bdlens.ensemble.rollout import _iso, history_offsets, initial_states, member_states
 from bdlens.ensemble.schemes import SCHEMES, SchemeContext, build_scheme
 from bdlens.ensemble.store import create_store, finalise, finished_units, open_forecast, record_unit, stored_attrs, unit_name, write_region
@@ -56,7 +56,7 @@ TEMPERATURE_BOUNDS = (150.0, 350.0)
 MEMORY_FRACTION = 0.25
 # What makes the members: the hybrid (posterior or deterministic weights × a perturbation scheme), the
 # diffusion baseline (a `bdlens train diffusion` checkpoint, K = 1) or the persistence reference.
-MODELS = ("hybrid", "diffusion", "persistence")
+MODELS = ("hybrid", "diffusion", "persistence", "climatology")
 
 
 def parse_hours(text: str | int, what: str) -> int:
@@ -151,9 +151,10 @@ class Forecaster:
 
     def source(self, design: Design, perturbation: str, bayes: bool, seed: int,
                temperature: float | None = None, amplitude: float | None = None, model: str = "hybrid",
-               ) -> tuple[MemberSource, dict[str, float]]:
+               data: xr.Dataset | None = None, max_lead: int = 0) -> tuple[MemberSource, dict[str, float]]:
         """The member source of a run and the (temperature, amplitude) it uses; ``model`` is one of
-        :data:`MODELS` (``hybrid``: posterior or deterministic weights with ``perturbation``)."""
+        :data:`MODELS` (``hybrid``: posterior or deterministic weights with ``perturbation``;
+        ``climatology`` draws from ``data``'s training period, ``max_lead`` hours ahead)."""
         if model == "diffusion":
             if not self.system.checkpoints["diffusion"]:
                 raise BdlensError(f"{self.system.root} holds no diffusion checkpoint; pass one with --checkpoint (bdlens train diffusion)")
@@ -163,6 +164,11 @@ class Forecaster:
         if model == "persistence":
             inner, used = self.source(design, "none", False, seed)
             return PersistenceMembers(inner), {}
+        if model == "climatology":
+            inner, used = self.source(design, "none", False, seed)
+            if data is None:
+                raise BdlensError("--model climatology needs the data to draw past states from")
+            return ClimatologyMembers(inner, data, self.system.train_period(), seed, max_lead), {}
         settings = self.system.scheme(perturbation)
         temp = float(settings.get("temperature", 1.0) if temperature is None else temperature)
         amp = float(settings.get("amplitude", 1.0) if amplitude is None else amplitude)
@@ -261,7 +267,7 @@ class Forecaster:
         inputs = [self.system.root] + ([] if isinstance(data_path, xr.Dataset) else [data_path])
         resuming = prepare_output(out, "forecast", overwrite=overwrite and dist.main, resume=resume, inputs=inputs) if dist.main else resume
 
-        source, used = self.source(design, perturbation, bayes, seed, temperature, amplitude, model)
+        source, used = self.source(design, perturbation, bayes, seed, temperature, amplitude, model, analysis, lead_hours)
         for lead_h in leads:
             try:
                 greedy_schedule(lead_h, source.steps)
@@ -290,7 +296,7 @@ class Forecaster:
             "config": request.key(),
             "seed": int(seed),
             "checkpoints": json.dumps(self.system.hashes(
-                {"diffusion": ("diffusion",), "persistence": ()}.get(model, ("vi",) if bayes else ("deterministic",))) | (
+                {"diffusion": ("diffusion",), "persistence": (), "climatology": ()}.get(model, ("vi",) if bayes else ("deterministic",))) | (
                 self.system.hashes(("perturbation",)) if perturbation == "learned" else {})),
             "complete": False,
         }

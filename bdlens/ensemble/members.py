@@ -1,4 +1,5 @@
-"""Backbone member sources: deterministic 3DEST weights and VI posterior weight samples.
+"""Backbone member sources (deterministic 3DEST weights, VI posterior weight samples) and the
+references without a network (persistence, climatology).
 
 Both take physical states (N, …) and run one step model per call of the rollout, each model with
 its own normalisation statistics. Perturbation schemes wrap them (:mod:`bdlens.ensemble.schemes`).
@@ -14,9 +15,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
+import numpy as np
 import torch
 
+from bdlens import streams
 from bdlens.bayes import BayesianTransformer
 from bdlens.bayes.sampling import forward_members, sample_weights
 from bdlens.data import FieldLayout, Fields, NormStats
@@ -148,3 +152,68 @@ class PersistenceMembers:
 
     def describe(self) -> str:
         return "persistence"
+
+
+class ClimatologyMembers:
+    """The climatological reference: member m follows a past trajectory of the data (an analogue).
+
+    For the forecast from init t₀, member m draws one start time τ_m from the ``candidates`` (the
+    data's times in the training period at the same hour of day as t₀ and within ``window_days`` of
+    t₀'s day of year in any year, with the whole forecast range after it), uniformly from the stream
+    (seed, ``"climatology"``, m, 0, t₀) of :mod:`bdlens.streams`; its state at lead L is the data at
+    τ_m + L. Every lead is thus a state drawn from the season's climatology and the members keep the
+    temporal coherence of real weather. No network is run.
+    """
+
+    network_evaluations = 0
+    n_input_times = 1
+
+    def __init__(self, template: MemberSource, data: Any, train: tuple[np.datetime64, np.datetime64], seed: int,
+                 max_lead_hours: int, window_days: float = 45.0) -> None:
+        self.models = template.models  # layout of the fields, for the engine
+        self.steps = (min(template.steps),)
+        self.layout = next(iter(self.models.values())).layout
+        self.data, self.seed, self.window = data, int(seed), float(window_days)
+        times = data.time.values.astype("datetime64[h]")
+        start, end = (np.datetime64(t, "h") for t in train)
+        self.times = times[(times >= start) & (times + np.timedelta64(max_lead_hours, "h") <= end)]
+        self.available = set(times.tolist())
+        self.max_lead = int(max_lead_hours)
+        self.starts: dict[int, np.datetime64] = {}
+
+    def candidates(self, init: np.datetime64) -> np.ndarray:
+        """Possible start times τ for a forecast from ``init`` (see the class docstring)."""
+        init = np.datetime64(init, "h")
+        hour = (self.times - self.times.astype("datetime64[D]")).astype(int)
+        day = (self.times.astype("datetime64[D]") - self.times.astype("datetime64[Y]")).astype(int)
+        init_day = int((init.astype("datetime64[D]") - init.astype("datetime64[Y]")).astype(int))
+        distance = np.abs(day - init_day)
+        distance = np.minimum(distance, 365 - distance)
+        keep = (hour == int((init - init.astype("datetime64[D]")).astype(int))) & (distance <= self.window)
+        keep &= np.array([all((t + np.timedelta64(h, "h")).tolist() in self.available for h in (0, self.max_lead)) for t in self.times], dtype=bool)
+        found = self.times[keep]
+        if len(found) == 0:
+            raise BdlensError(
+                "--model climatology draws past states from the training period of the data, but the data has none for this "
+                "season and lead; pass --data with the training years (e.g. the world's analysis.zarr)"
+            )
+        return found
+
+    def start(self, forecast: Forecast) -> None:
+        init = np.datetime64(int(forecast.init_key), "h")
+        options = self.candidates(init)
+        picks = {m: int(torch.randint(len(options), (), generator=streams.generator(self.seed, "climatology", m, 0, forecast.init_key)))
+                 for m in forecast.members}
+        self.starts = {m: options[p] for m, p in picks.items()}
+        self.members = forecast.members
+
+    def initial(self, history: History) -> History:
+        return history
+
+    def step(self, previous: Fields | None, current: Fields, call: Call) -> Fields:
+        times = [self.starts[m] + np.timedelta64(call.lead, "h") for m in self.members]
+        state = self.layout.to_tensors(self.data.sel(time=np.array(times, dtype="datetime64[ns]")))
+        return Fields(*(x.to(current.upper.device, current.upper.dtype) for x in state))
+
+    def describe(self) -> str:
+        return "climatology (analogue trajectories from the training years)"

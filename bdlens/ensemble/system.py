@@ -21,6 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bdlens.checkpoint import MANIFEST, WEIGHTS, read_manifest
 from bdlens.errors import BdlensError
 
@@ -47,6 +49,15 @@ class System:
         if name == "learned" and "networks" not in settings:
             settings["networks"] = {str(s): str(p) for s, p in self.checkpoints["perturbation"].items()}
         return settings
+
+    def train_period(self) -> tuple[np.datetime64, np.datetime64]:
+        """(start, end) of the training split the system's step models were trained on (their manifests' data config)."""
+        for kind in ("deterministic", "vi", "diffusion"):
+            for path in self.checkpoints[kind].values():
+                split = (read_manifest(path).get("data_config") or {}).get("splits", {}).get("train")
+                if split:
+                    return np.datetime64(split["start"]), np.datetime64(split["end"])
+        raise BdlensError(f"no checkpoint under {self.root} names its training period (data_config.splits.train in its manifest)")
 
     def hashes(self, kinds: tuple[str, ...]) -> dict[str, str]:
         """sha256 of the weights of every checkpoint of ``kinds`` (provenance in the forecast's metadata)."""
