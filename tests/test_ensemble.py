@@ -57,7 +57,7 @@ def test_seed_reproducibility_and_batch_and_member_independence(forecaster, anal
 
 def test_every_lead_of_a_perturbed_run_is_perturbed(forecaster, analysis):
     # Deterministic weights, so any spread comes from SPPT; leads of 24 h steps only (24, 48 h).
-    for scheme in ("sppt", "ic"):
+    for scheme in ("sppt", "ic", "bred"):
         ds = run(forecaster, analysis, bayes=False, weights=None, perturbation=scheme)
         spread = ds.geopotential.sel(level=500).std("number")
         assert (spread.mean(("latitude", "longitude")) > 1.0).all(), scheme
@@ -81,6 +81,68 @@ def test_persistence_reference_repeats_the_analysis(forecaster, analysis):
     assert ds.attrs["network_evaluations_per_member_step"] == 0
     with pytest.raises(BdlensError, match="takes no --weights"):
         forecaster.ensemble(init=[INIT], members=2, weights=2, model="persistence", data=analysis)
+
+
+def test_bred_vectors_are_grown_by_the_step_model_and_sized_like_the_ic_fields(forecaster, analysis):
+    """The scheme's initial perturbation at the init is the bred vector of a breeding loop run here by
+    hand with the 6 h model (control from the analyses 30 h and 24 h before), its normalised rms is
+    amplitude × 0.05 for every member, and it grows faster over the next day than the IC scheme's
+    random fields of the same size: the defining property of bred vectors."""
+    from bdlens.ensemble import Design, Forecast
+    from bdlens.ensemble.rollout import history_offsets, initial_states
+    from bdlens.perturbation.initial import bred_vectors
+
+    source, _ = forecaster.source(Design(3, 3), "bred", False, seed=5, amplitude=2.0)
+    assert history_offsets(source) == [0, -6, -24, -30]
+    model = source.inner.models[6]
+    layout, stats, init = model.layout, model.stats, np.datetime64(INIT)
+    history = initial_states(analysis, layout, np.array([init], dtype="datetime64[ns]"), history_offsets(source))
+    key = int(init.astype("datetime64[h]").astype(int))
+
+    def perturbed(members: tuple[int, ...], init_key: int = key) -> dict:
+        source.start(Forecast(init_key, members))
+        return source.initial({off: type(f)(*(x.expand(len(members), *x.shape[1:]) for x in f)) for off, f in history.items()})
+
+    states = perturbed((0, 1, 2))
+    assert sorted(states) == [-24, -6, 0]  # the breeding window is not passed on
+
+    def step(prev, cur):  # the 6 h model in normalised units, written out independently of the scheme
+        phys = [layout.denormalise(type(history[0])(*s), stats) for s in (prev, cur)]
+        return tuple(layout.normalise(model.step(*phys), stats))
+
+    control = [tuple(layout.normalise(history[off], stats)) for off in (-30, -24)]
+    expected = bred_vectors(step, *control, amplitude=0.1, cycles=4, seed=5, members=(0, 1, 2), init=key)
+    delta = layout.normalise(states[0], stats)
+    base = layout.normalise(history[0], stats)
+    got = (delta.upper - base.upper, delta.surface - base.surface)
+    for g, e in zip(got, expected.cur, strict=True):
+        torch.testing.assert_close(g, e.to(g.dtype), atol=2e-5, rtol=1e-4)
+    rms = torch.sqrt((got[0].flatten(1).square().sum(1) + got[1].flatten(1).square().sum(1)) / (got[0][0].numel() + got[1][0].numel()))
+    torch.testing.assert_close(rms, torch.full((3,), 0.1, dtype=rms.dtype), rtol=1e-3, atol=0)
+
+    def growth(delta: tuple) -> float:
+        """Normalised rms of the 24 h (4 × 6 h) difference that ``delta`` on the analyses makes."""
+        pairs = [tuple(layout.normalise(history[off], stats)) for off in (-6, 0)]
+        runs = [pairs, [tuple(x + d for x, d in zip(s, delta, strict=True)) for s in pairs]]
+        for _ in range(4):
+            runs = [[cur, step(prev, cur)] for prev, cur in runs]
+        diff = [a - b for a, b in zip(runs[1][1], runs[0][1], strict=True)]
+        return float(torch.sqrt(sum(d.square().sum() for d in diff) / sum(d.numel() for d in diff)))
+
+    ic, _ = forecaster.source(Design(3, 3), "ic", False, seed=5, amplitude=2.0)
+    ic.start(Forecast(key, (0, 1, 2)))
+    random = layout.normalise(ic.initial({0: type(history[0])(*(x.expand(3, *x.shape[1:]) for x in history[0]))})[0], stats)
+    random = [r - b for r, b in zip(random, base, strict=True)]
+    size = torch.sqrt(sum(r.square().sum() for r in random) / sum(r.numel() for r in random))
+    assert float(size) == pytest.approx(0.1, rel=0.15)  # both schemes perturb by amplitude × 0.05
+    assert growth(got) > 1.15 * growth([r * (0.1 / size) for r in random])
+    alone = perturbed((1, 2))
+    torch.testing.assert_close(alone[0].upper, states[0].upper[1:], atol=0, rtol=0)  # keyed by member, not batch
+    assert not torch.allclose(perturbed((2,), key + 24)[0].upper, alone[0].upper)  # another init, another vector
+    with pytest.raises(BdlensError, match="30 h before"):  # data without the breeding window's start
+        forecaster.ensemble(init=[INIT], members=2, lead="24h", perturbation="bred", bayes=False, data=analysis.drop_sel(time=init - np.timedelta64(30, "h")))
+    bundled = forecaster.ensemble(members=2, lead="24h", perturbation="bred", bayes=False)  # the bundled analyses hold it
+    assert float(bundled.geopotential.std("number").max()) > 0
 
 
 def test_climatology_members_follow_past_trajectories_of_the_training_period(forecaster, analysis):

@@ -8,9 +8,10 @@ import shlex
 import sys
 from pathlib import Path
 
+from bdlens.ensemble.schemes import SCHEMES
 from bdlens.errors import BdlensError
 
-PERTURBATIONS = ("default", "learned", "sppt", "ic", "none")
+PERTURBATIONS = ("default", *sorted(SCHEMES), "none")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

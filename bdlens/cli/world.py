@@ -50,8 +50,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     export.add_argument("--world", type=Path, help="world directory (default: the default demo world, built or reused)")
     export.add_argument("--init", nargs="+", required=True, metavar="TIME", help="init times, ISO")
-    export.add_argument("--history-hours", nargs="+", type=int, default=[6, 24],
-                        help="hours before each init also written (default: 6 24, the bundled step models)")
+    export.add_argument("--history-hours", nargs="+", type=int, default=[6, 24, 30],
+                        help="hours before each init also written (default: 6 24 30, the bundled step models' inputs and "
+                             "the start of the bred vectors' breeding window)")
     export.add_argument("--out", type=Path, help="output zarr (default: the package's bundled demo analyses)")
     export.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     export.set_defaults(func=_export)

@@ -30,8 +30,10 @@ from bdlens.models.pretrained import TrainedModel
 
 
 def history_offsets(source: MemberSource) -> list[int]:
-    """Hours relative to the init of the analyses a rollout of ``source`` starts from."""
-    return [0] + ([-s for s in source.steps] if source.n_input_times == 2 else [])
+    """Hours relative to the init of the analyses a rollout of ``source`` starts from (with any
+    ``extra_history`` a scheme needs, e.g. the bred vectors' breeding window)."""
+    own = [0] + ([-s for s in source.steps] if source.n_input_times == 2 else [])
+    return sorted(set(own) | set(getattr(source, "extra_history", ())), reverse=True)
 
 
 def _iso(t: np.datetime64) -> str:

@@ -148,11 +148,14 @@ def bred_vectors(
     seed: int,
     members: int | Sequence[int],
     norm: Callable[[State], torch.Tensor] = rms_norm,
+    init: int | None = None,
 ) -> BredVectors:
     """Bred vectors by the rescale-and-cycle loop (Toth & Kalnay 1993), for any two-time-level model.
 
     ``step(prev, cur) -> next`` advances batched states (batch first); ``prev``/``cur`` are the
-    control's two input times with batch 1. Start: the pair (δ_prev, δ_cur) = (η, η), η white
+    control's two input times with batch 1, or one row per member (for a step whose model differs
+    between members, e.g. posterior weight samples). ``init``: the forecast's key, so that every
+    forecast breeds from its own noise (member k's η comes from (seed, "breeding", k, 0, init)). Start: the pair (δ_prev, δ_cur) = (η, η), η white
     Gaussian noise of each member's own stream, rescaled to ``norm`` = ``amplitude``. Each of
     ``cycles`` cycles: the control and the perturbed members (control + δ) take one step; the new
     perturbation is δ_next = perturbed next − control next; the pair (δ_cur, δ_next) is multiplied
@@ -165,10 +168,12 @@ def bred_vectors(
     if cycles < 1 or not amplitude > 0:
         raise BdlensError(f"bred vectors need cycles >= 1 and amplitude > 0, got {cycles} and {amplitude}")
     prev_parts, cur_parts = _as_tuple(prev), _as_tuple(cur)
-    if any(p.shape[0] != 1 for p in prev_parts + cur_parts):
-        raise BdlensError("bred_vectors takes the control state with batch size 1")
     ids = members_tuple(members)
-    noise = member_noise([p.shape[1:] for p in cur_parts], seed, ids, "breeding")
+    if any(p.shape[0] not in (1, len(ids)) for p in prev_parts + cur_parts):
+        raise BdlensError(f"bred_vectors takes the control state with batch size 1 or one row per member ({len(ids)})")
+    shapes = [p.shape[1:] for p in cur_parts]
+    keys = None if init is None else (init,)
+    noise = [n.reshape(len(ids), *shape) for n, shape in zip(member_noise(shapes, seed, ids, "breeding", inits=keys), shapes, strict=True)]
     eta = _like([n.to(p.device, p.dtype) for n, p in zip(noise, cur_parts, strict=True)], cur)
 
     def scaled(delta: State, factor: torch.Tensor) -> State:

@@ -39,6 +39,7 @@ SCHEMES: dict[str, str] = {
     "sppt": "bdlens.ensemble.schemes.sppt",
     "learned": "bdlens.ensemble.schemes.learned",
     "ic": "bdlens.ensemble.schemes.initial",
+    "bred": "bdlens.ensemble.schemes.bred",
 }
 
 
