@@ -195,7 +195,8 @@ def test_member_i_does_not_depend_on_the_batch(trained: Path, tiny_setup: Path) 
         source.step(analysis[-6], analysis[0], Call(step=24, lead=24, current=0, previous=-24))
 
 
-def test_cli_trains_diffusion_and_refuses_to_reuse_a_run(diffusion_config: Path, tmp_path: Path, capsys) -> None:
+def test_cli_trains_diffusion_and_refuses_to_reuse_a_run(diffusion_config: Path, tmp_path: Path, capsys,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
     args = ["-q", "train", "diffusion", "--config", str(diffusion_config), "--out", str(tmp_path / "run")]
     raw = yaml.safe_load(diffusion_config.read_text()) | {"steps": 2, "warmup_steps": 1, "val_every": 100}
     (tmp_path / "d.yaml").write_text(yaml.safe_dump(raw))
@@ -207,6 +208,14 @@ def test_cli_trains_diffusion_and_refuses_to_reuse_a_run(diffusion_config: Path,
     (tmp_path / "bad.yaml").write_text(yaml.safe_dump(raw | {"sampler": {"steps": 1}}))
     assert main([*args[:4], str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "other")]) == 2
     assert "sampler.steps" in capsys.readouterr().err and not (tmp_path / "other").exists()
+    from bdlens import checkpoint
+    from bdlens.training import bundle
+
+    for module in (checkpoint, bundle):  # a diffusion checkpoint can be bundled like the others
+        monkeypatch.setattr(module, "BUNDLED_DIR", tmp_path / "assets")
+    assert main(["-q", "train", "bundle", str(tmp_path / "run" / "checkpoint"), "--name", "diffusion_tiny"]) == 0
+    assert (tmp_path / "assets" / "diffusion_tiny" / "model.safetensors").read_bytes() == (
+        tmp_path / "run" / "checkpoint" / "model.safetensors").read_bytes()
 
 
 def test_edm_settings_are_validated() -> None:

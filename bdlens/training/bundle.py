@@ -28,6 +28,7 @@ LOADERS = {
     "deterministic": "bdlens.models.pretrained:load_trained",
     "vi": "bdlens.bayes.posterior:load_posterior",
     "perturbation": "bdlens.perturbation.learned:load_perturbation",
+    "diffusion": "bdlens.models.diffusion:load_diffusion",
 }
 
 
