@@ -3,12 +3,15 @@
 Every system runs through the ensemble engine (`bdlens.Forecaster`) from the analysis at test-period
 inits and is verified against the truth: fair CRPS, ensemble-mean RMSE and the corrected
 spread-skill ratio per lead (latitude-weighted, averaged over inits and space), for Z500, T850,
-U850 and MSLP, plus the members that left physical bounds and the cost per member-step. With
+U850 and MSLP, plus the members that left physical bounds and the cost per member-step. The
+references (``persistence``, ``climatology``, ``ic``, ``bred``) and the ``diffusion`` baseline run
+through the same engine (``--diffusion``: a diffusion checkpoint other than the bundled one). With
 ``--physics`` (a `bdlens world ensemble` store at the same inits) the physics ensemble is scored
-alike. Results go to a CSV (one row per system, field, lead, metric) and a Markdown table.
+alike. Results go to a CSV (one row per system, field, lead, metric) and a table on stdout.
 
-    python evaluation/ensemble_skill.py [--systems hybrid epistemic aleatoric deterministic] [--inits 10]
-        [--every-days 10] [--members 16] [--lead 10d] [--physics PHYS.zarr] [--out evaluation/results/ensemble_skill.csv]
+    python evaluation/ensemble_skill.py [--systems hybrid epistemic aleatoric deterministic ...] [--inits 10]
+        [--every-days 10] [--members 16] [--lead 10d] [--physics PHYS.zarr] [--diffusion CKPT]
+        [--out evaluation/results/ensemble_skill.csv]
 """
 
 from __future__ import annotations
@@ -36,6 +39,10 @@ SYSTEMS = {
     "hybrid": {"bayes": True, "perturbation": "sppt"},
     "hybrid-learned": {"bayes": True, "perturbation": "learned", "output_step": "24h"},
     "ic": {"bayes": False, "perturbation": "ic"},
+    "bred": {"bayes": False, "perturbation": "bred"},
+    "persistence": {"model": "persistence", "members": 1},
+    "climatology": {"model": "climatology"},
+    "diffusion": {"model": "diffusion"},
 }
 DIMS = ["time", "latitude", "longitude"]
 
@@ -70,6 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--every-days", type=int, default=10)
     parser.add_argument("--lead", default="10d")
     parser.add_argument("--physics", type=Path, help="a `bdlens world ensemble` store at the same inits")
+    parser.add_argument("--diffusion", type=Path, help="diffusion checkpoint (default: the bundled system's)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("evaluation/results/ensemble_skill.csv"))
     args = parser.parse_args(argv)
@@ -82,10 +90,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.systems:
             options = {"members": args.members, "lead": args.lead, "output_step": "24h", **SYSTEMS[name]}
-            bayes = options["bayes"]
-            weights = None if not bayes else (options["members"] if options["perturbation"] == "none" else args.weights)
-            forecast = forecaster.ensemble(init=[str(t) for t in inits], weights=weights, seed=args.seed, data=analysis,
-                                           out=Path(tmp) / f"{name}.zarr", **options)
+            runner = Forecaster.from_pretrained(args.diffusion) if name == "diffusion" and args.diffusion else forecaster
+            weights = None
+            if options.get("bayes") is True:
+                weights = options["members"] if options["perturbation"] == "none" else args.weights
+            forecast = runner.ensemble(init=[str(t) for t in inits], weights=weights, seed=args.seed, data=analysis,
+                                       out=Path(tmp) / f"{name}.zarr", **options)
             rows += scores(name, forecast, truth)
             print(f"{name}: {forecast.attrs['system']}", flush=True)
     if args.physics is not None:
