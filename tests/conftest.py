@@ -1,4 +1,4 @@
-"""Shared fixtures: one small demo world per test session (built once, about a minute), a tiny training setup;
+"""Shared fixtures: one small demo world per test session (built once, about a minute);
 tests marked ``gpu`` are skipped on machines without CUDA (benchmarks/gpu_check.sh runs them)."""
 
 from __future__ import annotations
@@ -14,14 +14,6 @@ def small_world(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from bdlens.world.build import build
 
     return build(small=True, cache_dir=tmp_path_factory.mktemp("world-cache"))
-
-
-@pytest.fixture(scope="module")
-def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A synthetic 64×32 store, a tiny model config, a data config and a training config (``train.yaml``)."""
-    from synthetic import write_tiny_training
-
-    return write_tiny_training(tmp_path_factory.mktemp("train"))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

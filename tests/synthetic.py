@@ -227,29 +227,3 @@ def synthetic_forecast(
     if design:
         ds = ds.assign_coords(weight_sample=("number", members // draws), perturbation_draw=("number", members % draws))
     return ds
-
-
-TINY_UPPER = ["geopotential", "temperature"]
-TINY_SURFACE = ["2m_temperature", "mean_sea_level_pressure"]
-
-
-def write_tiny_training(root: Path) -> Path:
-    """A synthetic 64×32 store, a tiny model config, a data config and a training config (train.yaml) in ``root``."""
-    import yaml
-
-    synthetic_dataset(times=48, upper_variables=TINY_UPPER, surface_variables=TINY_SURFACE).to_zarr(root / "data.zarr")
-    (root / "model.yaml").write_text(yaml.safe_dump({
-        "upper_variables": TINY_UPPER, "levels": [500, 850], "surface_variables": TINY_SURFACE, "grid": "64x32",
-        "n_input_times": 2, "embed_dim": 8, "depths": [1, 1, 1, 1], "heads": [1, 2, 2, 1],
-        "window": [2, 4, 8], "patch": [2, 4, 4], "drop_path": 0.1, "residual": True,
-    }))
-    (root / "data.yaml").write_text(yaml.safe_dump({
-        "upper_variables": TINY_UPPER, "surface_variables": TINY_SURFACE, "levels": [500, 850], "step": "6h",
-        "splits": {"train": {"start": "2000-01-01", "end": "2000-01-09"}, "val": {"start": "2000-01-10", "end": "2000-01-12"}},
-    }))
-    (root / "train.yaml").write_text(yaml.safe_dump({
-        "model": str(root / "model.yaml"), "data": str(root / "data.yaml"), "world": str(root / "data.zarr"),
-        "step_hours": 6, "batch_size": 4, "warmup_steps": 1, "steps": 4, "val_every": 2, "val_samples": 4,
-        "checkpoint_every": 2, "seed": 3, "threads": 1,
-    }))
-    return root

@@ -11,9 +11,8 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from interrupt import stop_after_saving
-from synthetic import TINY_SURFACE as SURFACE
-from synthetic import TINY_UPPER as UPPER
 from synthetic import synthetic_dataset
 
 from bdlens.checkpoint import load_state_into, load_weights, read_manifest, save_checkpoint
@@ -23,6 +22,31 @@ from bdlens.training.config import load_train_config
 from bdlens.training.deterministic import train
 from bdlens.training.distributed import Distributed, batch_indices
 from bdlens.training.schedule import lr_factor
+
+UPPER = ["geopotential", "temperature"]
+SURFACE = ["2m_temperature", "mean_sea_level_pressure"]
+
+
+@pytest.fixture(scope="module")
+def tiny_setup(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A synthetic 64×32 store, a tiny model config, a data config and a training config."""
+    root = tmp_path_factory.mktemp("train")
+    synthetic_dataset(times=48, upper_variables=UPPER, surface_variables=SURFACE).to_zarr(root / "data.zarr")
+    (root / "model.yaml").write_text(yaml.safe_dump({
+        "upper_variables": UPPER, "levels": [500, 850], "surface_variables": SURFACE, "grid": "64x32",
+        "n_input_times": 2, "embed_dim": 8, "depths": [1, 1, 1, 1], "heads": [1, 2, 2, 1],
+        "window": [2, 4, 8], "patch": [2, 4, 4], "drop_path": 0.1, "residual": True,
+    }))
+    (root / "data.yaml").write_text(yaml.safe_dump({
+        "upper_variables": UPPER, "surface_variables": SURFACE, "levels": [500, 850], "step": "6h",
+        "splits": {"train": {"start": "2000-01-01", "end": "2000-01-09"}, "val": {"start": "2000-01-10", "end": "2000-01-12"}},
+    }))
+    (root / "train.yaml").write_text(yaml.safe_dump({
+        "model": str(root / "model.yaml"), "data": str(root / "data.yaml"), "world": str(root / "data.zarr"),
+        "step_hours": 6, "batch_size": 4, "warmup_steps": 1, "steps": 4, "val_every": 2, "val_samples": 4,
+        "checkpoint_every": 2, "seed": 3, "threads": 1,
+    }))
+    return root
 
 
 def test_lr_schedule_is_linear_warmup_then_cosine() -> None:

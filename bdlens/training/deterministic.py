@@ -5,8 +5,8 @@ model, optimiser, schedule, every rank's RNG and the step; ``metrics.jsonl`` the
 10 steps) and validation (RMSE per variable and level in physical units, beside persistence);
 ``checkpoint/`` the safetensors weights and a manifest with config, normalisation statistics,
 provenance and the last validation scores. Multi-process training: ``torchrun`` (nccl on GPUs, gloo
-on CPUs); the device, bf16 autocast and DataLoader workers are the config's :class:`ExecutionSettings`
-(docs/gpu.md).
+on CPUs); the device, bf16 autocast and DataLoader workers are the config's
+:class:`~bdlens.training.config.ExecutionSettings` (docs/gpu.md).
 """
 
 from __future__ import annotations
