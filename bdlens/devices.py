@@ -45,11 +45,12 @@ def autocast(device: torch.device, precision: Precision) -> contextlib.AbstractC
 
 def to_device(batch: Any, device: torch.device) -> Any:
     """``batch`` (tensors in tuples, named tuples such as :class:`bdlens.data.Fields`, lists; other
-    leaves as they are) with every tensor on ``device`` (asynchronously from pinned memory).
+    leaves as they are) with every tensor on ``device`` (to a GPU asynchronously from pinned memory;
+    never asynchronously to the CPU, where the values would be read before they arrive).
 
     Hand-written: torch's tree utilities (``torch.utils._pytree``) are private."""
     if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
+        return batch.to(device, non_blocking=device.type == "cuda")
     if isinstance(batch, tuple) and hasattr(batch, "_fields"):
         return type(batch)(*(to_device(x, device) for x in batch))
     if isinstance(batch, tuple | list):

@@ -140,6 +140,24 @@ def test_fp32_step_is_the_plain_computation_and_bf16_autocast_is_close_to_it(tin
     assert bf16 != fp32 and bf16 == pytest.approx(fp32, rel=2e-2)  # autocast ran, in bfloat16's precision
 
 
+def test_vi_step_in_bf16_is_close_to_the_fp32_step(tmp_path) -> None:
+    """The VI trainer's backbone pass and L1 loss under bf16 autocast (the KL term stays fp32): the
+    first SVI loss, the same draw θ, moves by bfloat16's rounding only."""
+    from test_bayes_posterior import deterministic
+    from test_bayes_trainer import Repeated, RollingWorld, vi_config
+
+    from bdlens.bayes.posterior import from_deterministic
+    from bdlens.training.vi import train_vi
+
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        settings = vi_config(steps=1, validate_every=0, seed=4, device="cpu", precision=precision)
+        model = deterministic()
+        train_vi(from_deterministic(model, settings.posterior), Repeated(RollingWorld(model.config, 3)[1], 10), settings, tmp_path / precision)
+        losses[precision] = json.loads((tmp_path / precision / "metrics.jsonl").read_text().splitlines()[0])["loss"]
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
+
+
 def test_activation_checkpointing_recomputes_the_blocks_and_keeps_the_gradients(monkeypatch) -> None:
     base = ModelConfig.from_yaml(Path(__file__).resolve().parents[1] / "configs" / "model_demo.yaml").model_dump()
     upper, surface = torch.randn(2, 2, 4, 8, 32, 64), torch.randn(2, 2, 4, 32, 64)
@@ -211,9 +229,14 @@ def test_posterior_members_follow_their_inputs_device_through_the_fused_linear(m
 
 @pytest.fixture()
 def deterministic_cuda() -> Iterator[None]:
-    """CUDA kernels that give the same bits on every run (benchmarks/gpu_check.sh sets CUBLAS_WORKSPACE_CONFIG)."""
+    """CUDA kernels that give the same bits on every run: torch's deterministic algorithms (benchmarks/gpu_check.sh
+    sets the CUBLAS_WORKSPACE_CONFIG they need) and the math attention kernel (the memory-efficient one's
+    backward pass with a learned bias accumulates atomically)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     torch.use_deterministic_algorithms(True)
-    yield
+    with sdpa_kernel(SDPBackend.MATH):
+        yield
     torch.use_deterministic_algorithms(False)
 
 
