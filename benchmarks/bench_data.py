@@ -79,7 +79,8 @@ def main() -> None:
         t_lazy, t_memory = _epoch(lazy, args.batch), _epoch(memory, args.batch)
         throughput = {(kind, workers): loader_throughput(data, args.batch, args.steps, workers)
                       for workers in (0, 1, 2) for kind, data in (("lazy", lazy), ("in memory", memory))}
-    mb = 4 * ds.sizes["time"] * (len(layout.upper_variables) * len(layout.levels) + len(layout.surface_variables)) * ds.sizes["latitude"] * ds.sizes["longitude"] / 2**20
+    channels = len(layout.upper_variables) * len(layout.levels) + len(layout.surface_variables)
+    mb = 4 * ds.sizes["time"] * channels * ds.sizes["latitude"] * ds.sizes["longitude"] / 2**20
     print(f"store: {path if args.world else 'synthetic'}, {ds.sizes['time']} times, {mb:.0f} MB float32; {len(memory)} samples, batch {args.batch}")
     print(f"open_dataset        {t_open * 1e3:8.1f} ms")
     print(f"compute_stats       {t_stats * 1e3:8.1f} ms")

@@ -312,7 +312,8 @@ class Forecaster:
         units = [(i, c) for i in range(len(init_times)) for c in range(math.ceil(members / chunk))]
         mine = [u for n, u in enumerate(units) if n % dist.world_size == dist.rank and unit_name(*u) not in done]
         advice = f"pass a smaller --batch-size (this run used {batch}), then continue with --resume"
-        with bar(total=len(mine), desc=f"ensemble ({source.describe()})", unit="unit", disable=not dist.main) as progress, out_of_memory(advice):
+        progress = bar(total=len(mine), desc=f"ensemble ({source.describe()})", unit="unit", disable=not dist.main)
+        with progress, out_of_memory(advice):
             for i, c in mine:
                 self._run_unit(source, out, history, init_times, (i, c), range(c * chunk, min((c + 1) * chunk, members)), batch, calls, leads)
                 progress.update(1)

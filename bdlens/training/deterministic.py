@@ -130,7 +130,8 @@ class DeterministicObjective(Objective):
         device = dist_info.device
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank (made on the CPU: the same on every device)
         self.model = EarthSpecificTransformer(setup.model_config).train().to(device)
-        self.loss_fn = WeightedL1Loss(setup.layout.grid.latitudes(), setup.layout.upper_variables, setup.layout.surface_variables).to(device)
+        layout = setup.layout
+        self.loss_fn = WeightedL1Loss(layout.grid.latitudes(), layout.upper_variables, layout.surface_variables).to(device)
         self.batches = BatchLoader(partial(training_batch, setup, cfg, dist_info=dist_info), cfg.steps, cfg.loader_workers, device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))

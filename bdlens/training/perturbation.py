@@ -123,7 +123,8 @@ def rollout_batch(
     :func:`curriculum_rollout` leads)."""
     chosen = [samples[i] for i in batch_indices(step, len(samples), settings.batch_size, settings.seed, dist_info)]
     previous, current = collate_states(dataset, [i for i, _ in chosen])
-    targets = [collate_targets(dataset, [later[lead] for _, later in chosen]) for lead in range(curriculum_rollout(step, settings.curriculum))]
+    rollout = curriculum_rollout(step, settings.curriculum)
+    targets = [collate_targets(dataset, [later[lead] for _, later in chosen]) for lead in range(rollout)]
     return [i for i, _ in chosen], previous, current, targets
 
 
