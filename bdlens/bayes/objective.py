@@ -12,6 +12,7 @@ guide samples θ = μ + σ ε (reparameterised). Both weight sites are scaled by
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 
 import pyro
 import pyro.poutine as poutine
@@ -43,16 +44,22 @@ def batch_loss(bayes: BayesianTransformer, theta: Tensor, loss_fn: WeightedL1Los
 
 
 def model_and_guide(
-    bayes: BayesianTransformer, loss_fn: WeightedL1Loss, beta: float, n_data: int, constants: Tensor | None = None
+    bayes: BayesianTransformer, loss_fn: WeightedL1Loss, beta: float, n_data: int, constants: Tensor | None = None,
+    forward_context: Callable[[], AbstractContextManager] = nullcontext,
 ) -> tuple[Callable[[Batch], None], Callable[[Batch], None]]:
-    """The pyro (model, guide) pair whose ``TraceMeanField_ELBO`` loss is the tempered negative ELBO."""
+    """The pyro (model, guide) pair whose ``TraceMeanField_ELBO`` loss is the tempered negative ELBO.
+
+    ``forward_context()`` is entered around the backbone's forward pass and loss only (e.g. bf16
+    autocast, :func:`bdlens.devices.autocast`), not around the KL or pyro's backward pass."""
     scale = kl_scale(beta, n_data)
     post = bayes.posterior
 
     def model(batch: Batch) -> None:
         with poutine.scale(scale=scale):
             theta = pyro.sample(SITE, post.prior())
-        pyro.factor("data", -batch_loss(bayes, theta, loss_fn, batch, constants))
+        with forward_context():
+            loss = batch_loss(bayes, theta, loss_fn, batch, constants)
+        pyro.factor("data", -loss.float())
 
     def guide(batch: Batch) -> None:
         pyro.module("posterior", post)

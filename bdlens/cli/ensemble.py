@@ -8,6 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
+from bdlens.cli.options import add_device
 from bdlens.ensemble.schemes import SCHEMES
 from bdlens.errors import BdlensError
 
@@ -52,7 +53,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     parser.add_argument("--out", type=Path, default=Path("ensemble.zarr"), help="output zarr (default: ./ensemble.zarr)")
     parser.add_argument("--batch-size", default="auto",
                         help="members computed at once: 'auto' (fits a quarter of the free memory) or N (default: auto)")
-    parser.add_argument("--device", default="auto", help="auto (CUDA when present), cpu or cuda (default: auto)")
+    add_device(parser, default="auto")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--resume", action="store_true", help="continue an interrupted run in --out (same options)")
     parser.add_argument("--overwrite", action="store_true", help="replace --out if it is a bdlens forecast")

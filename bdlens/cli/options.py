@@ -6,8 +6,12 @@ import argparse
 import contextlib
 import logging
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from bdlens.errors import BdlensError
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
 
 log = logging.getLogger(__name__)
 
@@ -22,6 +26,22 @@ def set_threads(threads: int | None) -> None:
     import torch
 
     torch.set_num_threads(threads)
+
+
+def add_device(parser: argparse.ArgumentParser, default: str | None) -> None:
+    """``--device`` for the commands that compute with torch (``None``: the config's choice)."""
+    parser.add_argument("--device", default=default, choices=("auto", "cpu", "cuda"),
+                        help="auto (CUDA when present), cpu or cuda: the GPU of LOCAL_RANK under torchrun (default: "
+                        f"{default or 'the config device, auto unless it says otherwise'}; docs/gpu.md)")
+
+
+def with_device(config: BaseModel, device: str | None) -> BaseModel:
+    """A training config with its ``device`` (top level, or in its ``training`` settings) replaced by ``--device`` when given."""
+    if device is None:
+        return config
+    if "training" in type(config).model_fields:
+        return config.model_copy(update={"training": config.training.model_copy(update={"device": device})})
+    return config.model_copy(update={"device": device})
 
 
 def add_run_mode(parser: argparse.ArgumentParser) -> None:

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from bdlens.cli.options import add_data_options, add_run_mode, set_threads
+from bdlens.cli.options import add_data_options, add_device, add_run_mode, set_threads, with_device
 
 
 def register_perturb(train_subparsers: argparse._SubParsersAction) -> None:
@@ -29,6 +29,7 @@ def register_perturb(train_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--config", required=True, help="perturbation YAML (path or name in configs/), e.g. perturb_demo")
     p.add_argument("--out", type=Path, required=True, help="run directory (state, metrics log, checkpoint/)")
     add_data_options(p, trained_on="posterior")
+    add_device(p, default=None)
     add_run_mode(p)
     p.set_defaults(func=_train_perturb)
 
@@ -64,8 +65,8 @@ def _train_perturb(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     config_file = config_path(args.config)
-    config = PerturbConfig.from_yaml(config_file)
-    dist_info = Distributed.from_env()
+    config = with_device(PerturbConfig.from_yaml(config_file), args.device)
+    dist_info = Distributed.from_env(config.training.device)
     check_run_dir(args.out, args.resume, args.overwrite, dist_info.main, [args.source, config_file, _world_path(args.world)])
     bayes, manifest, sets, data_path = _posterior_and_data(args.source, args.world, ["train", "val"])
     extra = {

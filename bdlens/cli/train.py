@@ -8,7 +8,7 @@ import shlex
 import sys
 from pathlib import Path
 
-from bdlens.cli.options import add_data_options, add_run_mode
+from bdlens.cli.options import add_data_options, add_device, add_run_mode, with_device
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -31,6 +31,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
         command.add_argument("--config", required=True, help=f"training YAML (path or name in configs/), e.g. {example}")
         command.add_argument("--out", type=Path, required=True, help="run directory (state, metrics log, final checkpoint/)")
+        add_device(command, default=None)
         add_run_mode(command)
         command.set_defaults(func=_from_config)
 
@@ -54,6 +55,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     vi.add_argument("--out", type=Path, required=True, help="run directory (metrics log, state.pt, checkpoint/)")
     add_data_options(vi, trained_on="checkpoint")
     vi.add_argument("--analysis", type=Path, help="analysis store for analysis_input_probability > 0 (default: analysis.zarr beside the truth)")
+    add_device(vi, default=None)
     add_run_mode(vi)
     vi.set_defaults(func=_vi)
 
@@ -85,6 +87,7 @@ def _from_config(args: argparse.Namespace) -> int:
 
     diffusion = args.train_command == "diffusion"
     cfg, path = load_train_config(args.config, DiffusionConfig if diffusion else TrainConfig)
+    cfg = with_device(cfg, args.device)
     command = shlex.join(["bdlens", *sys.argv[1:]])
     objective = DiffusionObjective if diffusion else None
     print(train(cfg, args.out, config_file=path, resume=args.resume, overwrite=args.overwrite, command=command, objective=objective))
@@ -105,9 +108,9 @@ def _vi(args: argparse.Namespace) -> int:
 
     set_threads(args.threads)
     config_file = config_path(args.config)
-    config = VIConfig.from_yaml(config_file)
+    config = with_device(VIConfig.from_yaml(config_file), args.device)
+    dist_info = Distributed.from_env(config.training.device)
     trained = load_trained(args.source)
-    dist_info = Distributed.from_env()
     check_run_dir(args.out, args.resume, args.overwrite, dist_info.main, [args.source, args.analysis, config_file, _world_path(args.world)])
     sets, data_config, data_path = checkpoint_datasets(trained.manifest, args.source, args.world, ["train", "val"],
                                                        made_by="bdlens train deterministic")

@@ -32,6 +32,7 @@ from bdlens import __version__, streams
 from bdlens.bayes import load_posterior
 from bdlens.checkpoint import BUNDLED_DIR
 from bdlens.data import Fields, NormStats, open_dataset
+from bdlens.devices import out_of_memory, resolve_device
 from bdlens.ensemble.base import MemberSource
 from bdlens.ensemble.design import PERTURBATION_DRAW, WEIGHT_SAMPLE, Design, anova, split_members
 from bdlens.ensemble.members import ClimatologyMembers, DeterministicMembers, PersistenceMembers, PosteriorMembers, PosteriorModel
@@ -263,7 +264,7 @@ class Forecaster:
         data_path = BUNDLED_ANALYSIS if data is None else data
         analysis = data_path if isinstance(data_path, xr.Dataset) else open_dataset(data_path, sparse_times=True)
         init_times = parse_inits(init, analysis.time.values)
-        dist = Distributed.from_env()  # joins the gloo group under torchrun
+        dist = Distributed.from_env(self.device)  # joins the process group under torchrun (nccl on GPUs)
         inputs = [self.system.root] + ([] if isinstance(data_path, xr.Dataset) else [data_path])
         resuming = prepare_output(out, "forecast", overwrite=overwrite and dist.main, resume=resume, inputs=inputs) if dist.main else resume
 
@@ -316,7 +317,9 @@ class Forecaster:
         done = finished_units(out)
         units = [(i, c) for i in range(len(init_times)) for c in range(math.ceil(members / chunk))]
         mine = [u for n, u in enumerate(units) if n % dist.world_size == dist.rank and unit_name(*u) not in done]
-        with bar(total=len(mine), desc=f"ensemble ({source.describe()})", unit="unit", disable=not dist.main) as progress:
+        advice = f"pass a smaller --batch-size (this run used {batch}), then continue with --resume"
+        progress = bar(total=len(mine), desc=f"ensemble ({source.describe()})", unit="unit", disable=not dist.main)
+        with progress, out_of_memory(advice):
             for i, c in mine:
                 self._run_unit(source, out, history, init_times, (i, c), range(c * chunk, min((c + 1) * chunk, members)), batch, calls, leads)
                 progress.update(1)
@@ -443,16 +446,4 @@ def _barrier(dist: Distributed) -> None:
     """Wait for every process of a torchrun job (nothing to wait for in a plain run)."""
     if dist.parallel:
         torch.distributed.barrier()
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``auto`` → CUDA when present, else CPU; ``cuda`` without CUDA is a clear error."""
-    name = str(device)
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise BdlensError("--device cuda was asked for but this machine has no CUDA device; use --device cpu or auto")
-    if name not in ("cpu",) and not name.startswith("cuda"):
-        raise BdlensError(f"--device must be auto, cpu or cuda, got {name!r}")
-    return torch.device(name)
 

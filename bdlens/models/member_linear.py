@@ -8,7 +8,9 @@ rule, one ``torch.baddbmm`` per layer (bias fused): benchmarks/bench_bayes.py me
 A custom operator costs Python dispatch on every call (+5 % on a plain training step of the demo
 model), so :class:`Linear` routes through it only inside :func:`member_batched` (which
 :func:`bdlens.bayes.sampling.forward_members` enters) and is plain ``F.linear`` elsewhere, including
-under autocast.
+under autocast. Every op of the fused path (``F.linear``, ``bmm``, ``baddbmm``) is device-generic and its
+outputs are made from its inputs, so it runs on whatever device the inputs are (CPU, CUDA; shapes
+only on ``meta``) with no device-specific code.
 """
 
 from __future__ import annotations
@@ -84,10 +86,16 @@ def member_batched() -> Iterator[None]:
         _MEMBER_BATCHED.reset(token)
 
 
+def _autocast_enabled(device_type: str) -> bool:
+    """Whether autocast is on for this device type (False where torch has no autocast, e.g. ``meta``,
+    whose ``is_autocast_enabled`` raises)."""
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 class Linear(nn.Linear):
     """``nn.Linear`` (same parameters and state-dict keys); computed by :func:`linear` inside :func:`member_batched`."""
 
     def forward(self, x: Tensor) -> Tensor:
-        if _MEMBER_BATCHED.get() and not torch.is_autocast_enabled(x.device.type):
+        if _MEMBER_BATCHED.get() and not _autocast_enabled(x.device.type):
             return linear(x, self.weight, self.bias)
         return F.linear(x, self.weight, self.bias)

@@ -8,17 +8,19 @@ forecast from imperfect initial states as they will be used.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
 import torch
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 from bdlens import streams
 from bdlens.data import Fields
+from bdlens.devices import to_device
 from bdlens.errors import BdlensError
 from bdlens.grid import GRIDS
+from bdlens.training.distributed import Distributed, batch_indices
 
 State = tuple[torch.Tensor, torch.Tensor]
 
@@ -42,12 +44,69 @@ def collate(
     return Fields(upper, surface), Fields(*target)
 
 
+class _StepBatches(Dataset):
+    """Item s is the batch of optimiser step s, ``make(s)`` (so a DataLoader's workers build whole batches)."""
+
+    def __init__(self, make: Callable[[int], Any]) -> None:
+        self.make = make
+
+    def __getitem__(self, step: int) -> Any:
+        return self.make(step)
+
+
+def _as_made(batch: Any) -> Any:
+    """The batch as ``make`` built it (torch's default conversion would turn its tuples into lists)."""
+    return batch
+
+
+class BatchLoader:
+    """This rank's batch of every optimiser step, ``make(step)``, on ``device``.
+
+    ``make`` must depend on the step alone (the trainers' batches do: seeded orders of
+    :mod:`bdlens.streams`), so the batches are the same however they are made: with ``workers`` 0 in
+    this process when asked for (the plain path), else by a ``torch.utils.data.DataLoader`` whose
+    ``workers`` processes build the next batches ahead, in step order, into pinned memory when the
+    device is a GPU. A step out of order (the first, or one after a resume) restarts the loader there.
+    """
+
+    def __init__(self, make: Callable[[int], Any], steps: int, workers: int, device: torch.device) -> None:
+        self.make, self.steps, self.workers, self.device = make, steps, workers, device
+        self._next: int | None = None
+        self._batches: Iterator[Any] | None = None
+
+    def __call__(self, step: int) -> Any:
+        """The batch of ``step`` (0-based, below ``steps``), on the device."""
+        if self.workers == 0:
+            return to_device(self.make(step), self.device)
+        if step != self._next:
+            loader = DataLoader(_StepBatches(self.make), batch_size=None, sampler=range(step, self.steps), num_workers=self.workers,
+                                collate_fn=_as_made, pin_memory=self.device.type == "cuda",
+                                generator=torch.Generator())  # the workers' seeds: not a draw from the training's RNG
+            self._batches = iter(loader)
+        self._next = step + 1
+        return to_device(next(self._batches), self.device)
+
+
 def analysis_choice(seed: int, step: int, rank: int, batch: int, input_times: int, probability: float) -> torch.Tensor:
     """Which input times of this rank's batch at ``step`` come from the analysis: boolean (batch, input_times),
     each true with ``probability``, from the stream (seed, "analysis-inputs", rank, step) of
     :mod:`bdlens.streams` alone (so resuming replays it)."""
     draw = streams.generator(seed, "analysis-inputs", member=rank, step=step)
     return torch.rand(batch, input_times, generator=draw) < probability
+
+
+def seeded_batch(
+    step: int, dataset: Dataset, batch_size: int, seed: int, dist_info: Distributed, analysis: Dataset | None = None,
+    probability: float = 0.0, input_times: int = 2,
+) -> tuple[Fields, Fields]:
+    """This rank's (inputs, targets) at optimiser ``step``: the step's seeded batch
+    (:func:`~bdlens.training.distributed.batch_indices`), each of the ``input_times`` input times
+    taken from ``analysis`` with ``probability`` (:func:`analysis_choice`); see :func:`collate`."""
+    indices = batch_indices(step, len(dataset), batch_size, seed, dist_info)
+    analysis_inputs = None
+    if analysis is not None and probability > 0:
+        analysis_inputs = (analysis, analysis_choice(seed, step, dist_info.rank, len(indices), input_times, probability))
+    return collate(dataset, indices, analysis_inputs)
 
 
 def lead_targets(dataset: Dataset, leads: tuple[int, ...], max_forecasts: int) -> list[tuple[int, list[int]]]:

@@ -8,11 +8,30 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from bdlens.configs import config_path
+from bdlens.devices import Device, Precision
 from bdlens.errors import BdlensError, validation_error
 
 
-class TrainConfig(BaseModel):
-    """Optimisation settings of the deterministic trainer, plus which model, data and world to use."""
+class ExecutionSettings(BaseModel):
+    """Where and how a trainer computes (docs/gpu.md); none of them changes a CPU fp32 result, and a
+    resumed run may change any of them (:func:`execution_fields`)."""
+
+    device: Device = Field("auto", description="auto (CUDA when present), cpu or cuda (cuda:LOCAL_RANK under torchrun)")
+    precision: Precision = Field("fp32", description="bf16: forward passes and losses under bfloat16 autocast")
+    loader_workers: int = Field(
+        0, ge=0, description="DataLoader processes preparing the next batches (0: in the training process)"
+    )
+
+
+def execution_fields(prefix: str = "") -> tuple[str, ...]:
+    """The dotted names of the :class:`ExecutionSettings` fields under ``prefix`` (e.g. ``"training."``),
+    for an objective's ``may_change``: a run saved on a GPU may resume on the CPU and the other way round."""
+    return tuple(prefix + name for name in ExecutionSettings.model_fields)
+
+
+class TrainConfig(ExecutionSettings):
+    """Optimisation settings of the deterministic trainer, plus which model, data and world to use,
+    and where it computes (:class:`ExecutionSettings`)."""
 
     model_config = ConfigDict(extra="forbid")
 

@@ -4,7 +4,9 @@ The run directory, exact resume and DDP are :func:`bdlens.training.loop.run`'s: 
 model, optimiser, schedule, every rank's RNG and the step; ``metrics.jsonl`` the training log (every
 10 steps) and validation (RMSE per variable and level in physical units, beside persistence);
 ``checkpoint/`` the safetensors weights and a manifest with config, normalisation statistics,
-provenance and the last validation scores. Multi-process training: ``torchrun`` (gloo, CPU processes).
+provenance and the last validation scores. Multi-process training: ``torchrun`` (nccl on GPUs, gloo
+on CPUs); the device, bf16 autocast and DataLoader workers are the config's
+:class:`~bdlens.training.config.ExecutionSettings` (docs/gpu.md).
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import json
 import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -32,14 +35,15 @@ from bdlens.data import (
     make_datasets,
     resolve_data_path,
 )
+from bdlens.devices import autocast, to_device
 from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.models.config import ModelConfig
 from bdlens.models.loss import WeightedL1Loss
 from bdlens.models.transformer import EarthSpecificTransformer, count_parameters
-from bdlens.training.batches import analysis_choice, collate
-from bdlens.training.config import TrainConfig
-from bdlens.training.distributed import Distributed, batch_indices, optimizer_step
+from bdlens.training.batches import BatchLoader, collate, seeded_batch
+from bdlens.training.config import TrainConfig, execution_fields
+from bdlens.training.distributed import Distributed, optimizer_step
 from bdlens.training.loop import Cadence, Objective, run
 from bdlens.training.run import check_run_dir, read_metrics
 from bdlens.training.schedule import lr_factor
@@ -90,11 +94,12 @@ def validate(model: torch.nn.Module, setup: Setup, n_samples: int, batch_size: i
     the same for persistence, over ``n_samples`` evenly spaced validation samples."""
     was_training = model.training
     model.eval()
+    device = next(model.parameters()).device
     indices = np.linspace(0, len(setup.val) - 1, min(n_samples, len(setup.val))).round().astype(int).tolist()
-    weights = torch.as_tensor(lat_weights(setup.layout.grid.latitudes()), dtype=torch.float32)[:, None]
+    weights = torch.as_tensor(lat_weights(setup.layout.grid.latitudes()), dtype=torch.float32, device=device)[:, None]
     sums: dict[str, torch.Tensor] = {}
     for start in range(0, len(indices), batch_size):
-        (upper, surface), target = collate(setup.val, indices[start : start + batch_size])
+        (upper, surface), target = to_device(collate(setup.val, indices[start : start + batch_size]), device)
         pred = Fields(*model(upper, surface))
         truth = setup.layout.denormalise(target, setup.stats)
         persistence = setup.layout.denormalise(Fields(upper[:, -1], surface[:, -1]), setup.stats)
@@ -115,15 +120,19 @@ class DeterministicObjective(Objective):
     """The weighted L1 loss of one step Δ, AdamW with warm-up and cosine decay (docs/science.md §3)."""
 
     description = "train deterministic"
+    may_change = execution_fields()
 
     def __init__(self, cfg: TrainConfig, setup: Setup, dist_info: Distributed, config_file: Path | None, command: str | None) -> None:
         self.config, self.setup, self.dist_info = cfg, setup, dist_info
         self.config_file, self.command = config_file, command
         self.description = f"train {cfg.step_hours}h"
         self.cadence = Cadence(cfg.steps, log_every=10, validate_every=cfg.val_every, checkpoint_every=cfg.checkpoint_every)
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.model = EarthSpecificTransformer(setup.model_config).train()
-        self.loss_fn = WeightedL1Loss(setup.layout.grid.latitudes(), setup.layout.upper_variables, setup.layout.surface_variables)
+        device = dist_info.device
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank (made on the CPU: the same on every device)
+        self.model = EarthSpecificTransformer(setup.model_config).train().to(device)
+        layout = setup.layout
+        self.loss_fn = WeightedL1Loss(layout.grid.latitudes(), layout.upper_variables, layout.surface_variables).to(device)
+        self.batches = BatchLoader(partial(training_batch, setup, cfg, dist_info=dist_info), cfg.steps, cfg.loader_workers, device)
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
         if dist_info.main:
@@ -136,8 +145,9 @@ class DeterministicObjective(Objective):
         torch.manual_seed(self.config.seed + 1 + dist_info.rank)  # DropPath masks differ between ranks
 
     def train_step(self, step: int) -> dict[str, float]:
-        (upper, surface), target = training_batch(self.setup, self.config, step, self.dist_info)
-        loss = self.loss_fn(self.model(upper, surface), (target.upper, target.surface))
+        (upper, surface), target = self.batches(step)
+        with autocast(self.dist_info.device, self.config.precision):
+            loss = self.loss_fn(self.model(upper, surface), (target.upper, target.surface))
         grad_norm = optimizer_step(loss, list(self.model.parameters()), self.optimizer, self.scheduler, self.config.grad_clip, self.dist_info)
         return {"loss": loss.item(), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 
@@ -155,13 +165,9 @@ class DeterministicObjective(Objective):
 
 def training_batch(setup: Setup, cfg: TrainConfig, step: int, dist_info: Distributed) -> tuple[Fields, Fields]:
     """This rank's (inputs, targets) at ``step``: the step's seeded batch, inputs from the analysis
-    with ``cfg.analysis_input_probability`` per input time."""
-    indices = batch_indices(step, len(setup.train), cfg.batch_size, cfg.seed, dist_info)
-    analysis_inputs = None
-    if setup.train_analysis is not None:
-        choice = analysis_choice(cfg.seed, step, dist_info.rank, len(indices), setup.model_config.n_input_times, cfg.analysis_input_probability)
-        analysis_inputs = (setup.train_analysis, choice)
-    return collate(setup.train, indices, analysis_inputs)
+    with ``cfg.analysis_input_probability`` per input time (:func:`~bdlens.training.batches.seeded_batch`)."""
+    return seeded_batch(step, setup.train, cfg.batch_size, cfg.seed, dist_info, setup.train_analysis, cfg.analysis_input_probability,
+                        setup.model_config.n_input_times)
 
 
 def training_manifest(
@@ -204,7 +210,7 @@ def train(
 
     ``objective``: another objective built like :class:`DeterministicObjective` from the config and
     its :class:`Setup` (the diffusion baseline), default the deterministic one."""
-    dist_info = Distributed.from_env()
+    dist_info = Distributed.from_env(cfg.device)
     dist_info.check_batch(cfg.batch_size)
     inputs = [config_file, config_path(cfg.model), config_path(cfg.data), None if cfg.world in ("demo", "small") else cfg.world]
     run_dir = check_run_dir(run_dir, resume, overwrite, dist_info.main, inputs)

@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import time
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from torch import Tensor
 
 from bdlens.checkpoint import save_checkpoint
 from bdlens.data import Fields, residual_stats
+from bdlens.devices import autocast, to_device
 from bdlens.models import WeightedL1Loss
 from bdlens.models.diffusion import (
     KIND,
@@ -40,8 +42,8 @@ from bdlens.models.diffusion import (
     SamplerSettings,
     loss_weight,
 )
-from bdlens.training.batches import latitudes
-from bdlens.training.config import TrainConfig
+from bdlens.training.batches import BatchLoader, latitudes
+from bdlens.training.config import TrainConfig, execution_fields
 from bdlens.training.deterministic import Setup, train, training_batch, training_manifest
 from bdlens.training.distributed import Distributed, optimizer_step
 from bdlens.training.ensemble_validation import ensemble_scores, reported
@@ -87,15 +89,19 @@ class DiffusionObjective(Objective):
     """Denoising score matching of the EDM denoiser (see the module docstring)."""
 
     description = "train diffusion"
+    may_change = execution_fields()
 
     def __init__(self, cfg: DiffusionConfig, setup: Setup, dist_info: Distributed, config_file: Path | None, command: str | None) -> None:
         self.config, self.setup, self.dist_info, self.config_file, self.command = cfg, setup, dist_info, config_file, command
         self.cadence = Cadence(cfg.steps, log_every=10, validate_every=cfg.val_every, checkpoint_every=cfg.checkpoint_every)
+        device = dist_info.device
         self.residual_stats = residual_stats(setup.data_config, setup.data_path)
-        self.scaling = ResidualScaling(setup.layout, setup.stats, self.residual_stats)
+        self.scaling = ResidualScaling(setup.layout, setup.stats, self.residual_stats).to(device)
         torch.manual_seed(cfg.seed)  # identical initial weights on every rank
-        self.denoiser = Denoiser(setup.model_config, cfg.edm).train()
-        self.loss_fn = DenoisingLoss(setup.layout.grid.latitudes(), setup.layout.upper_variables, setup.layout.surface_variables)
+        self.denoiser = Denoiser(setup.model_config, cfg.edm).train().to(device)
+        self.loss_fn = DenoisingLoss(setup.layout.grid.latitudes(), setup.layout.upper_variables, setup.layout.surface_variables).to(device)
+        self.constants = to_device(setup.train.constants, device)
+        self.batches = BatchLoader(partial(training_batch, setup, cfg, dist_info=dist_info), cfg.steps, cfg.loader_workers, device)
         self.optimizer = torch.optim.AdamW(self.denoiser.parameters(), lr=cfg.learning_rate, weight_decay=cfg.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, lambda s: lr_factor(s, cfg.warmup_steps, cfg.steps))
 
@@ -106,20 +112,22 @@ class DiffusionObjective(Objective):
         torch.manual_seed(self.config.seed + 1 + dist_info.rank)  # noise levels, noise and DropPath differ between ranks
 
     def train_step(self, step: int) -> dict[str, float]:
-        (upper, surface), target = training_batch(self.setup, self.config, step, self.dist_info)
+        (upper, surface), target = self.batches(step)
         condition = [Fields(upper[:, t], surface[:, t]) for t in range(upper.shape[1])]
         clean = self.scaling.to_residual(condition[-1], target)
         edm = self.config.edm
-        sigma = (edm.log_sigma_mean + edm.log_sigma_std * torch.randn(upper.shape[0])).exp()
+        # σ from the CPU generator (as before GPUs), the noise from the generator of the batch's device.
+        sigma = (edm.log_sigma_mean + edm.log_sigma_std * torch.randn(upper.shape[0])).exp().to(upper.device)
         noisy = Fields(*(x + sigma.reshape(-1, *[1] * (x.ndim - 1)) * torch.randn_like(x) for x in clean))
-        denoised = self.denoiser(noisy, sigma, condition, self.setup.train.constants)
-        loss = self.loss_fn(denoised, clean, loss_weight(sigma, edm.sigma_data))
+        with autocast(self.dist_info.device, self.config.precision):
+            denoised = self.denoiser(noisy, sigma, condition, self.constants)
+            loss = self.loss_fn(denoised, clean, loss_weight(sigma, edm.sigma_data))
         parameters = list(self.denoiser.parameters())
         grad_norm = optimizer_step(loss, parameters, self.optimizer, self.scheduler, self.config.grad_clip, self.dist_info)
         return {"loss": loss.item(), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 
     def validate(self) -> list[dict[str, Any]]:
-        rows, seconds, member_steps = validate(self.denoiser, self.scaling, self.setup, self.config)
+        rows, seconds, member_steps = validate(self.denoiser, self.scaling, self.setup, self.config, self.dist_info.device)
         extra = {"network_evaluations_per_member_step": self.config.sampler.network_evaluations, "seconds_per_member_step": seconds / member_steps}
         return [{"split": "val", **row, **extra} for row in rows]
 
@@ -136,15 +144,20 @@ class DiffusionObjective(Objective):
         return save_checkpoint(directory, self.denoiser.state_dict(), manifest)
 
 
-def validate(denoiser: Denoiser, scaling: ResidualScaling, setup: Setup, cfg: DiffusionConfig) -> tuple[list[dict[str, Any]], float, int]:
+def validate(
+    denoiser: Denoiser, scaling: ResidualScaling, setup: Setup, cfg: DiffusionConfig, device: torch.device | str = "cpu"
+) -> tuple[list[dict[str, Any]], float, int]:
     """Per-lead :func:`ensemble_scores` of ``cfg.validation.members`` diffusion members on ``cfg.val_samples``
-    validation forecasts; also the wall time (s) and the number of member-steps it took."""
+    validation forecasts (on ``device``, where the denoiser and ``scaling`` are); also the wall time (s)
+    and the number of member-steps it took."""
     settings = cfg.validation
     was_training = denoiser.training
     denoiser.eval()
-    ensemble = DiffusionEnsemble(DiffusionSampler(denoiser, scaling, cfg.sampler, settings.seed, setup.val.constants), settings.members)
+    sampler = DiffusionSampler(denoiser, scaling, cfg.sampler, settings.seed, to_device(setup.val.constants, torch.device(device)))
+    ensemble = DiffusionEnsemble(sampler, settings.members)
     tick = time.perf_counter()
-    rows = ensemble_scores(ensemble, setup.val, settings.leads, cfg.val_samples, settings.batch_size, latitudes(denoiser, setup.val), per_variable=True)
+    rows = ensemble_scores(ensemble, setup.val, settings.leads, cfg.val_samples, settings.batch_size, latitudes(denoiser, setup.val),
+                           per_variable=True, device=device)
     seconds = time.perf_counter() - tick
     denoiser.train(was_training)
     return reported(rows), seconds, rows[0]["forecasts"] * settings.members * max(settings.leads)

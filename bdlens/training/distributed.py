@@ -1,43 +1,52 @@
-"""Data-parallel training across ``torchrun`` processes, shared by the trainers.
+"""Data-parallel training across ``torchrun`` processes, shared by the trainers (and the ensemble engine's ranks).
 
-The trainers keep models and batches on the CPU, so the process group is gloo's (nccl would need
-every tensor on a GPU; moving the trainers to GPUs is future work and would switch the backend too).
+Each process computes on its own device (:func:`bdlens.devices.resolve_device`): ``cuda:LOCAL_RANK``
+on a GPU machine, with the nccl process group, or the CPU, with gloo's (docs/gpu.md). Collectives
+run on that device; what they return to the caller (RNG states, numbers) is on the CPU.
 
 Every rank holds the whole model and takes a disjoint slice of each global batch
 (:func:`batch_indices`); gradients are averaged over the ranks before each optimiser step
 (:func:`average_gradients`, inside :func:`optimizer_step` and the VI trainer's pyro optimiser), so all
 ranks apply the same update and keep identical weights (:func:`max_difference_between_ranks`
-checks it). Each rank keeps its own RNG stream (dropout masks, weight samples), saved per rank
-(:func:`gather_rng_states`) so that a resumed run continues every stream exactly.
+checks it). Each rank keeps its own RNG streams (dropout masks, weight samples): the CPU generator's,
+and on a GPU the CUDA generator's, saved per rank (:func:`gather_rng_states`) so that a resumed run
+continues every stream exactly.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from bdlens import streams
+from bdlens.devices import resolve_device
 from bdlens.errors import BdlensError
 
 
 @dataclass
 class Distributed:
-    """This process's place in a ``torchrun`` job (rank 0 of 1 when run plainly)."""
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when run plainly) and its device."""
 
     rank: int = 0
     world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
 
     @classmethod
-    def from_env(cls) -> Distributed:
-        """Read ``RANK``/``WORLD_SIZE`` (set by torchrun) and join the process group when there are several ranks."""
+    def from_env(cls, device: str | torch.device = "cpu") -> Distributed:
+        """Read ``RANK``/``WORLD_SIZE`` (set by torchrun), resolve ``device`` (``auto``, ``cpu``,
+        ``cuda``: see :func:`bdlens.devices.resolve_device`) and join the process group when there
+        are several ranks: nccl on GPUs, gloo on CPUs."""
+        resolved = resolve_device(device)
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("gloo")  # CPU tensors (see the module docstring)
-        return cls(int(os.environ.get("RANK", "0")), world_size)
+            dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+        return cls(int(os.environ.get("RANK", "0")), world_size, resolved)
 
     @property
     def main(self) -> bool:
@@ -87,28 +96,45 @@ def average_scalar(value: float, dist_info: Distributed) -> float:
     """The mean of a per-rank number (e.g. the loss of each rank's slice of the batch) over the ranks."""
     if not dist_info.parallel:
         return value
-    tensor = torch.tensor([value], dtype=torch.float64)
+    tensor = torch.tensor([value], dtype=torch.float64, device=dist_info.device)
     dist.all_reduce(tensor)
     return float(tensor) / dist_info.world_size
 
 
-def gather_rng_states(dist_info: Distributed) -> list[torch.Tensor]:
-    """Every rank's CPU RNG state, in rank order (a collective: all ranks must call it)."""
-    rng = torch.get_rng_state()
-    if not dist_info.parallel:
-        return [rng]
-    gathered = [torch.empty_like(rng) for _ in range(dist_info.world_size)]
-    dist.all_gather(gathered, rng)
+def _all_gather(tensor: torch.Tensor, dist_info: Distributed) -> list[torch.Tensor]:
+    """Every rank's ``tensor`` (same shape on all), in rank order, gathered on this rank's device
+    (nccl gathers GPU tensors only); a collective."""
+    tensor = tensor.to(dist_info.device)
+    gathered = [torch.empty_like(tensor) for _ in range(dist_info.world_size)]
+    dist.all_gather(gathered, tensor)
     return gathered
+
+
+def gather_rng_states(dist_info: Distributed) -> dict[str, list[torch.Tensor]]:
+    """Every rank's RNG states in rank order, as CPU tensors: ``torch_rng`` (the CPU generator) and,
+    on a GPU, ``cuda_rng`` (the generator of the rank's device). A collective: all ranks must call it."""
+    states = {"torch_rng": torch.get_rng_state()}
+    if dist_info.device.type == "cuda":
+        states["cuda_rng"] = torch.cuda.get_rng_state(dist_info.device)
+    if not dist_info.parallel:
+        return {key: [rng] for key, rng in states.items()}
+    return {key: [g.cpu() for g in _all_gather(rng, dist_info)] for key, rng in states.items()}
+
+
+def set_rng_states(states: dict[str, list[torch.Tensor]], dist_info: Distributed) -> None:
+    """Give this rank its saved RNG states back (:func:`gather_rng_states`): the CPU generator's
+    always, the CUDA generator's when the run saved one and now runs on a GPU (a GPU run resumes on
+    the CPU and a CPU run on a GPU, each without the other's generator)."""
+    torch.set_rng_state(states["torch_rng"][dist_info.rank])
+    if "cuda_rng" in states and dist_info.device.type == "cuda":
+        torch.cuda.set_rng_state(states["cuda_rng"][dist_info.rank], dist_info.device)
 
 
 def max_difference_between_ranks(parameters: Iterable[torch.Tensor], dist_info: Distributed) -> float:
     """The largest absolute difference of any weight between any rank and rank 0 (a collective; 0.0 on one process)."""
     if not dist_info.parallel:
         return 0.0
-    flat = torch.cat([p.detach().reshape(-1) for p in parameters])
-    gathered = [torch.empty_like(flat) for _ in range(dist_info.world_size)]
-    dist.all_gather(gathered, flat)
+    gathered = _all_gather(torch.cat([p.detach().reshape(-1) for p in parameters]), dist_info)
     return max(float((g - gathered[0]).abs().max()) for g in gathered)
 
 

@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from bdlens.devices import to_device
 from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.training.batches import collate_states, collate_targets, lead_targets
@@ -69,6 +70,7 @@ def ensemble_scores(
     batch_size: int = 8,
     latitude: np.ndarray | None = None,
     per_variable: bool = False,
+    device: torch.device | str = "cpu",
 ) -> list[dict[str, Any]]:
     """Per lead (model steps): fair CRPS, ensemble-mean RMSE, spread and corrected spread-skill ratio.
 
@@ -81,10 +83,11 @@ def ensemble_scores(
     spread_skill = spread/rmse·√((K+1)/K). Each record also holds the ``mse`` and ``variance`` the
     means come from. With ``per_variable`` (needs the dataset's layout and stats) the record adds
     ``rmse_<var>_<level>`` and ``spread_<var>_<level>`` (and surface ``rmse_<var>``, ``spread_<var>``)
-    in physical units.
+    in physical units. The states go to ``device``, the ensemble's.
     """
     leads = sorted(set(int(lead) for lead in leads))
-    weights = torch.as_tensor(lat_weights(latitude if latitude is not None else dataset.layout.grid.latitudes()), dtype=torch.float32)[:, None]
+    weights = torch.as_tensor(lat_weights(latitude if latitude is not None else dataset.layout.grid.latitudes()), dtype=torch.float32,
+                              device=device)[:, None]
     std = channel_std(dataset) if per_variable else None
     if per_variable and std is None:
         raise BdlensError("per-variable validation needs a dataset with a field layout and normalisation stats (a WeatherDataset)")
@@ -95,11 +98,11 @@ def ensemble_scores(
         chunk = plan[start : start + batch_size]
         if hasattr(ensemble, "start"):
             ensemble.start([i for i, _ in chunk])
-        previous, current = collate_states(dataset, [i for i, _ in chunk])
+        previous, current = to_device(collate_states(dataset, [i for i, _ in chunk]), torch.device(device))
         for lead in range(1, leads[-1] + 1):
             previous, current = current, ensemble.step(previous, current)
             if lead in leads:
-                truth = collate_targets(dataset, [later[leads.index(lead)] for _, later in chunk])
+                truth = to_device(collate_targets(dataset, [later[leads.index(lead)] for _, later in chunk]), torch.device(device))
                 forecast = torch.cat([current[0].flatten(2, 3), current[1]], dim=2)  # (K, B, C, H, W)
                 target = torch.cat([truth[0].flatten(1, 2), truth[1]], dim=1)
                 per_channel = torch.stack([  # (3, C): sums over forecasts, means over grid points

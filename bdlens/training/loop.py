@@ -12,7 +12,9 @@ else, the same way for all of them:
   an uninterrupted run ends); the log lines after the saved step are dropped and redone;
 * data parallelism under ``torchrun`` (:mod:`bdlens.training.distributed`): the objective averages
   its gradients, rank 0 writes, and the ranks' weights are compared at the end;
-* a progress bar (rank 0) and the training time (``train_seconds``, without validation).
+* a progress bar (rank 0) and the training time (``train_seconds``, without validation);
+* running out of GPU memory ends the run with a one-line error that says what to lower (the run
+  resumes from its last ``state.pt`` after the change: device, precision and loader workers may change).
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from typing import Any, ClassVar
 from pydantic import BaseModel
 from torch import Tensor
 
+from bdlens.devices import out_of_memory
 from bdlens.progress import bar
 from bdlens.training.distributed import Distributed, average_scalar
 from bdlens.training.run import (
@@ -41,6 +44,9 @@ from bdlens.training.run import (
 )
 
 log = logging.getLogger(__name__)
+
+OUT_OF_MEMORY_ADVICE = ("lower the batch size, set `checkpoint: true` in the model config (activation checkpointing) "
+                        "or `precision: bf16`, then continue with --resume")
 
 
 @dataclass(frozen=True)
@@ -110,7 +116,8 @@ def run(objective: Objective, run_dir: str | Path, dist_info: Distributed, resum
     if dist_info.main:
         truncate_metrics(run_dir, step)
     quiet_rank = {} if dist_info.main else {"disable": True}
-    with bar(total=cadence.steps, initial=step, desc=objective.description, unit="step", **quiet_rank) as progress:
+    progress = bar(total=cadence.steps, initial=step, desc=objective.description, unit="step", **quiet_rank)
+    with progress, out_of_memory(OUT_OF_MEMORY_ADVICE):
         while step < cadence.steps:
             tick = time.perf_counter()
             fields = objective.train_step(step)

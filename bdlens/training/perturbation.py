@@ -16,6 +16,7 @@ spread-skill ratio per lead (:func:`ensemble_scores`).
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -28,12 +29,14 @@ from bdlens import streams
 from bdlens.bayes.posterior import BayesianTransformer
 from bdlens.bayes.sampling import PosteriorEnsemble
 from bdlens.configs import YamlConfig
+from bdlens.devices import autocast, to_device
 from bdlens.errors import BdlensError
 from bdlens.models import WeightedL1Loss
 from bdlens.perturbation.initial import member_noise
 from bdlens.perturbation.learned import NOISE_STREAM, NetworkSettings, PerturbationNetwork, State, save_perturbation
 from bdlens.perturbation.patterns import init_keys_for, members_tuple
-from bdlens.training.batches import collate_states, collate_targets, latitudes, lead_targets
+from bdlens.training.batches import BatchLoader, collate_states, collate_targets, latitudes, lead_targets
+from bdlens.training.config import ExecutionSettings, execution_fields
 from bdlens.training.distributed import Distributed, batch_indices, optimizer_step
 from bdlens.training.ensemble_validation import ValidationSettings, ensemble_scores, fair_crps, reported
 from bdlens.training.loop import Cadence, Objective, run
@@ -156,8 +159,8 @@ class CurriculumSettings(BaseModel):
     max_rollout: int = Field(default=4, ge=1)
 
 
-class PerturbTrainingSettings(BaseModel):
-    """Optimisation of the perturbation network."""
+class PerturbTrainingSettings(ExecutionSettings):
+    """Optimisation of the perturbation network, and where it computes (:class:`~bdlens.training.config.ExecutionSettings`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -205,6 +208,19 @@ def step_seed(seed: int, step: int) -> int:
     return int(torch.randint(2**31 - 1, (), generator=streams.generator(seed, "perturbation-training", step=step)))
 
 
+def rollout_batch(
+    step: int, samples: Sequence[tuple[int, list[int]]], dataset: Dataset, settings: PerturbTrainingSettings, dist_info: Distributed
+) -> tuple[list[int], State | None, State, list[State]]:
+    """This rank's batch at ``step``: the seeded choice of (sample, later samples) of ``samples``
+    (:func:`lead_targets`), as (sample indices, X_{t−Δ} or None, X_t, the targets of the
+    :func:`curriculum_rollout` leads)."""
+    chosen = [samples[i] for i in batch_indices(step, len(samples), settings.batch_size, settings.seed, dist_info)]
+    previous, current = collate_states(dataset, [i for i, _ in chosen])
+    rollout = curriculum_rollout(step, settings.curriculum)
+    targets = [collate_targets(dataset, [later[lead] for _, later in chosen]) for lead in range(rollout)]
+    return [i for i, _ in chosen], previous, current, targets
+
+
 def rollout_loss(
     ensemble: PerturbedEnsemble, loss_fn: EnsembleCRPSLoss, previous: State | None, current: State, targets: Sequence[State]
 ) -> Tensor:
@@ -221,6 +237,7 @@ class PerturbationObjective(Objective):
 
     description = "perturbation training"
     what = "perturbation"
+    may_change = execution_fields("training.")
 
     def __init__(
         self, bayes: BayesianTransformer, train_set: Dataset, config: PerturbConfig, dist_info: Distributed, val_set: Dataset | None,
@@ -228,11 +245,11 @@ class PerturbationObjective(Objective):
     ) -> None:
         settings = config.training
         self.config, self.settings, self.dist_info = config, settings, dist_info
-        self.bayes, self.train_set, self.val_set, self.constants = bayes, train_set, val_set, constants
+        device = self.device = dist_info.device
+        self.bayes, self.train_set, self.val_set, self.constants = bayes.to(device), train_set, val_set, to_device(constants, device)
         self.norm_stats, self.manifest_extra = norm_stats, manifest_extra
         self.cadence = Cadence(settings.steps, settings.log_every, settings.validate_every, settings.checkpoint_every)
         bayes.requires_grad_(False).eval()
-        device = bayes.posterior.mu.device
         torch.manual_seed(settings.seed)
         self.network = PerturbationNetwork(config.network.model_config_for(bayes.config), config.network.init_sigma, config.network.init_scale)
         self.network.to(device).train()
@@ -247,22 +264,22 @@ class PerturbationObjective(Objective):
             )
         loss_fn = EnsembleCRPSLoss(latitudes(bayes, train_set), bayes.config.upper_variables, bayes.config.surface_variables)
         self.loss_fn = loss_fn.to(device)
+        make = partial(rollout_batch, samples=self.samples, dataset=train_set, settings=settings, dist_info=dist_info)
+        self.batches = BatchLoader(make, settings.steps, settings.loader_workers, device)
 
     def stateful(self) -> dict[str, Any]:
         return {"network": self.network, "optimizer": self.optimizer, "scheduler": self.scheduler}
 
     def train_step(self, step: int) -> dict[str, float]:
-        settings, data = self.settings, self.train_set
-        rollout = curriculum_rollout(step, settings.curriculum)
-        chosen = [self.samples[i] for i in batch_indices(step, len(self.samples), settings.batch_size, settings.seed, self.dist_info)]
-        previous, current = collate_states(data, [i for i, _ in chosen])
-        targets = [collate_targets(data, [later[lead] for _, later in chosen]) for lead in range(rollout)]
+        settings = self.settings
+        keys, previous, current, targets = self.batches(step)
         ensemble = PerturbedEnsemble(self.bayes, self.network, settings.members, step_seed(settings.seed, step), self.constants)
-        ensemble.start([i for i, _ in chosen])
-        loss = rollout_loss(ensemble, self.loss_fn, previous, current, targets)
+        ensemble.start(keys)
+        with autocast(self.device, settings.precision):
+            loss = rollout_loss(ensemble, self.loss_fn, previous, current, targets)
         parameters = list(self.network.parameters())
         grad_norm = optimizer_step(loss, parameters, self.optimizer, self.scheduler, settings.grad_clip, self.dist_info)
-        return {"loss": loss.item(), "rollout": rollout, "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
+        return {"loss": loss.item(), "rollout": len(targets), "grad_norm": grad_norm, "lr": self.scheduler.get_last_lr()[0]}
 
     def validate(self) -> list[dict[str, Any]]:
         if self.val_set is None:
@@ -301,7 +318,7 @@ def train_perturbation(
     same weight samples at a step and keys each sample's noise by its training-sample index, so the
     ranks together compute the same loss and update as one process with the whole batch.
     """
-    dist_info = Distributed.from_env()
+    dist_info = Distributed.from_env(config.training.device)
     dist_info.check_batch(config.training.batch_size)
     objective = PerturbationObjective(bayes, train_set, config, dist_info, val_set, constants, norm_stats, manifest_extra)
     objective.depends = depends
@@ -318,7 +335,8 @@ def validate_perturbation(
     network.eval()
 
     ensemble = PerturbedEnsemble(bayes, network, settings.members, settings.seed, constants)
-    rows = ensemble_scores(ensemble, dataset, settings.leads, settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset))
+    rows = ensemble_scores(ensemble, dataset, settings.leads, settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset),
+                           device=bayes.posterior.mu.device)
     network.train(was_training)
     return reported(rows)
 

@@ -24,7 +24,7 @@ from pydantic import BaseModel
 from bdlens.checkpoint import MANIFEST
 from bdlens.errors import BdlensError
 from bdlens.outputs import mark_output, prepare_output
-from bdlens.training.distributed import Distributed, gather_rng_states, max_difference_between_ranks
+from bdlens.training.distributed import Distributed, gather_rng_states, max_difference_between_ranks, set_rng_states
 
 METRICS = "metrics.jsonl"
 STATE = "state.pt"
@@ -95,7 +95,8 @@ def last_validation(run_dir: Path) -> list[dict[str, Any]]:
 def save_state(
     run_dir: Path, state: dict[str, Any], config: BaseModel, dist_info: Distributed, depends: dict[str, Any] | None = None
 ) -> None:
-    """Write ``state`` plus every rank's RNG state (``torch_rng``, a list in rank order), ``config``
+    """Write ``state`` plus every rank's RNG states (``torch_rng`` and on GPUs ``cuda_rng``, lists in
+    rank order: :func:`~bdlens.training.distributed.gather_rng_states`), ``config``
     and ``depends`` (what else the run depends on, e.g. resolved configs or a checkpoint hash; both
     as JSON, checked on resume) to ``run_dir/state.pt`` atomically. A collective: every rank calls
     it, rank 0 writes."""
@@ -103,7 +104,7 @@ def save_state(
     if not dist_info.main:
         return
     tmp = run_dir / f".{STATE}.tmp"
-    torch.save({**state, "torch_rng": rng_states, "config": config.model_dump_json(), "depends": json.dumps(depends or {})}, tmp)
+    torch.save({**state, **rng_states, "config": config.model_dump_json(), "depends": json.dumps(depends or {})}, tmp)
     tmp.replace(run_dir / STATE)
 
 
@@ -119,7 +120,8 @@ def log_rank_agreement(run_dir: Path, parameters: Iterable[torch.Tensor], dist_i
 def read_state(
     run_dir: Path, config: BaseModel, what: str, may_change: tuple[str, ...] = (), depends: dict[str, Any] | None = None
 ) -> dict[str, Any]:
-    """``run_dir/state.pt`` (read with ``weights_only=True``) after checking it was written with ``config``
+    """``run_dir/state.pt`` (read with ``weights_only=True``, every tensor onto the CPU whatever device
+    wrote it; ``load_state_dict`` then places it on the run's device) after checking it was written with ``config``
     and the same ``depends`` (see :func:`save_state`; a state from before ``depends`` was saved is
     checked on ``config`` only, with a warning).
 
@@ -158,7 +160,8 @@ def read_state(
 
 def restore(state: dict[str, Any], dist_info: Distributed, **stateful: Any) -> tuple[int, float]:
     """Resume from a :func:`read_state` dict: each keyword's object (model, optimiser, scheduler) gets
-    ``load_state_dict(state[key])``, this rank gets its RNG state back; returns (step, elapsed seconds).
+    ``load_state_dict(state[key])``, this rank gets its RNG states back (the CUDA one only on a GPU:
+    :func:`~bdlens.training.distributed.set_rng_states`); returns (step, elapsed seconds).
     A run must resume on as many processes as it was saved from (each rank has its own RNG stream)."""
     saved_ranks = len(state["torch_rng"])
     if saved_ranks != dist_info.world_size:
@@ -168,5 +171,5 @@ def restore(state: dict[str, Any], dist_info: Distributed, **stateful: Any) -> t
             obj.load_state_dict(state[key])
         except (KeyError, RuntimeError, ValueError) as err:  # a state of another model: one line, not a traceback
             raise BdlensError(f"the saved {key} does not match this run's ({type(err).__name__}); start over with --overwrite") from None
-    torch.set_rng_state(state["torch_rng"][dist_info.rank])
+    set_rng_states(state, dist_info)
     return int(state["step"]), float(state["elapsed"])

@@ -30,13 +30,14 @@ does for Horovod), so every rank applies the same update and the posteriors stay
 from __future__ import annotations
 
 from collections.abc import Iterable
+from functools import partial
 from pathlib import Path
 from typing import Any, ClassVar
 
 import pyro
 import pyro.optim
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import ConfigDict, Field
 from pyro.infer import SVI, TraceMeanField_ELBO
 from pyro.optim import PyroOptim
 from torch import Tensor
@@ -46,11 +47,12 @@ from bdlens.bayes.objective import kl_scale, model_and_guide
 from bdlens.bayes.posterior import BayesianTransformer, PosteriorSettings, save_posterior
 from bdlens.bayes.sampling import PosteriorEnsemble
 from bdlens.configs import YamlConfig
-from bdlens.data import Fields
+from bdlens.devices import autocast, to_device
 from bdlens.errors import BdlensError
 from bdlens.models import WeightedL1Loss
-from bdlens.training.batches import analysis_choice, collate, latitudes
-from bdlens.training.distributed import Distributed, average_gradients, batch_indices
+from bdlens.training.batches import BatchLoader, latitudes, seeded_batch
+from bdlens.training.config import ExecutionSettings, execution_fields
+from bdlens.training.distributed import Distributed, average_gradients
 from bdlens.training.ensemble_validation import ValidationSettings, channel_std, ensemble_scores, reported
 from bdlens.training.loop import Cadence, Objective, run
 from bdlens.training.run import last_validation
@@ -58,8 +60,9 @@ from bdlens.training.run import last_validation
 __all__ = ["GradientAveragingOptim", "TrainingSettings", "VIConfig", "ValidationSettings", "latitudes", "train_vi", "validate"]
 
 
-class TrainingSettings(BaseModel):
-    """The SVI loop: steps, global batch, learning rates of μ and ρ, tempering β, N_D, analysis inputs, cadence."""
+class TrainingSettings(ExecutionSettings):
+    """The SVI loop: steps, global batch, learning rates of μ and ρ, tempering β, N_D, analysis inputs,
+    cadence, and where it computes (:class:`~bdlens.training.config.ExecutionSettings`)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -130,7 +133,7 @@ def validate(
     per_variable = channel_std(dataset) is not None
     return reported(ensemble_scores(
         PosteriorEnsemble(bayes, settings.members, settings.seed, constants), dataset, settings.leads,
-        settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset), per_variable=per_variable,
+        settings.max_forecasts, settings.batch_size, latitudes(bayes, dataset), per_variable=per_variable, device=bayes.posterior.mu.device,
     ))
 
 
@@ -153,7 +156,7 @@ class VIObjective(Objective):
 
     description = "VI training"
     what = "VI"
-    may_change = ("training.steps",)  # no schedule: a finished run can be extended
+    may_change = ("training.steps", *execution_fields("training."))  # no schedule: a finished run can be extended
 
     def __init__(
         self, bayes: BayesianTransformer, train_set: Dataset, config: VIConfig, dist_info: Distributed, val_set: Dataset | None,
@@ -161,7 +164,9 @@ class VIObjective(Objective):
     ) -> None:
         settings = config.training
         self.config, self.settings, self.dist_info = config, settings, dist_info
-        self.bayes, self.train_set, self.val_set, self.constants, self.analysis_set = bayes, train_set, val_set, constants, analysis_set
+        self.device = dist_info.device
+        self.bayes, self.train_set, self.val_set, self.analysis_set = bayes.to(self.device), train_set, val_set, analysis_set
+        self.constants = to_device(constants, self.device)
         self.norm_stats, self.manifest_extra = norm_stats, manifest_extra
         self.cadence = Cadence(settings.steps, settings.log_every, settings.validate_every, settings.checkpoint_every)
         if len(train_set) < settings.batch_size:
@@ -171,10 +176,13 @@ class VIObjective(Objective):
         self.n_data = settings.n_data or len(train_set)
         pyro.clear_param_store()
         self.optimiser = svi_optimiser(settings, dist_info)
-        self.device = bayes.posterior.mu.device
         loss_fn = WeightedL1Loss(latitudes(bayes, train_set), bayes.config.upper_variables, bayes.config.surface_variables).to(self.device)
-        model, guide = model_and_guide(bayes, loss_fn, settings.beta, self.n_data, constants)
+        model, guide = model_and_guide(bayes, loss_fn, settings.beta, self.n_data, self.constants,
+                                       forward_context=partial(autocast, self.device, settings.precision))
         self.svi = SVI(model, guide, self.optimiser, TraceMeanField_ELBO(num_particles=settings.particles))
+        make = partial(seeded_batch, dataset=train_set, batch_size=settings.batch_size, seed=settings.seed, dist_info=dist_info,
+                       analysis=analysis_set, probability=settings.analysis_input_probability, input_times=bayes.config.n_input_times)
+        self.batches = BatchLoader(make, settings.steps, settings.loader_workers, self.device)
 
     def stateful(self) -> dict[str, Any]:
         return {"bayes": self.bayes, "optimiser": _PyroOptimState(self.optimiser)}
@@ -183,14 +191,7 @@ class VIObjective(Objective):
         torch.manual_seed(self.settings.seed + 1_000_003 * dist_info.rank)  # each rank draws its own weight samples
 
     def train_step(self, step: int) -> dict[str, float]:
-        settings, dist_info = self.settings, self.dist_info
-        indices = batch_indices(step, len(self.train_set), settings.batch_size, settings.seed, dist_info)
-        analysis_inputs = None
-        if settings.analysis_input_probability > 0:
-            n_times = self.bayes.config.n_input_times
-            choice = analysis_choice(settings.seed, step, dist_info.rank, len(indices), n_times, settings.analysis_input_probability)
-            analysis_inputs = (self.analysis_set, choice)
-        batch = tuple(Fields(*(x.to(self.device) for x in fields)) for fields in collate(self.train_set, indices, analysis_inputs))
+        batch = self.batches(step)
         with pyro.validation_enabled(False):
             return {"loss": self.svi.step(batch)}
 
@@ -238,7 +239,7 @@ def train_vi(
     ``--from`` checkpoint's hash). Under
     ``torchrun`` the ranks split each batch (see the module docstring). Returns the trained model.
     """
-    dist_info = Distributed.from_env()
+    dist_info = Distributed.from_env(config.training.device)
     dist_info.check_batch(config.training.batch_size)
     objective = VIObjective(bayes, train_set, config, dist_info, val_set, constants, norm_stats, manifest_extra, analysis_set)
     objective.depends = depends
