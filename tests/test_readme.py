@@ -108,12 +108,14 @@ def test_ensemble_claims_are_what_the_committed_results_say() -> None:
     def value(system: str, metric: str, hours: int) -> float:
         return float(z500[(z500.system == system) & (z500.metric == metric) & (z500.lead_hours == hours)].value.iloc[0])
 
-    for system, label in (("hybrid", "| hybrid (posterior"), ("epistemic", "| epistemic only"), ("aleatoric", "| aleatoric only")):
+    for system, label in (("hybrid", "| hybrid (posterior"), ("epistemic", "| epistemic only"), ("aleatoric", "| aleatoric only"),
+                          ("ic", "| deterministic + IC"), ("bred", "| deterministic + bred"), ("climatology", "| climatology")):
         row = next(line for line in readme.splitlines() if line.startswith(label))
         cells = [f"{value(system, 'crps', h):.0f} / {value(system, 'spread_skill', h):.2f}" for h in (24, 72, 120, 240)]
         assert row.split(" | ", 1)[1].rstrip(" |").split(" | ") == cells, row
-    row = next(line for line in readme.splitlines() if line.startswith("| deterministic (RMSE)"))
-    assert row.split(" | ", 1)[1].rstrip(" |").split(" | ") == [f"{value('deterministic', 'rmse', h):.0f}" for h in (24, 72, 120, 240)]
+    for system in ("deterministic", "persistence"):
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {system} (RMSE)"))
+        assert row.split(" | ", 1)[1].rstrip(" |").split(" | ") == [f"{value(system, 'rmse', h):.0f}" for h in (24, 72, 120, 240)]
     assert (table[table.metric == "out_of_bounds_count"].value == 0).all()
     sppt = json.loads((ROOT / "bdlens" / "assets" / "models" / "ensemble.json").read_text())["schemes"]["sppt"]
     assert f"SPPT amplitude {sppt['amplitude']:.2f} on every step model and posterior temperature {sppt['temperature']:g}" in " ".join(readme.split())
