@@ -305,7 +305,7 @@ def _canonical_time(ds: xr.Dataset, path: Path, sparse_times: bool = False) -> x
     gaps = missing_times(ds["time"].values, step) if step is not None else np.array([], "datetime64[ns]")
     if gaps.size:
         # A set of analysis states to start forecasts from has gaps by design (``sparse_times``).
-        (log.info if sparse_times else log.warning)("%s: %d time step(s) missing from the %s axis, e.g. %s", path, gaps.size, format_timedelta(step), format_times(gaps))
+        (log.debug if sparse_times else log.warning)("%s: %d time step(s) missing from the %s axis, e.g. %s", path, gaps.size, format_timedelta(step), format_times(gaps))
     return ds
 
 
