@@ -70,7 +70,8 @@ def scores(name: str, forecast: xr.Dataset, truth: xr.Dataset) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--systems", nargs="+", default=["deterministic", "epistemic", "aleatoric", "hybrid"], choices=sorted(SYSTEMS))
+    parser.add_argument("--systems", nargs="*", default=["deterministic", "epistemic", "aleatoric", "hybrid"], choices=sorted(SYSTEMS),
+                        help="systems run through the engine (none: score only --physics)")
     parser.add_argument("--members", type=int, default=16)
     parser.add_argument("--weights", type=int, default=4, help="K for the hybrid systems (epistemic-only uses K = members)")
     parser.add_argument("--inits", type=int, default=10)

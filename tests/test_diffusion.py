@@ -216,6 +216,10 @@ def test_cli_trains_diffusion_and_refuses_to_reuse_a_run(diffusion_config: Path,
     assert main(["-q", "train", "bundle", str(tmp_path / "run" / "checkpoint"), "--name", "diffusion_tiny"]) == 0
     assert (tmp_path / "assets" / "diffusion_tiny" / "model.safetensors").read_bytes() == (
         tmp_path / "run" / "checkpoint" / "model.safetensors").read_bytes()
+    from bdlens.ensemble.diffusion import DiffusionMembers
+
+    members = DiffusionMembers(tmp_path / "assets" / "diffusion_tiny", seed=0)  # the engine reads the sampler back from JSON
+    assert members.network_evaluations == 2 * raw["sampler"].get("steps", 20) - 1
 
 
 def test_edm_settings_are_validated() -> None:

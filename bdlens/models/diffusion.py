@@ -71,7 +71,8 @@ class SamplerSettings(BaseModel):
     rho: float = Field(default=7.0, gt=0)
     churn: float = Field(default=0.0, ge=0, description="S_churn (0: the deterministic ODE sampler)")
     churn_min: float = Field(default=0.0, ge=0, description="S_tmin: churn only at σ_i ≥ this")
-    churn_max: float = Field(default=math.inf, gt=0, description="S_tmax: churn only at σ_i ≤ this")
+    # None, not ∞: the settings go into JSON manifests, where ∞ has no representation.
+    churn_max: float | None = Field(default=None, gt=0, description="S_tmax: churn only at σ_i ≤ this (None: no upper bound)")
     churn_noise: float = Field(default=1.0, gt=0, description="S_noise: std of the churn noise")
 
     @model_validator(mode="after")
@@ -193,7 +194,7 @@ def heun_sample(
     evaluations = 0
     for i in range(n):
         sigma, following = sigmas[i], sigmas[i + 1]
-        gamma = min(settings.churn / n, math.sqrt(2) - 1) if settings.churn and settings.churn_min <= sigma <= settings.churn_max else 0.0
+        gamma = min(settings.churn / n, math.sqrt(2) - 1) if settings.churn and settings.churn_min <= sigma <= (settings.churn_max or math.inf) else 0.0
         sigma_hat = sigma * (1 + gamma)
         if gamma:
             x = x + math.sqrt(sigma_hat**2 - sigma**2) * settings.churn_noise * noise()
