@@ -26,6 +26,7 @@ import pandas as pd
 import xarray as xr
 
 from bdlens import Forecaster
+from bdlens.data import open_dataset
 from bdlens.metrics import crps, ensemble_mean_rmse, spread_skill_ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             rows += scores(name, forecast, truth)
             print(f"{name}: {forecast.attrs['system']}", flush=True)
     if args.physics is not None:
-        physics = xr.open_zarr(args.physics)
+        physics = open_dataset(args.physics)  # the canonical reader: coordinates exactly those of the truth
         rows += scores("physics", physics.sel(time=physics.time.isin(inits)), truth)
     table = pd.DataFrame(rows)
     args.out.parent.mkdir(parents=True, exist_ok=True)
