@@ -61,7 +61,7 @@ def test_bundled_model_claims_are_what_the_committed_scripts_wrote() -> None:
     or command wrote (evaluation/results/*.json, the manifests), rounded as printed."""
     import json
 
-    from bdlens.checkpoint import bundled_checkpoint
+    from bdlens.checkpoint import bundled_checkpoint, read_manifest
     from bdlens.models import count_parameters
     from bdlens.models.pretrained import load_trained
     from bdlens.perturbation.learned import load_perturbation
@@ -88,6 +88,13 @@ def test_bundled_model_claims_are_what_the_committed_scripts_wrote() -> None:
     assert f"({round(count_parameters(network), -3) // 1000:.0f} k parameters)" in row
     training = manifest["perturb_config"]["training"]
     assert f"fair CRPS over {training['members']} members and a 1→{training['curriculum']['max_rollout']}-step curriculum" in row
+    diffusion = read_manifest(bundled_checkpoint("diffusion_24h"))
+    diffusion_row = _bundled_row("diffusion_24h")
+    one, two = diffusion["validation"]
+    assert (one["lead_steps"], two["lead_steps"], diffusion["model_config"]["step_hours"]) == (1, 2, 24)
+    assert f"trained for {diffusion['training']['config']['steps']} steps in {diffusion['training']['train_seconds']:.0f} s" in diffusion_row
+    assert diffusion["training"]["train_seconds"] >= read_manifest(bundled_checkpoint("det_24h"))["training"]["train_seconds"]
+    assert f"fair CRPS {one['crps']:.4f} / {two['crps']:.4f}, corrected spread-skill {one['spread_skill']:.2f} / {two['spread_skill']:.2f}" in diffusion_row
     six_hours, one_day = manifest["validation"]
     assert (six_hours["lead_steps"], one_day["lead_steps"], one_day["members"]) == (1, 4, 8)
     assert f"fair CRPS {six_hours['crps']:.4f} / {one_day['crps']:.4f}" in row
