@@ -138,3 +138,27 @@ def test_ensemble_claims_are_what_the_committed_results_say() -> None:
     assert f"SPPT amplitude {sppt['amplitude']:.2f} on every step model and posterior temperature {sppt['temperature']:g}" in " ".join(readme.split())
     before, after = sppt["calibration"]["before"], sppt["calibration"]["after"]
     assert f"{before['spread_skill']:.2f} → {after['spread_skill']:.2f}, CRPS in climatological-std units {before['crps']:.3f} → {after['crps']:.3f}" in " ".join(readme.split())
+
+
+def test_diffusion_comparison_is_what_the_committed_results_say() -> None:
+    """The README's hybrid-vs-diffusion table and cost ratio come from evaluation/results/diffusion_skill.csv."""
+    import pandas as pd
+
+    readme = (ROOT / "README.md").read_text()
+    table = pd.read_csv(ROOT / "evaluation" / "results" / "diffusion_skill.csv")
+
+    def value(system: str, key: str, metric: str, hours: int = -1) -> float:
+        rows = table[(table.system == system) & (table.metric == metric) & (table.lead_hours == hours)]
+        return float(rows[rows.field == key].value.iloc[0] if key != "all" else rows.value.iloc[0])
+
+    for system, label in (("hybrid", "| hybrid (bundled default"), ("diffusion", "| diffusion (`diffusion_24h`")):
+        row = next(line for line in readme.splitlines() if line.startswith(label))
+        cells = [f"{value(system, 'z500', 'crps', h):.0f} / {value(system, 'z500', 'spread_skill', h):.2f}" for h in (24, 72, 120)]
+        cells += [f"{value(system, 't850', 'crps', h):.2f} / {value(system, 't850', 'spread_skill', h):.2f}" for h in (24, 72, 120)]
+        cells.append(f"{value(system, 'all', 'wall_seconds_per_member_step') * 1000:.0f} ms, "
+                     f"{value(system, 'all', 'network_evaluations_per_member_step'):.0f}")
+        assert row.split(" | ", 1)[1].rstrip(" |").split(" | ") == cells, row
+        assert value(system, "all", "out_of_bounds_count") == 0
+    ratio = value("diffusion", "all", "wall_seconds_per_member_step") / value("hybrid", "all", "wall_seconds_per_member_step")
+    assert f"at 1/{ratio:.0f} of the diffusion" in " ".join(readme.split())
+
