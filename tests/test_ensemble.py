@@ -164,8 +164,13 @@ def test_climatology_members_follow_past_trajectories_of_the_training_period(for
     other = forecaster.ensemble(init=[INIT], members=6, lead="48h", model="climatology", data=analysis, seed=2)
     assert not np.array_equal(values(other), values(ds))
     assert ds.attrs["network_evaluations_per_member_step"] == 0
-    with pytest.raises(BdlensError, match="training period"):  # the bundled analyses hold test-period inits only
-        forecaster.ensemble(members=2, lead="24h", model="climatology")
+
+def test_climatology_without_training_years_is_refused_before_any_output(tmp_path, capsys):
+    """The bundled analyses hold test-period inits only: a one-line error and no store."""
+    assert main(["-q", "ensemble", "--model", "climatology", "--members", "2", "--lead", "24h", "--out", str(tmp_path / "c.zarr")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "training period" in err and "--data" in err
+    assert not (tmp_path / "c.zarr").exists()
 
 
 def test_stored_decomposition_equals_the_one_from_the_members(forecaster, analysis, tmp_path):

@@ -152,10 +152,11 @@ class Forecaster:
 
     def source(self, design: Design, perturbation: str, bayes: bool, seed: int,
                temperature: float | None = None, amplitude: float | None = None, model: str = "hybrid",
-               data: xr.Dataset | None = None, max_lead: int = 0) -> tuple[MemberSource, dict[str, float]]:
+               data: xr.Dataset | None = None, max_lead: int = 0, inits: Sequence[np.datetime64] = (),
+               ) -> tuple[MemberSource, dict[str, float]]:
         """The member source of a run and the (temperature, amplitude) it uses; ``model`` is one of
         :data:`MODELS` (``hybrid``: posterior or deterministic weights with ``perturbation``;
-        ``climatology`` draws from ``data``'s training period, ``max_lead`` hours ahead)."""
+        ``climatology`` draws from ``data``'s training period, ``max_lead`` hours ahead of each of ``inits``)."""
         if model == "diffusion":
             if not self.system.checkpoints["diffusion"]:
                 raise BdlensError(f"{self.system.root} holds no diffusion checkpoint; pass one with --checkpoint (bdlens train diffusion)")
@@ -169,7 +170,7 @@ class Forecaster:
             inner, used = self.source(design, "none", False, seed)
             if data is None:
                 raise BdlensError("--model climatology needs the data to draw past states from")
-            return ClimatologyMembers(inner, data, self.system.train_period(), seed, max_lead), {}
+            return ClimatologyMembers(inner, data, self.system.train_period(), seed, max_lead, inits), {}
         settings = self.system.scheme(perturbation)
         temp = float(settings.get("temperature", 1.0) if temperature is None else temperature)
         amp = float(settings.get("amplitude", 1.0) if amplitude is None else amplitude)
@@ -268,7 +269,7 @@ class Forecaster:
         inputs = [self.system.root] + ([] if isinstance(data_path, xr.Dataset) else [data_path])
         resuming = prepare_output(out, "forecast", overwrite=overwrite and dist.main, resume=resume, inputs=inputs) if dist.main else resume
 
-        source, used = self.source(design, perturbation, bayes, seed, temperature, amplitude, model, analysis, lead_hours)
+        source, used = self.source(design, perturbation, bayes, seed, temperature, amplitude, model, analysis, lead_hours, init_times)
         for lead_h in leads:
             try:
                 greedy_schedule(lead_h, source.steps)

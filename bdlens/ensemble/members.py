@@ -169,7 +169,7 @@ class ClimatologyMembers:
     n_input_times = 1
 
     def __init__(self, template: MemberSource, data: Any, train: tuple[np.datetime64, np.datetime64], seed: int,
-                 max_lead_hours: int, window_days: float = 45.0) -> None:
+                 max_lead_hours: int, inits: Any = (), window_days: float = 45.0) -> None:
         self.models = template.models  # layout of the fields, for the engine
         self.steps = (min(template.steps),)
         self.layout = next(iter(self.models.values())).layout
@@ -180,6 +180,8 @@ class ClimatologyMembers:
         self.available = set(times.tolist())
         self.max_lead = int(max_lead_hours)
         self.starts: dict[int, np.datetime64] = {}
+        for init in inits:  # refused before any work: the forecast's inits must all have analogues
+            self.candidates(init)
 
     def candidates(self, init: np.datetime64) -> np.ndarray:
         """Possible start times τ for a forecast from ``init`` (see the class docstring)."""
