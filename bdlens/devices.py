@@ -1,5 +1,6 @@
 """Where bdlens computes, shared by the ensemble engine and the trainers (docs/gpu.md): the device of
-this process, bf16 autocast, moving batches, and out-of-memory errors as one-line messages.
+this process and its place in a ``torchrun`` job (:class:`Distributed`), bf16 autocast, moving
+batches, and out-of-memory errors as one-line messages.
 
 CPU runs in fp32 take none of these paths' extra steps (``.to("cpu")`` of a CPU tensor is the tensor
 itself, fp32 uses no autocast context), so their numbers are those of a CPU-only bdlens, bit for bit.
@@ -10,9 +11,11 @@ from __future__ import annotations
 import contextlib
 import os
 from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
+import torch.distributed as dist
 
 from bdlens.errors import BdlensError
 
@@ -67,3 +70,39 @@ def out_of_memory(advice: str) -> Iterator[None]:
     except torch.OutOfMemoryError as err:
         said = str(err).splitlines()[0] if str(err) else "no details"
         raise BdlensError(f"out of GPU memory ({said[:160]}); {advice}") from None
+
+
+@dataclass
+class Distributed:
+    """This process's place in a ``torchrun`` job (rank 0 of 1 when run plainly) and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @classmethod
+    def from_env(cls, device: str | torch.device = "cpu") -> Distributed:
+        """Read ``RANK``/``WORLD_SIZE`` (set by torchrun), resolve ``device`` (``auto``, ``cpu``,
+        ``cuda``: see :func:`bdlens.devices.resolve_device`) and join the process group when there
+        are several ranks: nccl on GPUs, gloo on CPUs."""
+        resolved = resolve_device(device)
+        if resolved.type == "cuda":
+            torch.cuda.set_device(resolved)
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if world_size > 1 and not dist.is_initialized():
+            dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
+        return cls(int(os.environ.get("RANK", "0")), world_size, resolved)
+
+    @property
+    def main(self) -> bool:
+        """Rank 0 writes logs, checkpoints and validation."""
+        return self.rank == 0
+
+    @property
+    def parallel(self) -> bool:
+        return self.world_size > 1
+
+    def check_batch(self, batch_size: int) -> None:
+        """Each rank must get the same number of samples, else the averaged gradient is not the batch mean."""
+        if batch_size % self.world_size:
+            raise BdlensError(f"batch_size {batch_size} is not divisible by the {self.world_size} processes; pick a multiple")

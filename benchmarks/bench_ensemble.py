@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 
 from bdlens.data import open_dataset
+from bdlens.data.export import BUNDLED_ANALYSIS
 from bdlens.ensemble import Forecaster
 from bdlens.ensemble.design import Design
 from bdlens.ensemble.engine import _source_layout
 from bdlens.ensemble.rollout import history_offsets, initial_states, member_states
-from bdlens.world.export import BUNDLED_ANALYSIS
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from timing import interleaved  # noqa: E402

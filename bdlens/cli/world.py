@@ -93,8 +93,8 @@ def _export(args: argparse.Namespace) -> int:
     import shlex
     import sys
 
+    from bdlens.data.export import BUNDLED_ANALYSIS, export_analysis
     from bdlens.world.build import build
-    from bdlens.world.export import BUNDLED_ANALYSIS, export_analysis
 
     world = args.world or build()
     out = export_analysis(world, args.init, args.history_hours, args.out or BUNDLED_ANALYSIS,

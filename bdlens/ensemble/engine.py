@@ -32,7 +32,8 @@ from bdlens import __version__, streams
 from bdlens.bayes import load_posterior
 from bdlens.checkpoint import BUNDLED_DIR
 from bdlens.data import Fields, NormStats, open_dataset
-from bdlens.devices import out_of_memory, resolve_device
+from bdlens.data.export import BUNDLED_ANALYSIS
+from bdlens.devices import Distributed, out_of_memory, resolve_device
 from bdlens.ensemble.base import MemberSource
 from bdlens.ensemble.design import PERTURBATION_DRAW, WEIGHT_SAMPLE, Design, anova, split_members
 from bdlens.ensemble.members import ClimatologyMembers, DeterministicMembers, PersistenceMembers, PosteriorMembers, PosteriorModel
@@ -45,8 +46,6 @@ from bdlens.models.lead_time import greedy_schedule, plan_rollout
 from bdlens.models.pretrained import layout_of, load_trained
 from bdlens.outputs import mark_output, prepare_output
 from bdlens.progress import bar
-from bdlens.training.distributed import Distributed
-from bdlens.world.export import BUNDLED_ANALYSIS
 
 log = logging.getLogger(__name__)
 

@@ -1,4 +1,6 @@
-"""Data-parallel training across ``torchrun`` processes, shared by the trainers (and the ensemble engine's ranks).
+"""Data-parallel training across ``torchrun`` processes, shared by the trainers. A process's place in
+the job (:class:`bdlens.devices.Distributed`: rank, world size, device, process group) lives with the
+devices, since the ensemble engine's ranks use it too.
 
 Each process computes on its own device (:func:`bdlens.devices.resolve_device`): ``cuda:LOCAL_RANK``
 on a GPU machine, with the nccl process group, or the CPU, with gloo's (docs/gpu.md). Collectives
@@ -15,52 +17,14 @@ continues every stream exactly.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable
-from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from bdlens import streams
-from bdlens.devices import resolve_device
+from bdlens.devices import Distributed
 from bdlens.errors import BdlensError
-
-
-@dataclass
-class Distributed:
-    """This process's place in a ``torchrun`` job (rank 0 of 1 when run plainly) and its device."""
-
-    rank: int = 0
-    world_size: int = 1
-    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
-
-    @classmethod
-    def from_env(cls, device: str | torch.device = "cpu") -> Distributed:
-        """Read ``RANK``/``WORLD_SIZE`` (set by torchrun), resolve ``device`` (``auto``, ``cpu``,
-        ``cuda``: see :func:`bdlens.devices.resolve_device`) and join the process group when there
-        are several ranks: nccl on GPUs, gloo on CPUs."""
-        resolved = resolve_device(device)
-        if resolved.type == "cuda":
-            torch.cuda.set_device(resolved)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if world_size > 1 and not dist.is_initialized():
-            dist.init_process_group("nccl" if resolved.type == "cuda" else "gloo")
-        return cls(int(os.environ.get("RANK", "0")), world_size, resolved)
-
-    @property
-    def main(self) -> bool:
-        """Rank 0 writes logs, checkpoints and validation."""
-        return self.rank == 0
-
-    @property
-    def parallel(self) -> bool:
-        return self.world_size > 1
-
-    def check_batch(self, batch_size: int) -> None:
-        """Each rank must get the same number of samples, else the averaged gradient is not the batch mean."""
-        if batch_size % self.world_size:
-            raise BdlensError(f"batch_size {batch_size} is not divisible by the {self.world_size} processes; pick a multiple")
 
 
 def batch_indices(step: int, n_samples: int, batch_size: int, seed: int, dist_info: Distributed) -> list[int]:

@@ -1,7 +1,7 @@
 """Export a few analysis states of a world, e.g. the bundled demo analyses that `bdlens ensemble` starts from.
 
 For each init time the state at the init and the states ``history_hours`` before it (the second
-input time of each step model: 6 h and 24 h for the bundled demo) are written, float32, as a
+input time of each step model and the start of the bred vectors' breeding window: 6, 24 and 30 h for the bundled demo) are written, float32, as a
 WB2-layout zarr (v2) whose attributes say which world, inits and command made it.
 """
 
