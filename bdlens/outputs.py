@@ -61,6 +61,11 @@ def output_kind(path: str | Path) -> str | None:
         return None
 
 
+#: Every file of a zarr v2 store (group and array metadata, chunk keys, which start with a digit), so
+#: that ``--overwrite`` of a store finds the files a user put into it. ``*`` also crosses ``/``.
+ZARR_LAYOUT = (".zgroup", ".zattrs", ".zmetadata", "*/.zgroup", "*/.zattrs", "*/.zarray", "*/[0-9]*")
+
+
 def foreign_files(path: Path, layout: Sequence[str]) -> list[str]:
     """Files under ``path`` (relative POSIX paths) that match none of the ``layout`` glob patterns
     (``*`` also crosses ``/``, so ``truth.zarr/*`` covers a whole store). The marker is bdlens's."""

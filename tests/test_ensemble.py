@@ -225,6 +225,10 @@ def test_output_is_never_overwritten_without_being_asked(forecaster, analysis, t
     with pytest.raises(BdlensError, match="already exists"):
         run(forecaster, analysis, out=out)
     run(forecaster, analysis, out=out, overwrite=True, seed=9)
+    (out / "notes.txt").write_text("mine")  # a file the user put into a bdlens store is never deleted
+    with pytest.raises(BdlensError, match="notes.txt"):
+        run(forecaster, analysis, out=out, overwrite=True)
+    assert (out / "notes.txt").read_text() == "mine"
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

@@ -39,7 +39,17 @@ from bdlens.ensemble.design import PERTURBATION_DRAW, WEIGHT_SAMPLE, Design, ano
 from bdlens.ensemble.members import ClimatologyMembers, DeterministicMembers, PersistenceMembers, PosteriorMembers, PosteriorModel
 from bdlens.ensemble.rollout import _iso, history_offsets, initial_states, member_states
 from bdlens.ensemble.schemes import SCHEMES, SchemeContext, build_scheme
-from bdlens.ensemble.store import create_store, finalise, finished_units, open_forecast, record_unit, stored_attrs, unit_name, write_region
+from bdlens.ensemble.store import (
+    STORE_LAYOUT,
+    create_store,
+    finalise,
+    finished_units,
+    open_forecast,
+    record_unit,
+    stored_attrs,
+    unit_name,
+    write_region,
+)
 from bdlens.ensemble.system import System, load_system
 from bdlens.errors import BdlensError
 from bdlens.models.lead_time import greedy_schedule, plan_rollout
@@ -266,7 +276,8 @@ class Forecaster:
         init_times = parse_inits(init, analysis.time.values)
         dist = Distributed.from_env(self.device)  # joins the process group under torchrun (nccl on GPUs)
         inputs = [self.system.root] + ([] if isinstance(data_path, xr.Dataset) else [data_path])
-        resuming = prepare_output(out, "forecast", overwrite=overwrite and dist.main, resume=resume, inputs=inputs) if dist.main else resume
+        resuming = prepare_output(out, "forecast", overwrite=overwrite and dist.main, resume=resume, inputs=inputs,
+                                  layout=STORE_LAYOUT) if dist.main else resume
 
         source, used = self.source(design, perturbation, bayes, seed, temperature, amplitude, model, analysis, lead_hours, init_times)
         for lead_h in leads:

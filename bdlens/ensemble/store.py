@@ -27,9 +27,12 @@ import zarr
 
 from bdlens.data import FieldLayout
 from bdlens.errors import BdlensError
+from bdlens.outputs import ZARR_LAYOUT
 from bdlens.world.store import coordinate_attrs
 
 LEDGER = ".bdlens-ledger"
+#: every file of a forecast store: the zarr arrays and the per-unit ledger (``--overwrite`` refuses others)
+STORE_LAYOUT = (*ZARR_LAYOUT, f"{LEDGER}/*")
 DECOMPOSITION = "decomposition"
 # Zarr v2, as WeatherBench2 and the world stores: WB2 tooling reads it unchanged.
 ZARR_FORMAT = 2

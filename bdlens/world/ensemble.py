@@ -21,7 +21,7 @@ import numpy as np
 import xarray as xr
 
 from bdlens.errors import BdlensError
-from bdlens.outputs import prepare_output
+from bdlens.outputs import ZARR_LAYOUT, prepare_output
 from bdlens.progress import bar
 from bdlens.world.analysis_error import ANALYSIS_STREAM, ENSEMBLE_STREAM, BalancedAnalysisError
 from bdlens.world.build import read_manifest
@@ -114,7 +114,7 @@ def physics_ensemble(
     so larger batches are for accelerator backends.
     """
     world, out = Path(world), Path(out)
-    prepare_output(out, FORECAST_KIND, overwrite, inputs=[world], clear=False)  # before anything is read or run
+    prepare_output(out, FORECAST_KIND, overwrite, inputs=[world], layout=ZARR_LAYOUT, clear=False)  # before anything is read or run
     manifest = read_manifest(world)
     cfg = WorldConfig.model_validate(manifest["config"])
     if members < 2:
