@@ -51,6 +51,9 @@ class MemberSource(Protocol):
     """1 (X_t → X_{t+Δ}) or 2 ((X_{t−Δ}, X_t) → X_{t+Δ})."""
     network_evaluations: int
     """Backbone network evaluations per member and step (1 for a 3DEST step, 2N − 1 for Heun with N steps)."""
+    # Optional: ``extra_history``, hours before the init of analyses the source needs besides its step
+    # models' inputs (the bred vectors' breeding window); :func:`bdlens.ensemble.rollout.history_offsets`
+    # reads it. Not a protocol member, so sources that need none need not declare it.
 
     def start(self, forecast: Forecast) -> None:
         """Prepare the draws of the next batch (weight samples, noise keys, pattern states)."""

@@ -180,12 +180,15 @@ class ClimatologyMembers:
         self.available = set(times.tolist())
         self.max_lead = int(max_lead_hours)
         self.starts: dict[int, np.datetime64] = {}
+        self._candidates: dict[np.datetime64, np.ndarray] = {}  # per init: every batch of its members draws from them
         for init in inits:  # refused before any work: the forecast's inits must all have analogues
             self.candidates(init)
 
     def candidates(self, init: np.datetime64) -> np.ndarray:
         """Possible start times τ for a forecast from ``init`` (see the class docstring)."""
         init = np.datetime64(init, "h")
+        if init in self._candidates:
+            return self._candidates[init]
         hour = (self.times - self.times.astype("datetime64[D]")).astype(int)
         day = (self.times.astype("datetime64[D]") - self.times.astype("datetime64[Y]")).astype(int)
         init_day = int((init.astype("datetime64[D]") - init.astype("datetime64[Y]")).astype(int))
@@ -199,6 +202,7 @@ class ClimatologyMembers:
                 "--model climatology draws past states from the training period of the data, but the data has none for this "
                 "season and lead; pass --data with the training years (e.g. the world's analysis.zarr)"
             )
+        self._candidates[init] = found
         return found
 
     def start(self, forecast: Forecast) -> None:
