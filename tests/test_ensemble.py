@@ -65,6 +65,27 @@ def test_every_lead_of_a_perturbed_run_is_perturbed(forecaster, analysis):
     assert float(none.geopotential.std("number").max()) == 0.0
 
 
+def test_per_lead_factors_scale_the_perturbation_of_the_call_ending_at_that_lead(forecaster, analysis):
+    options = dict(bayes=False, weights=None, perturbation="sppt")
+    plain, none = run(forecaster, analysis, **options), run(forecaster, analysis, bayes=False, weights=None, perturbation="none")
+    first_off = run(forecaster, analysis, lead_factors={24: 0.0, 48: 1.0}, **options)
+    second_off = run(forecaster, analysis, lead_factors={24: 1.0, 48: 0.0}, **options)
+    day = {"prediction_timedelta": np.timedelta64(24, "h")}
+    two = {"prediction_timedelta": np.timedelta64(48, "h")}
+    np.testing.assert_array_equal(values(first_off.sel(day)), values(none.sel(day)))  # factor 0: the unperturbed step
+    np.testing.assert_array_equal(values(second_off.sel(day)), values(plain.sel(day)))  # factor 1: the calibrated step
+    assert not np.allclose(values(second_off.sel(two)), values(plain.sel(two)))
+    assert first_off.attrs["config"] != plain.attrs["config"]  # the factors are part of the stored request
+
+
+def test_per_lead_factor_is_linear_between_calibrated_leads_and_held_beyond():
+    from bdlens.ensemble.schemes import SchemeContext
+
+    context = SchemeContext(0, 2.0, None, {}, lead_factors={24: 1.0, 72: 0.5})
+    assert [context.lead_factor(h) for h in (6, 24, 48, 72, 240)] == [1.0, 1.0, 0.75, 0.5, 0.5]
+    assert SchemeContext(0, 2.0, None, {}).lead_factor(48) == 1.0
+
+
 def test_learned_perturbation_uses_only_the_steps_it_can_perturb(forecaster, analysis):
     with pytest.raises(BdlensError, match="cannot be reached"):
         run(forecaster, analysis, perturbation="learned", lead="30h", output_step="10h")

@@ -18,7 +18,9 @@ from bdlens.ensemble import Forecaster
 from bdlens.errors import BdlensError
 from bdlens.training.calibration import (
     EnsembleCalibrationConfig,
+    PerLeadSearch,
     calibrate,
+    calibrate_lead_factors,
     calibrate_system,
     ensemble_scores,
     objective,
@@ -60,6 +62,44 @@ def test_temperature_only_calibration_picks_the_grid_value_that_fits() -> None:
     assert [r["temperature"] for r in result["history"]] == [1.0, 2.0, 4.0, 8.0]
     with pytest.raises(BdlensError, match="nothing to calibrate"):
         calibrate(toy(1.0), EnsembleCalibrationConfig(), tune_amplitude=False)
+
+
+def toy_rollout(base: list[float], error: list[float], n: int = 20000, k: int = 8):
+    """evaluate(factors) for a rollout whose member spread at lead L is sqrt(Σ_{l ≤ L} (f_l·base_l)²)
+    (independent perturbations accumulate) and whose truth is error_L from the members' centre
+    (plus the finite ensemble's sampling error, which the corrected SSR accounts for)."""
+    g = torch.Generator().manual_seed(1)
+    leads = len(base)
+    mean = torch.randn(leads, n, generator=g, dtype=torch.float64)
+    truth = mean + torch.tensor(error, dtype=torch.float64)[:, None] * torch.randn(leads, n, generator=g, dtype=torch.float64)
+    eps = torch.randn(k, leads, n, generator=g, dtype=torch.float64)
+
+    def evaluate(factors: dict) -> dict:
+        f = torch.tensor([factors[h] for h in sorted(factors)], dtype=torch.float64)
+        spread = torch.sqrt(torch.cumsum((f * torch.tensor(base, dtype=torch.float64)) ** 2, 0))
+        ens = mean + spread[:, None] * eps
+        crps_l = [float(fair_crps(ens[:, i], truth[i]).mean()) for i in range(leads)]
+        ssr_l = [math.sqrt(float(ens[:, i].var(0, correction=1).mean() / (ens[:, i].mean(0) - truth[i]).square().mean()) * (k + 1) / k)
+                 for i in range(leads)]
+        return {"crps_by_lead": crps_l, "spread_skill_by_lead": ssr_l}
+
+    return evaluate
+
+
+def test_per_lead_factors_converge_to_the_exact_solution_of_a_toy_rollout() -> None:
+    # Spread made at every step accumulates; the exact factors give Σ_{l<=L} (f_l b_l)² = e_L² at every L.
+    base, error = [1.0, 1.0, 1.0, 1.0], [0.8, 1.5, 1.8, 1.9]
+    exact = [math.sqrt(error[0] ** 2) / base[0]] + [math.sqrt(error[i] ** 2 - error[i - 1] ** 2) / base[i] for i in range(1, 4)]
+    result = calibrate_lead_factors(toy_rollout(base, error), [24, 48, 72, 96], PerLeadSearch(tune=True, iterations=12), 1.0)
+    np.testing.assert_allclose([result["lead_factors"][h] for h in (24, 48, 72, 96)], exact, rtol=0.08)
+    np.testing.assert_allclose(result["after"]["spread_skill_by_lead"], 1.0, atol=0.03)
+    assert result["after"]["objective"] < result["before"]["objective"]
+    assert result["before"]["lead_factors"] == {24: 1.0, 48: 1.0, 72: 1.0, 96: 1.0} and len(result["history"]) == 13
+
+
+def test_per_lead_factors_stay_at_one_for_a_calibrated_rollout() -> None:
+    result = calibrate_lead_factors(toy_rollout([1.0, 1.0], [1.0, math.sqrt(2.0)]), [24, 48], PerLeadSearch(tune=True), 1.0)
+    np.testing.assert_allclose(list(result["lead_factors"].values()), 1.0, atol=0.05)
 
 
 def test_calibrate_refuses_to_replace_a_system_file(tmp_path, capsys):

@@ -137,11 +137,12 @@ def run_calibration(args: argparse.Namespace) -> int:
     world = args.world or build()
     truth, analysis = open_dataset(world / "truth.zarr").load(), open_dataset(world / "analysis.zarr").load()
     start, end = load_data_config(config_path("data_demo")).splits["val"].bounds
-    lead = np.timedelta64(parse_hours(config.lead, "lead"), "h")
+    longest = max([config.lead] + ([config.per_lead.lead] if config.per_lead.tune else []), key=lambda d: parse_hours(d, "lead"))
+    lead = np.timedelta64(parse_hours(longest, "lead"), "h")
     times = truth.time.sel(time=slice(start + np.timedelta64(24, "h"), end - lead)).values
     inits = times[(times - times[0]) % np.timedelta64(24 * config.every_days, "h") == np.timedelta64(0)][: config.inits]
     if len(inits) == 0:
-        raise BdlensError(f"the world's validation period has no init with {config.lead} of truth after it; use a longer world")
+        raise BdlensError(f"the world's validation period has no init with {longest} of truth after it; use a longer world")
     record = calibrate_system(forecaster, args.perturbation, analysis, truth, inits, config)
     record["command"] = shlex.join(["bdlens", *sys.argv[1:]])
     record["config"] = config.model_dump(mode="json")

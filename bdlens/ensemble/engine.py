@@ -19,7 +19,7 @@ import re
 import shutil
 import tempfile
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -129,6 +129,7 @@ class Request:
     data: str
     checkpoint: str
     model: str = "hybrid"
+    lead_factors: tuple[tuple[int, float], ...] = ()
 
     def key(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -162,8 +163,9 @@ class Forecaster:
     def source(self, design: Design, perturbation: str, bayes: bool, seed: int,
                temperature: float | None = None, amplitude: float | None = None, model: str = "hybrid",
                data: xr.Dataset | None = None, max_lead: int = 0, inits: Sequence[np.datetime64] = (),
-               ) -> tuple[MemberSource, dict[str, float]]:
-        """The member source of a run and the (temperature, amplitude) it uses; ``model`` is one of
+               lead_factors: Mapping[int, float] | None = None,
+               ) -> tuple[MemberSource, dict[str, Any]]:
+        """The member source of a run and the (temperature, amplitude[, lead_factors]) it uses; ``model`` is one of
         :data:`MODELS` (``hybrid``: posterior or deterministic weights with ``perturbation``;
         ``climatology`` draws from ``data``'s training period, ``max_lead`` hours ahead of each of ``inits``)."""
         if model == "diffusion":
@@ -183,6 +185,10 @@ class Forecaster:
         settings = self.system.scheme(perturbation)
         temp = float(settings.get("temperature", 1.0) if temperature is None else temperature)
         amp = float(settings.get("amplitude", 1.0) if amplitude is None else amplitude)
+        factors = settings.get("lead_factors", {}) if lead_factors is None else lead_factors
+        factors = {int(h): float(f) for h, f in factors.items()}
+        if any(not (h > 0 and f >= 0) for h, f in factors.items()):
+            raise BdlensError(f"per-lead amplitude factors must map lead hours > 0 to factors >= 0, got {factors}")
         ck = self.system.checkpoints
         if bayes:
             if not ck["vi"]:
@@ -204,11 +210,14 @@ class Forecaster:
             stats = {s: m.stats for s, m in trained.items()}
             layout = next(iter(trained.values())).layout
             temp = 1.0
-        context = SchemeContext(seed, amp, layout, stats, self.system.names, settings)
+        context = SchemeContext(seed, amp, layout, stats, self.system.names, settings, factors)
         source = build_scheme(perturbation, inner, context)
         if perturbation == "none":
-            amp = 0.0
-        return source, {"temperature": temp, "amplitude": amp}
+            return source, {"temperature": temp, "amplitude": 0.0}
+        used: dict[str, Any] = {"temperature": temp, "amplitude": amp}
+        if factors:
+            used["lead_factors"] = factors
+        return source, used
 
     # ------------------------------------------------------------------ the run
 
@@ -231,6 +240,7 @@ class Forecaster:
         amplitude: float | None = None,
         command: str | None = None,
         model: str = "hybrid",
+        lead_factors: Mapping[int, float] | None = None,
     ) -> xr.Dataset:
         """Run an ensemble of ``members`` = K weight samples × J perturbation draws.
 
@@ -239,7 +249,8 @@ class Forecaster:
         ``none`` and :data:`bdlens.ensemble.schemes.SCHEMES` (default: the system's calibrated
         choice); ``bayes=False`` uses the deterministic weights (K = 1); ``data``: a WB2/ERA5-layout
         zarr/netCDF path or Dataset with the analyses (default: the bundled demo analyses).
-        ``temperature`` / ``amplitude`` override the calibration; ``model``: one of :data:`MODELS`
+        ``temperature`` / ``amplitude`` / ``lead_factors`` (lead hours → factor on the amplitude; ``{}``
+        for none) override the calibration; ``model``: one of :data:`MODELS`
         (the diffusion and persistence members have K = 1 and no perturbation scheme). Returns the forecast (dims
         number, time, prediction_timedelta, [level,] latitude, longitude; physical units), lazy on
         the store when ``out`` is given, in memory otherwise.
@@ -249,7 +260,8 @@ class Forecaster:
             try:
                 kwargs = dict(init=init, members=members, weights=weights, lead=lead, output_step=output_step,
                               perturbation=perturbation, bayes=bayes, seed=seed, data=data, batch_size=batch_size,
-                              temperature=temperature, amplitude=amplitude, command=command, model=model)
+                              temperature=temperature, amplitude=amplitude, command=command, model=model,
+                              lead_factors=lead_factors)
                 return self.ensemble(out=tmp / "forecast.zarr", **kwargs).load()
             finally:
                 shutil.rmtree(tmp, ignore_errors=True)
@@ -279,7 +291,8 @@ class Forecaster:
         resuming = prepare_output(out, "forecast", overwrite=overwrite and dist.main, resume=resume, inputs=inputs,
                                   layout=STORE_LAYOUT) if dist.main else resume
 
-        source, used = self.source(design, perturbation, bayes, seed, temperature, amplitude, model, analysis, lead_hours, init_times)
+        source, used = self.source(design, perturbation, bayes, seed, temperature, amplitude, model, analysis, lead_hours, init_times,
+                                   lead_factors)
         for lead_h in leads:
             try:
                 greedy_schedule(lead_h, source.steps)
@@ -294,7 +307,8 @@ class Forecaster:
         request = Request(members, k, lead_hours, output_hours, perturbation, bayes, int(seed), used.get("temperature", 0.0),
                           used.get("amplitude", 0.0), tuple(_iso(t) for t in init_times),
                           "bundled demo analyses" if data is None else ("in-memory Dataset" if isinstance(data_path, xr.Dataset) else str(data_path)),
-                          "bundled demo models" if self.system.root == BUNDLED_DIR else str(self.system.root), model)
+                          "bundled demo models" if self.system.root == BUNDLED_DIR else str(self.system.root), model,
+                          tuple(sorted(used.get("lead_factors", {}).items())))
         group = design.draws if bayes else 1
         # Chunks (rounded up to whole weight groups) small enough that every process gets work.
         chunk = min(members, group * math.ceil(min(CHUNK_MEMBERS, math.ceil(members / dist.world_size)) / group))

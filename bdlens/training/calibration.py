@@ -21,6 +21,16 @@ Every evaluation uses the same seeds (common random numbers), so J is a smooth f
 :func:`calibrate` takes any ``evaluate(a, T) → {"crps", "spread_skill"}``, so it is tested on a toy
 problem with a known spread.
 
+**Per lead** (``per_lead.tune``). A fixed amplitude can leave the spread-skill ratio drifting with
+lead (spread made at every step accumulates at its own rate, the error at another). With (a, T)
+fixed, factors f(L) on the amplitude of the call ending at lead L (every ``output_step`` to
+``per_lead.lead``) are found by the fixed-point iteration f(L) ← f(L) · SSR(L)^(−η), η =
+``per_lead.damping``: a step whose lead is over-dispersed gets weaker perturbations. The spread at
+L also holds what earlier steps made, so the update is repeated ``per_lead.iterations`` times from
+f = 1; the iterate with the lowest lead-mean objective J̄ = mean_L CRPS(L) (1 + λ ln² SSR(L)) is
+kept (f = 1 when none beats it). Hand-written because the update needs the per-lead scores, which
+no optimiser's interface gives it; it is tested on a toy rollout whose exact solution is known.
+
 The result is written to ``OUT/ensemble.json`` (the system file the engine reads); copy it beside
 the checkpoints (e.g. into the bundle) to make it the system's calibration.
 """
@@ -40,6 +50,7 @@ from scipy.optimize import minimize_scalar
 
 from bdlens.configs import YamlConfig
 from bdlens.ensemble import Forecaster
+from bdlens.ensemble.engine import parse_hours
 from bdlens.ensemble.system import SYSTEM_FILE
 from bdlens.errors import BdlensError
 from bdlens.metrics import crps
@@ -87,6 +98,19 @@ class TemperatureSearch(BaseModel):
 
 
 
+class PerLeadSearch(BaseModel):
+    """Whether to calibrate per-lead factors on the amplitude, to which lead, and the iteration."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    tune: bool = False
+    lead: str = "10d"
+    iterations: int = Field(default=4, ge=1)
+    damping: float = Field(default=1.0, gt=0, le=1, description="η of f ← f · SSR^(−η)")
+    low: float = Field(default=0.05, gt=0, description="smallest factor")
+    high: float = Field(default=5.0, gt=1, description="largest factor")
+
+
 class EnsembleCalibrationConfig(YamlConfig):
     """``configs/calibrate_ensemble_demo.yaml``: the forecasts calibrated on and the search."""
 
@@ -103,11 +127,41 @@ class EnsembleCalibrationConfig(YamlConfig):
     penalty: float = Field(default=1.0, ge=0)
     amplitude: AmplitudeSearch = AmplitudeSearch()
     temperature: TemperatureSearch = TemperatureSearch()
+    per_lead: PerLeadSearch = PerLeadSearch()
 
 
 def objective(crps: float, spread_skill: float, penalty: float) -> float:
     """J = CRPS · (1 + λ ln² SSR) (see the module docstring)."""
     return crps * (1.0 + penalty * math.log(spread_skill) ** 2)
+
+
+def lead_objective(crps_by_lead: Sequence[float], spread_skill_by_lead: Sequence[float], penalty: float) -> float:
+    """J̄ = mean over leads of CRPS(L) · (1 + λ ln² SSR(L))."""
+    return float(np.mean([objective(c, r, penalty) for c, r in zip(crps_by_lead, spread_skill_by_lead, strict=True)]))
+
+
+def calibrate_lead_factors(
+    evaluate: Callable[[dict[int, float]], dict[str, Any]], leads: Sequence[int], search: PerLeadSearch, penalty: float,
+) -> dict[str, Any]:
+    """Per-lead factors by the fixed-point iteration of the module docstring.
+
+    ``evaluate(factors)`` (lead hours → factor) returns at least ``crps_by_lead`` and
+    ``spread_skill_by_lead`` (one value per lead of ``leads``). Returns {"lead_factors", "before",
+    "after", "history"}: the kept factors, the evaluations at f = 1 and at them (with ``objective``),
+    and every iterate.
+    """
+    factors = {int(h): 1.0 for h in leads}
+    history: list[dict[str, Any]] = []
+    for iteration in range(search.iterations + 1):
+        result = dict(evaluate(dict(factors)))
+        result["objective"] = lead_objective(result["crps_by_lead"], result["spread_skill_by_lead"], penalty)
+        history.append({"lead_factors": dict(factors), **result})
+        if iteration == search.iterations:
+            break
+        factors = {h: float(np.clip(f * ssr ** -search.damping, search.low, search.high))
+                   for (h, f), ssr in zip(factors.items(), result["spread_skill_by_lead"], strict=True)}
+    best = min(history, key=lambda r: r["objective"])
+    return {"lead_factors": best["lead_factors"], "before": history[0], "after": best, "history": history}
 
 
 def calibrate(evaluate: Evaluate, config: EnsembleCalibrationConfig, tune_amplitude: bool = True) -> dict[str, Any]:
@@ -152,54 +206,78 @@ def _field(ds: xr.Dataset, spec: str) -> xr.DataArray:
 
 
 def ensemble_scores(forecast: xr.Dataset, truth: xr.Dataset, scale: dict[str, float], fields: Sequence[str]) -> dict[str, Any]:
-    """Fair CRPS (mean over fields and leads) and corrected SSR (pooled) in climatological-std units."""
+    """Fair CRPS (mean over fields and leads) and corrected SSR (pooled) in climatological-std units,
+    and both per lead (``crps_by_lead``: mean over fields; ``spread_skill_by_lead``: pooled over fields)."""
     valid = truth.sel(time=forecast.time + forecast.prediction_timedelta).drop_vars("time").assign_coords(time=forecast.time.values)
-    crps_values, variance, mse = [], 0.0, 0.0
+    leads = forecast.sizes["prediction_timedelta"]
+    crps_values, variance, mse = np.zeros(leads), np.zeros(leads), np.zeros(leads)
     for spec in fields:
         fc, tr = _field(forecast, spec) / scale[spec], _field(valid, spec) / scale[spec]
-        crps_values.append(float(crps(fc, tr, dims=DIMS).mean()))
+        crps_values += crps(fc, tr, dims=DIMS).transpose("prediction_timedelta").values
         v, e = mean_variance_and_mse(fc, tr, "number", list(DIMS))
-        variance, mse = variance + float(v.sum()), mse + float(e.sum())
-    members = forecast.sizes["number"]
-    return {"crps": float(np.mean(crps_values)), "spread_skill": math.sqrt(variance / mse * (members + 1) / members)}
+        variance += v.transpose("prediction_timedelta").values
+        mse += e.transpose("prediction_timedelta").values
+    correction = (forecast.sizes["number"] + 1) / forecast.sizes["number"]
+    return {"crps": float(crps_values.mean() / len(fields)), "spread_skill": math.sqrt(variance.sum() / mse.sum() * correction),
+            "crps_by_lead": (crps_values / len(fields)).tolist(), "spread_skill_by_lead": np.sqrt(variance / mse * correction).tolist()}
 
 
 def calibrate_system(
     forecaster: Forecaster, perturbation: str, analysis: xr.Dataset, truth: xr.Dataset, inits: Sequence[np.datetime64],
     config: EnsembleCalibrationConfig,
 ) -> dict[str, Any]:
-    """Search (amplitude, temperature) for ``perturbation`` (see the module docstring); returns the record."""
+    """Search (amplitude, temperature) for ``perturbation``, then the per-lead factors when
+    ``config.per_lead.tune`` (see the module docstring); returns the record."""
     scale = {spec: float(_field(truth, spec).std()) for spec in config.fields}
     tune_amplitude = perturbation != "none"
     temperatures = len(config.temperature.values) if config.temperature.tune else 1
+    per_lead = config.per_lead.tune and tune_amplitude
     expected = 1 + temperatures * (config.amplitude.max_evaluations if tune_amplitude else 1)
+    expected += config.per_lead.iterations + 1 if per_lead else 0
     with bar(total=expected, desc=f"calibrate ({perturbation})", unit="eval") as progress:
 
-        def evaluate(a: float, t: float) -> dict[str, Any]:
+        def run(a: float, t: float, lead: str, factors: dict[int, float]) -> dict[str, Any]:
             forecast = forecaster.ensemble(
-                init=[str(i) for i in inits], members=config.members, weights=config.weights, lead=config.lead,
+                init=[str(i) for i in inits], members=config.members, weights=config.weights, lead=lead,
                 output_step=config.output_step, perturbation=perturbation, seed=config.seed, data=analysis,
-                temperature=t, amplitude=a if tune_amplitude else None,
+                temperature=t, amplitude=a if tune_amplitude else None, lead_factors=factors,
             )
             progress.update(1)
             return ensemble_scores(forecast, truth, scale, config.fields)
 
-        result = calibrate(evaluate, config, tune_amplitude=tune_amplitude)
-    return {
+        result = calibrate(lambda a, t: run(a, t, config.lead, {}), config, tune_amplitude=tune_amplitude)
+        by_lead = None
+        if per_lead:
+            output_hours, lead_hours = parse_hours(config.output_step, "output_step"), parse_hours(config.per_lead.lead, "per_lead.lead")
+            leads = list(range(output_hours, lead_hours + 1, output_hours))
+            by_lead = calibrate_lead_factors(lambda f: run(result["amplitude"], result["temperature"], config.per_lead.lead, f),
+                                             leads, config.per_lead, config.penalty)
+    record = {
         "amplitude": result["amplitude"], "temperature": result["temperature"],
         "objective": f"J = CRPS_fair * (1 + {config.penalty} * ln(SSR_corrected)^2); fields {list(config.fields)} in units of their "
                      f"climatological std, latitude-weighted, leads to {config.lead} every {config.output_step}, "
                      f"{config.members} members (K = {config.weights}), {len(inits)} validation inits from the analysis vs the truth",
         "before": result["before"], "after": result["after"], "history": result["history"],
     }
+    if by_lead is not None:
+        record["lead_factors"] = by_lead["lead_factors"]
+        record["per_lead"] = {
+            "objective": f"mean over leads of CRPS_fair(L) * (1 + {config.penalty} * ln(SSR(L))^2), leads to {config.per_lead.lead}",
+            **{k: by_lead[k] for k in ("before", "after", "history")},
+        }
+    return record
 
 
 def write_system_file(out: Path, perturbation: str, record: dict[str, Any], base: dict[str, Any], make_default: bool) -> Path:
     """``out/ensemble.json``: ``base`` (the system's current file) with this scheme's calibration."""
     system = dict(base)
     schemes = dict(system.get("schemes", {}))
-    schemes[perturbation] = {**schemes.get(perturbation, {}), "amplitude": record["amplitude"],
-                             "temperature": record["temperature"], "calibration": {k: v for k, v in record.items() if k != "history"}}
+    # Factors of an earlier per-lead calibration do not belong to this (a, T).
+    kept = {k: v for k, v in schemes.get(perturbation, {}).items() if k != "lead_factors"}
+    schemes[perturbation] = {**kept, "amplitude": record["amplitude"], "temperature": record["temperature"],
+                             "calibration": {k: v for k, v in record.items() if k not in ("history", "lead_factors")}}
+    if "lead_factors" in record:
+        schemes[perturbation]["lead_factors"] = {str(h): f for h, f in record["lead_factors"].items()}
     system["schemes"] = schemes
     if make_default:
         system["default_perturbation"] = perturbation

@@ -4,7 +4,8 @@ A scheme is one module here with a ``build(inner, context) -> MemberSource`` fun
 by name in :data:`SCHEMES`; ``bdlens ensemble --perturbation NAME`` and
 :meth:`bdlens.ensemble.Forecaster.ensemble` pick it from there. ``context`` carries what a scheme may
 need (:class:`SchemeContext`). The amplitude multiplies the scheme's spread (calibrated per scheme
-by ``bdlens calibrate``); see docs/ensemble.md.
+by ``bdlens calibrate``), and a scheme perturbing every step scales it further by the calibrated
+per-lead factor of the call (:meth:`SchemeContext.lead_factor`); see docs/ensemble.md.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bdlens.data import FieldLayout, NormStats
 from bdlens.ensemble.base import MemberSource
 from bdlens.errors import BdlensError
@@ -22,8 +25,9 @@ from bdlens.errors import BdlensError
 
 @dataclass(frozen=True)
 class SchemeContext:
-    """What a scheme is built from: the run seed, its amplitude, the fields, each step model's
-    normalisation statistics, the checkpoint directories it may read, and its settings."""
+    """What a scheme is built from: the run seed, its amplitude and per-lead factors (lead hours →
+    factor), the fields, each step model's normalisation statistics, the checkpoint directories it
+    may read, and its settings."""
 
     seed: int
     amplitude: float
@@ -31,6 +35,15 @@ class SchemeContext:
     stats: Mapping[int, NormStats]
     checkpoints: Mapping[str, Path] = field(default_factory=dict)
     settings: Mapping[str, Any] = field(default_factory=dict)
+    lead_factors: Mapping[int, float] = field(default_factory=dict)
+
+    def lead_factor(self, lead_hours: int) -> float:
+        """The factor on the amplitude of a call ending at ``lead_hours``: linear in lead between the
+        calibrated leads, the nearest calibrated lead's beyond them, 1 without a per-lead calibration."""
+        if not self.lead_factors:
+            return 1.0
+        leads = sorted(self.lead_factors)
+        return float(np.interp(lead_hours, leads, [self.lead_factors[h] for h in leads]))
 
 
 # name → module defining ``build(inner, context)``; imported on use (the learned scheme loads torch modules

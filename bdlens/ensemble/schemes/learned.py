@@ -5,7 +5,8 @@ X_t' = X_t + μ(X) + a·σ(X) ⊙ ε in the network's normalised units, ε keyed
 (seed, ``"learned-perturbation"``, member, lead of the call, init) (:mod:`bdlens.streams`), and the
 wrapped source steps from (X_{t−Δ}, X_t'). Only step models with a network can be perturbed, so
 the rollout of this scheme uses those step lengths only (:attr:`steps`); a lead they cannot reach
-is refused by the engine before any work. ``a`` is the calibrated amplitude.
+is refused by the engine before any work. ``a`` is the calibrated amplitude times the per-lead
+factor of the call (1 without a per-lead calibration).
 """
 
 from __future__ import annotations
@@ -41,6 +42,7 @@ class LearnedMembers(Wrapped):
             )
         self.steps = tuple(sorted(self.networks))
         self.seed, self.amplitude, self.layout = int(context.seed), float(context.amplitude), context.layout
+        self.lead_factor = context.lead_factor
         self.forecast: Forecast | None = None
 
     def start(self, forecast: Forecast) -> None:
@@ -55,7 +57,8 @@ class LearnedMembers(Wrapped):
         eps = streams.normal(shapes, self.seed, STREAM, self.forecast.members, step=call.lead, init=self.forecast.init_key)
         times = [norm] if network.config.n_input_times == 1 else [self.layout.normalise(previous, stats), norm]
         mu, sigma = network(torch.stack([t.upper for t in times], 1), torch.stack([t.surface for t in times], 1))
-        perturbed = Fields(*(x + m + self.amplitude * s * e.to(x.dtype) for x, m, s, e in zip(norm, mu, sigma, eps, strict=True)))
+        a = self.amplitude * self.lead_factor(call.lead)
+        perturbed = Fields(*(x + m + a * s * e.to(x.dtype) for x, m, s, e in zip(norm, mu, sigma, eps, strict=True)))
         return self.inner.step(previous, self.layout.denormalise(perturbed, stats), call)
 
     def describe(self) -> str:

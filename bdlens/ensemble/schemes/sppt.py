@@ -5,7 +5,9 @@ the pattern of the state at lead L is the pattern of the call's input state adva
 step Δ (φ = exp(−Δ/τ) per scale), with fresh noise keyed by (seed, ``"sppt"``, member, L, init), so
 24 h and 6 h steps are both perturbed, each with the time correlation of its own step. The pattern
 of the initial state is drawn from the stationary distribution (key L = 0). ``amplitude`` multiplies
-every scale's σ (the clip to [−1, 1] stays).
+every scale's σ (the clip to [−1, 1] stays); a per-lead calibration multiplies the pattern of the
+call ending at lead L by its factor f(L), clipped again, so the AR(1) memory is kept while the
+strength of the perturbation follows the lead.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ class SPPTMembers(Wrapped):
                            config.model_copy(update={"scales": scales, "dt_hours": float(step)}))
                 for step in self.steps
             }
-        self.seed, self.amplitude = int(context.seed), float(context.amplitude)
+        self.seed, self.amplitude, self.lead_factor = int(context.seed), float(context.amplitude), context.lead_factor
         self.patterns: dict[int, PatternState] = {}
         self.last_use: dict[int, int] = {}
         self.forecast: Forecast | None = None
@@ -64,6 +66,10 @@ class SPPTMembers(Wrapped):
             self.patterns.pop(call.current, None)
         self.calls += 1
         r = sppt.pattern.field(pattern)[:, 0].to(current.upper.dtype)
+        factor = self.lead_factor(call.lead)
+        if factor != 1.0:
+            clip = sppt.config.clip
+            r = r * factor if clip is None else (r * factor).clamp(-clip, clip)
         upper, surface = apply_sppt(
             current.upper, current.surface, forecast.upper, forecast.surface, r,
             levels_hpa=sppt.levels_hpa, upper_variables=sppt.upper_variables, surface_variables=sppt.surface_variables,
