@@ -33,6 +33,7 @@ import os
 import platform
 import shutil
 import sys
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from dataclasses import field as dataclass_field
@@ -58,6 +59,8 @@ from bdlens.outputs import check_output_file, mark_output, partial_path, prepare
 from bdlens.progress import bar
 from bdlens.uncertainty import decompose, has_design, mixture_crps_check, total_variance_check
 from bdlens.world.build import build
+from bdlens.world.build import read_manifest as read_world_manifest
+from bdlens.world.ensemble import physics_ensemble
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FIELDS, demo_world_split, field, test_inits, verification  # noqa: E402
@@ -128,8 +131,11 @@ def output_hours(steps: Sequence[int], leads: Sequence[int]) -> int:
 
 
 def _stored_cost(ds: xr.Dataset) -> dict[str, float]:
+    """The cost an engine run recorded: its wall seconds, member-steps, member-days and network evaluations per member-step."""
     member_steps = float(ds.attrs["member_steps"])
+    days = float(ds.prediction_timedelta.values.max() / np.timedelta64(24, "h"))
     return {"seconds": float(ds.attrs["wall_seconds_per_member_step"]) * member_steps, "member_steps": member_steps,
+            "member_days": ds.sizes["number"] * days,
             "network_evaluations_per_member_step": float(ds.attrs["network_evaluations_per_member_step"])}
 
 
@@ -198,17 +204,39 @@ def deep_ensemble_plan(paths: Sequence[Path], device: str, leads: list[int], see
     options.update(lead=f"{max(reached)}h", output_step=f"{step}h")
 
     def run(init: np.datetime64, scratch: Path) -> tuple[xr.Dataset, dict[str, float]]:
-        parts, cost = [], {"seconds": 0.0, "member_steps": 0.0}
+        parts, costs = [], []
         for i, forecaster in enumerate(forecasters):
             ds, used = _engine_forecast(forecaster, options, init, scratch / f"member{i}.zarr", analysis, reached)
             # Each member has its own weights and no perturbation: K = members, J = 1.
             parts.append(ds.assign_coords(number=[i], **{WEIGHT_SAMPLE: ("number", [i]), PERTURBATION_DRAW: ("number", [0])}))
-            cost = {"seconds": cost["seconds"] + used["seconds"], "member_steps": cost["member_steps"] + used["member_steps"],
-                    "network_evaluations_per_member_step": used["network_evaluations_per_member_step"]}
-        return xr.concat(parts, dim="number"), cost
+            costs.append(used)
+        total = {k: sum(c[k] for c in costs) for k in ("seconds", "member_steps", "member_days")}
+        return xr.concat(parts, dim="number"), total | {"network_evaluations_per_member_step": costs[0]["network_evaluations_per_member_step"]}
 
     identity = {"options": options, "checkpoints": [f.system.hashes(KINDS) for f in forecasters]}
     return Plan("deep-ensemble", len(forecasters), reached, identity, run)
+
+
+def physics_run_plan(world: Path, members: int, leads: list[int]) -> Plan:
+    """The physics ensemble run here, init by init (`bdlens world ensemble`), so that its cost is measured
+    like the others': wall seconds / (members × dynamical-core time steps)."""
+    config = read_world_manifest(world)["config"]
+    reached = [lead for lead in leads if lead % int(config["output_hours"]) == 0]
+    if not reached:
+        raise BdlensError(f"the world writes every {config['output_hours']} h and reaches none of --leads {leads} h")
+    steps_per_hour = 60.0 / float(config["time_step_minutes"])
+
+    def run(init: np.datetime64, scratch: Path) -> tuple[xr.Dataset, dict[str, float]]:
+        store = scratch / "physics.zarr"
+        shutil.rmtree(store, ignore_errors=True)  # a store cut short by a kill is not resumable; it is ours
+        tick = time.perf_counter()
+        physics_ensemble(world, [init], members, max(reached), store)
+        seconds = time.perf_counter() - tick
+        cost = {"seconds": seconds, "member_steps": members * max(reached) * steps_per_hour, "member_days": members * max(reached) / 24,
+                "network_evaluations_per_member_step": 0.0}
+        return headline(open_dataset(store), reached), cost
+
+    return Plan("physics", members, reached, {"mode": "run here", "members": members}, run)
 
 
 def physics_plan(path: Path, leads: list[int], inits: np.ndarray) -> Plan:
@@ -360,6 +388,7 @@ def aggregate(plan: Plan, units: list[dict[str, Any]]) -> list[dict[str, Any]]:
     costs = [u["cost"] for u in units if u["cost"] is not None]
     if costs:
         emit("all", -1, "wall_seconds_per_member_step", sum(c["seconds"] for c in costs) / sum(c["member_steps"] for c in costs))
+        emit("all", -1, "wall_seconds_per_member_day", sum(c["seconds"] for c in costs) / sum(c["member_days"] for c in costs))
         emit("all", -1, "network_evaluations_per_member_step", costs[0]["network_evaluations_per_member_step"])
     return out
 
@@ -392,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--weights", type=int, help="weight samples K of the hybrids (default: the system's, 10)")
     parser.add_argument("--deep-ensemble", nargs="+", type=Path, default=[], metavar="CKPT",
                         help="deterministic checkpoint directories, one member each (the bundled models fill missing step lengths)")
-    parser.add_argument("--physics", type=Path, help="a `bdlens world ensemble` store at the study's inits")
+    parser.add_argument("--physics", type=Path, help="a `bdlens world ensemble` store at the study's inits (default: run the "
+                        "physics ensemble here, --members members, and measure its cost)")
     parser.add_argument("--world", type=Path, help="world directory (default: the default demo world)")
     parser.add_argument("--period", nargs=2, metavar=("START", "END"), help="init period (default: the demo test split)")
     parser.add_argument("--seed", type=int, default=0)
@@ -407,7 +437,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def plans(args: argparse.Namespace, leads: list[int], analysis: xr.Dataset, inits: np.ndarray) -> list[Plan]:
+def plans(args: argparse.Namespace, world: Path, leads: list[int], analysis: xr.Dataset, inits: np.ndarray) -> list[Plan]:
     """Every requested system's plan, its checkpoints loaded and checked (before any forecast)."""
     forecaster = Forecaster.from_pretrained(device=args.device)
     out = []
@@ -419,10 +449,7 @@ def plans(args: argparse.Namespace, leads: list[int], analysis: xr.Dataset, init
                 continue
             out.append(deep_ensemble_plan(args.deep_ensemble, args.device, leads, args.seed, analysis, inits))
         elif name == "physics":
-            if args.physics is None:
-                log.warning("physics skipped: no --physics STORE given (make one with `bdlens world ensemble` at the study's inits)")
-                continue
-            out.append(physics_plan(args.physics, leads, inits))
+            out.append(physics_run_plan(world, args.members, leads) if args.physics is None else physics_plan(args.physics, leads, inits))
         else:
             members = 1 if SYSTEMS[name].get("members") == 1 else (args.hybrid_members if name == "hybrid" else args.members)
             out.append(engine_plan(name, forecaster, members, args.weights, leads, args.seed, analysis, inits))
@@ -481,7 +508,7 @@ def _run(args: argparse.Namespace) -> int:
     if len(inits) < args.inits:
         raise BdlensError(f"the period {period[0]}..{period[1]} holds only {len(inits)} inits {args.every_days} days apart with a day of "
                           f"history and {max(leads)} h ahead; ask for fewer --inits or a smaller --every-days")
-    chosen = plans(args, leads, analysis, inits)
+    chosen = plans(args, Path(world), leads, analysis, inits)
     for plan in chosen:  # the units of another world are other units
         plan.identity["world"] = _world_key(Path(world))
     units = [(plan, init) for plan in chosen for init in inits]
@@ -518,10 +545,7 @@ def _run(args: argparse.Namespace) -> int:
 
 def _world_key(world: Path) -> str:
     """The world's cache key (its manifest), or its resolved path for a world without one."""
-    try:
-        return str(json.loads((world / "manifest.json").read_text())["cache_key"])
-    except (OSError, KeyError, json.JSONDecodeError):
-        return str(world.resolve())
+    return str(read_world_manifest(world).get("cache_key", world.resolve()))
 
 
 def protocol_lines(args: argparse.Namespace, chosen: list[Plan], inits: np.ndarray) -> list[str]:

@@ -84,6 +84,7 @@ def costs(table: pd.DataFrame) -> pd.DataFrame:
         wall = scalar(table, system, "wall_seconds_per_member_step")
         rows.append({"system": system, "members": int(scalar(table, system, "members")),
                      "wall s / member-step": wall if np.isfinite(wall) else "not measured (precomputed)",
+                     "wall s / member / forecast day": scalar(table, system, "wall_seconds_per_member_day"),
                      "network evaluations / member-step": scalar(table, system, "network_evaluations_per_member_step"),
                      "× hybrid": wall / hybrid if np.isfinite(wall) and np.isfinite(hybrid) else float("nan")})
     return pd.DataFrame(rows)
