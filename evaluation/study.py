@@ -46,7 +46,7 @@ import pandas as pd
 import torch
 import xarray as xr
 
-from bdlens.checkpoint import BUNDLED_DIR, MANIFEST, bundled_checkpoint, read_manifest
+from bdlens.checkpoint import BUNDLED_DIR, bundled_checkpoint, read_manifest
 from bdlens.data import NormStats, open_dataset
 from bdlens.ensemble import Forecaster
 from bdlens.ensemble.design import PERTURBATION_DRAW, WEIGHT_SAMPLE, Design
@@ -96,7 +96,7 @@ class Plan:
     """One system of the study: the leads it reports, its unit key and how to forecast one init.
 
     ``run(init, scratch)`` returns the headline fields (dims number, time = [init], prediction_timedelta
-    = ``leads``, latitude, longitude; loaded) and the cost ({"seconds", "member_steps",
+    = ``leads``, latitude, longitude; loaded) and the cost ({"seconds", "member_steps", "member_days",
     "network_evaluations_per_member_step"}, or None when the forecast was not run here).
     """
 
@@ -184,9 +184,13 @@ def engine_plan(name: str, forecaster: Forecaster, members: int, weights: int | 
 
 
 def deep_ensemble_system(path: Path, device: str) -> Forecaster:
-    """A deep-ensemble member: the deterministic checkpoint(s) at ``path``, with the bundled
-    deterministic models for the step lengths it lacks (e.g. a 24 h model gets the bundled 6 h one)."""
-    system = load_system(path)
+    """A deep-ensemble member: the deterministic checkpoint(s) at ``path`` (a checkpoint, a run directory
+    or a folder of them, as :func:`load_system` reads it), with the bundled deterministic models for the
+    step lengths it lacks (e.g. a 24 h model gets the bundled 6 h one)."""
+    try:
+        system = load_system(path)
+    except BdlensError as err:
+        raise BdlensError(f"--deep-ensemble {path} is not a checkpoint directory: {err}") from None
     if not system.checkpoints["deterministic"]:
         raise BdlensError(f"--deep-ensemble {path} holds no deterministic checkpoint; pass `bdlens train deterministic` outputs")
     for step, bundled in load_system(BUNDLED_DIR).checkpoints["deterministic"].items():
@@ -473,8 +477,7 @@ def check_args(args: argparse.Namespace) -> list[int]:
     if args.threads is not None and args.threads < 1:
         raise BdlensError(f"--threads must be at least 1, got {args.threads}")
     for path in args.deep_ensemble:
-        if not (path / MANIFEST).is_file() and not (path / "checkpoint" / MANIFEST).is_file():
-            raise BdlensError(f"--deep-ensemble {path} is not a checkpoint directory (no manifest.json); pass `bdlens train deterministic` outputs")
+        deep_ensemble_system(path, args.device)
     if args.physics is not None and not args.physics.exists():
         raise BdlensError(f"--physics {args.physics} does not exist; make it with `bdlens world ensemble`")
     leads = sorted({parse_hours(text, "--leads") for text in args.leads})
@@ -516,6 +519,9 @@ def _run(args: argparse.Namespace) -> int:
     if args.dry_run:
         for plan in chosen:
             print(f"{plan.name}: {plan.members} members, leads {plan.leads} h, units {plan.key}", file=sys.stderr)
+        init_flags = " ".join(f"--init {np.datetime_as_string(t, unit='h')}" for t in inits)
+        print(f"a physics store for --physics: bdlens world ensemble --world {world} {init_flags} --members {args.members} "
+              f"--lead-hours {max(leads)} --out PHYS.zarr", file=sys.stderr)
         return 0
     work = Path(args.work)
     resume = work.exists() and any(work.iterdir())

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import pytest
 import xarray as xr
 
@@ -15,9 +16,9 @@ from bdlens.ensemble import Forecaster
 from bdlens.grid import lat_weights
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
+import common  # noqa: E402
 import study  # noqa: E402
 import study_report  # noqa: E402
-import common  # noqa: E402
 from common import FIELDS  # noqa: E402
 
 SYSTEMS = ("deterministic", "hybrid", "deep-ensemble", "physics")
@@ -102,8 +103,6 @@ def test_deterministic_crps_is_the_area_weighted_mae_of_an_independent_run(ran, 
 
 def test_the_csv_holds_every_metric_and_the_identities_hold(ran):
     root, _ = ran
-    import pandas as pd
-
     table = pd.read_csv(root / "study.csv")
     assert list(table.columns) == list(study.CSV_COLUMNS)
     hybrid = table[table.system == "hybrid"]
@@ -187,9 +186,7 @@ def test_a_deep_ensemble_path_that_is_no_checkpoint_is_refused(small_world, tmp_
     assert not (tmp_path / "work").exists()
 
 
-def _table(rows: list[tuple[str, str, int, str, float]]) -> "pd.DataFrame":
-    import pandas as pd
-
+def _table(rows: list[tuple[str, str, int, str, float]]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=list(study.CSV_COLUMNS))
 
 
