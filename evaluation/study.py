@@ -333,6 +333,7 @@ def _write_json(path: Path, content: dict[str, Any]) -> None:
 
 
 def unit_path(work: Path, plan: Plan, init: np.datetime64) -> Path:
+    """Where the unit (``plan``, ``init``) is cached: ``work/units/SYSTEM/INIT-KEY.json``."""
     return work / "units" / plan.name / f"{np.datetime_as_string(init, unit='h')}-{plan.key}.json"
 
 
