@@ -39,9 +39,11 @@ def load_demo_world() -> tuple[xr.Dataset, xr.Dataset]:
     return open_dataset(world / "truth.zarr").load(), open_dataset(world / "analysis.zarr").load()
 
 
-def test_inits(truth: xr.Dataset, max_lead_hours: int, every_hours: int) -> np.ndarray:
-    """Init times in the test split every ``every_hours``, leaving a day of history and the longest lead."""
-    start, end = demo_world_split("test")
+def test_inits(truth: xr.Dataset, max_lead_hours: int, every_hours: int,
+               period: tuple[np.datetime64, np.datetime64] | None = None) -> np.ndarray:
+    """Init times in ``period`` (default: the demo test split) every ``every_hours``, leaving a day of
+    history and the longest lead."""
+    start, end = demo_world_split("test") if period is None else period
     times = truth.time.sel(time=slice(start + np.timedelta64(24, "h"), end - np.timedelta64(max_lead_hours, "h"))).values
     return times[(times - times[0]) % np.timedelta64(every_hours, "h") == np.timedelta64(0)]
 
@@ -50,6 +52,13 @@ def verification(truth: xr.Dataset, forecast: xr.Dataset) -> xr.Dataset:
     """The truth at each forecast's valid time, dims (time, prediction_timedelta, …)."""
     valid = truth.sel(time=forecast.time + forecast.prediction_timedelta)
     return valid.drop_vars("time").assign_coords(time=forecast.time.values)
+
+
+def lead_rows(system: str, key: str, metric: str, values: xr.DataArray) -> list[dict]:
+    """Tidy rows (system, field, lead_hours, metric, value) of a score along ``prediction_timedelta``."""
+    leads = values.prediction_timedelta.values / np.timedelta64(1, "h")
+    return [{"system": system, "field": key, "lead_hours": int(lead), "metric": metric, "value": float(value)}
+            for lead, value in zip(leads, np.asarray(values.values).ravel(), strict=True)]
 
 
 def rmse_by_lead(forecast: xr.Dataset, truth_at_valid: xr.Dataset, key: str) -> list[float]:

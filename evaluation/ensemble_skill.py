@@ -21,7 +21,6 @@ import sys
 import tempfile
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 import xarray as xr
 
@@ -30,7 +29,7 @@ from bdlens.data import open_dataset
 from bdlens.metrics import crps, ensemble_mean_rmse, spread_skill_ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIELDS, field, load_demo_world, test_inits, verification  # noqa: E402
+from common import FIELDS, field, lead_rows, load_demo_world, test_inits, verification  # noqa: E402
 
 # name → Forecaster.ensemble options (members and weights are set from --members).
 SYSTEMS = {
@@ -48,6 +47,15 @@ SYSTEMS = {
 DIMS = ["time", "latitude", "longitude"]
 
 
+def engine_options(name: str, members: int, weights: int | None, lead: str, output_step: str = "24h") -> dict:
+    """Forecaster.ensemble options of system ``name``: ``weights`` is K of the hybrids (None: the
+    system's default); epistemic-only runs K = members (one draw each)."""
+    options = {"members": members, "lead": lead, "output_step": output_step, **SYSTEMS[name]}
+    if options.get("bayes") is True:
+        options["weights"] = options["members"] if options["perturbation"] == "none" else weights
+    return options
+
+
 def scores(name: str, forecast: xr.Dataset, truth: xr.Dataset) -> list[dict]:
     """Rows (system, field, lead_hours, metric, value) of one forecast."""
     valid = verification(truth, forecast)
@@ -60,9 +68,7 @@ def scores(name: str, forecast: xr.Dataset, truth: xr.Dataset) -> list[dict]:
             metrics["crps"] = crps(fc, tr, dims=DIMS)
             metrics["spread_skill"] = spread_skill_ratio(fc, tr, dims=DIMS)
         for metric, values in metrics.items():
-            for lead, value in zip(forecast.prediction_timedelta.values, np.asarray(values.values).ravel(), strict=True):
-                rows.append({"system": name, "field": key, "lead_hours": int(lead / np.timedelta64(1, "h")), "metric": metric,
-                             "value": float(value)})
+            rows += lead_rows(name, key, metric, values)
     for attr in ("wall_seconds_per_member_step", "network_evaluations_per_member_step", "out_of_bounds_count"):
         if attr in forecast.attrs:
             rows.append({"system": name, "field": "all", "lead_hours": -1, "metric": attr, "value": float(forecast.attrs[attr])})
@@ -91,12 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.systems:
-            options = {"members": args.members, "lead": args.lead, "output_step": "24h", **SYSTEMS[name]}
+            options = engine_options(name, args.members, args.weights, args.lead)
             runner = Forecaster.from_pretrained(args.diffusion) if name == "diffusion" and args.diffusion else forecaster
-            weights = None
-            if options.get("bayes") is True:
-                weights = options["members"] if options["perturbation"] == "none" else args.weights
-            forecast = runner.ensemble(init=[str(t) for t in inits], weights=weights, seed=args.seed, data=analysis,
+            forecast = runner.ensemble(init=[str(t) for t in inits], seed=args.seed, data=analysis,
                                        out=Path(tmp) / f"{name}.zarr", **options)
             rows += scores(name, forecast, truth)
             print(f"{name}: {forecast.attrs['system']}", flush=True)

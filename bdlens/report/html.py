@@ -442,6 +442,12 @@ def write_report(
     truth_data = truth if isinstance(truth, xr.Dataset) else open_data(truth)
     parsed = [f if isinstance(f, Field) else Field.parse(f) for f in fields] if fields else None
     html, tables = build_report(systems, truth_data, parsed, quantiles, seed, truth_path)
+    return _write_directory(out, html, tables, overwrite, inputs)
+
+
+def _write_directory(out: str | Path, html: str, tables: Mapping[str, pd.DataFrame], overwrite: bool,
+                     inputs: Sequence[str | None]) -> Path:
+    """Write ``report.html`` and ``<name>.csv`` per table to the report directory ``out``, atomically."""
     out = Path(out)
     tmp = out.with_name(f".{out.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -458,3 +464,57 @@ def write_report(
         shutil.rmtree(tmp, ignore_errors=True)
     log.info("report written to %s", out / "report.html")
     return out
+
+
+@dataclass
+class Section:
+    """One section of a :func:`write_page` page: notes, then tables (caption, DataFrame), then figures (title, Figure)."""
+
+    id: str
+    title: str
+    notes: Sequence[str] = ()
+    tables: Sequence[tuple[str, pd.DataFrame]] = ()
+    figures: Sequence[tuple[str, Any]] = ()
+
+
+def _cell(value: Any) -> dict[str, Any]:
+    """A table cell: numbers right-aligned to 4 significant digits; verdicts that start with
+    "met" / "not met" / "holds" / "FAILS" coloured."""
+    if isinstance(value, int | float | np.number) and not isinstance(value, bool):
+        return {"text": _fmt(float(value)), "num": True}
+    text = str(value)
+    verdict = "bad" if text.startswith(("not met", "FAILS")) else ("ok" if text.startswith(("met", "holds")) else "")
+    return {"text": text, "num": False, "verdict": verdict}
+
+
+def write_page(
+    out: str | Path,
+    title: str,
+    subtitle: Sequence[str],
+    sections: Sequence[Section],
+    tables: Mapping[str, pd.DataFrame] | None = None,
+    overwrite: bool = False,
+    inputs: Sequence[str | None] = (),
+) -> Path:
+    """Write a report directory ``out`` of precomputed results (as :func:`write_report` writes one of
+    forecasts): ``report.html``, one self-contained page with ``sections`` in the report's style, and
+    ``tables`` as ``<name>.csv``. Raises :class:`BdlensError` before writing if ``out`` may not be replaced."""
+    from jinja2 import Environment, PackageLoader, select_autoescape
+
+    prepare_output(out, "report", overwrite=overwrite, inputs=inputs, dry_run=True)
+    env = Environment(loader=PackageLoader("bdlens.report", "templates"), autoescape=select_autoescape(["html", "j2"]))
+    rendered = [
+        {
+            "id": s.id,
+            "title": s.title,
+            "notes": list(s.notes),
+            "tables": [{"caption": caption, "columns": [str(c) for c in frame.columns],
+                        "rows": [[_cell(v) for v in row] for row in frame.itertuples(index=False)]} for caption, frame in s.tables],
+            "figures": [{"title": t, "png": _png(f)} for t, f in s.figures if f is not None],
+        }
+        for s in sections
+    ]
+    html = env.get_template("page.html.j2").render(
+        title=title, subtitle=list(subtitle), sections=rendered, generated=datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), version=__version__
+    )
+    return _write_directory(out, html, dict(tables or {}), overwrite, inputs)

@@ -163,7 +163,9 @@ def physics_ensemble(
                     source=f"dinosaur Held-Suarez core restarted from perturbed analyses of world {manifest['cache_key']}",
                     perturbation="analysis + independent draw of the world's balanced analysis-error model",
                 )
-                ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True, compute=False)
+                # Every coordinate chunk on disk: a single init's time encodes as 0, the fill value, which zarr
+                # would otherwise leave unwritten (and the canonical reader refuses as a missing chunk).
+                ds.to_zarr(tmp, mode="w", zarr_format=2, consolidated=True, compute=False, write_empty_chunks=True)
             region = xr.Dataset({name: (ds[name].dims, values[:, None]) for name, values in fields.items()})
             region.to_zarr(tmp, region={"time": slice(position, position + 1)}, zarr_format=2)
     log.info("physics ensemble written to %s", out)
