@@ -140,6 +140,32 @@ def test_ensemble_claims_are_what_the_committed_results_say() -> None:
     assert f"{before['spread_skill']:.2f} → {after['spread_skill']:.2f}, CRPS in climatological-std units {before['crps']:.3f} → {after['crps']:.3f}" in " ".join(readme.split())
 
 
+def test_per_lead_calibration_claims_are_what_the_committed_results_say() -> None:
+    """The README's per-lead calibration paragraph comes from the committed calibration record and skill CSV."""
+    import json
+
+    import pandas as pd
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    record = json.loads((ROOT / "evaluation" / "results" / "per_lead_calibration.json").read_text())
+    per_lead, factors = record["per_lead"], record["lead_factors"]
+    before, after = per_lead["before"], per_lead["after"]
+    assert (f"spread-skill rises from {before['spread_skill_by_lead'][0]:.2f} at 1 d to {before['spread_skill_by_lead'][-1]:.2f} at 10 d"
+            in text)
+    assert f"factors ran from {factors['24']:.2f} at 1 d down to {factors['240']:.2f} at 10 d" in text
+    gain = 100 * (1 - after["objective"] / before["objective"])
+    assert f"fell by only {gain:.1f} % ({before['objective']:.4f} → {after['objective']:.4f})" in text
+    assert f"10-day spread-skill only to {after['spread_skill_by_lead'][-1]:.2f}" in text
+    table = pd.read_csv(ROOT / "evaluation" / "results" / "per_lead_skill.csv")
+    z500 = table[(table.system == "hybrid") & (table.field == "z500")].set_index(["metric", "lead_hours"]).value
+    cells = ", ".join(f"{z500['crps', h]:.0f} / {z500['spread_skill', h]:.2f}" for h in (24, 72, 120, 240))
+    assert f"Z500 CRPS / spread-skill {cells} at 1 / 3 / 5 / 10 d" in text
+    bundled = pd.read_csv(ROOT / "evaluation" / "results" / "ensemble_skill.csv")
+    plain = bundled[(bundled.system == "hybrid") & (bundled.field == "z500")].set_index(["metric", "lead_hours"]).value
+    assert all(z500["crps", h] > plain["crps", h] for h in (24, 48, 72, 96, 120))  # "worse than without them up to 5 d"
+    assert f"over-dispersive already at 1 d ({plain['spread_skill', 24]:.2f})" in text
+
+
 def test_diffusion_comparison_is_what_the_committed_results_say() -> None:
     """The README's hybrid-vs-diffusion table and cost ratio come from evaluation/results/diffusion_skill.csv."""
     import pandas as pd
