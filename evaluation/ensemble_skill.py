@@ -5,12 +5,13 @@ inits and is verified against the truth: fair CRPS, ensemble-mean RMSE and the c
 spread-skill ratio per lead (latitude-weighted, averaged over inits and space), for Z500, T850,
 U850 and MSLP, plus the members that left physical bounds and the cost per member-step. The
 references (``persistence``, ``climatology``, ``ic``, ``bred``) and the ``diffusion`` baseline run
-through the same engine (``--diffusion``: a diffusion checkpoint other than the bundled one). With
+through the same engine (``--diffusion``: a diffusion checkpoint other than the bundled one;
+``--checkpoint``: a system other than the bundled one, e.g. with another calibration). With
 ``--physics`` (a `bdlens world ensemble` store at the same inits) the physics ensemble is scored
 alike. Results go to a CSV (one row per system, field, lead, metric) and a table on stdout.
 
     python evaluation/ensemble_skill.py [--systems hybrid epistemic aleatoric deterministic ...] [--inits 10]
-        [--every-days 10] [--members 16] [--lead 10d] [--physics PHYS.zarr] [--diffusion CKPT]
+        [--every-days 10] [--members 16] [--lead 10d] [--physics PHYS.zarr] [--diffusion CKPT] [--checkpoint DIR]
         [--out evaluation/results/ensemble_skill.csv]
 """
 
@@ -86,6 +87,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lead", default="10d")
     parser.add_argument("--physics", type=Path, help="a `bdlens world ensemble` store at the same inits")
     parser.add_argument("--diffusion", type=Path, help="diffusion checkpoint (default: the bundled system's)")
+    parser.add_argument("--checkpoint", type=Path, help="the system (a bundle or a folder of checkpoints; default: the bundled one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("evaluation/results/ensemble_skill.csv"))
     args = parser.parse_args(argv)
@@ -93,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     truth, analysis = load_demo_world()
     lead_hours = int(args.lead[:-1]) * (24 if args.lead.endswith("d") else 1)
     inits = test_inits(truth, lead_hours, 24 * args.every_days)[: args.inits]
-    forecaster = Forecaster.from_pretrained()
+    forecaster = Forecaster.from_pretrained(args.checkpoint)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.systems:

@@ -45,16 +45,18 @@ def test_scores_do_not_depend_on_the_batch_size(world: dict) -> None:  # noqa: F
 
 
 def test_the_shipped_posterior_temperature_scales_each_weight_deviation() -> None:
-    """θ_k − μ = T·σ⊙ε_k, with ε_k member k's standard-normal draw, for the bundled system's default
-    scheme at its calibrated temperature (ensemble.json) — not T² or √T, and not a scaled θ."""
+    """θ_k − μ = T·σ⊙ε_k, with ε_k member k's standard-normal draw — not T² or √T, and not a scaled θ —
+    and the engine's default is the bundled system's calibrated temperature (ensemble.json)."""
     from bdlens import streams
     from bdlens.bayes.sampling import WEIGHT_STREAM
     from bdlens.ensemble import Design, Forecast, Forecaster
     forecaster = Forecaster.from_pretrained(device="cpu")
-    temperature = forecaster.system.scheme(forecaster.default_perturbation()).get("temperature", 1.0)
-    assert temperature != 1
+    shipped = forecaster.system.scheme(forecaster.default_perturbation()).get("temperature", 1.0)
+    _, used = forecaster.source(Design(2, 1), forecaster.default_perturbation(), True, seed=17)
+    assert used["temperature"] == shipped
+    temperature = 2.0  # the scaling is checked at T ≠ 1, where T, T² and √T differ
     source, used = forecaster.source(Design(2, 1), "none", True, seed=17, temperature=temperature)
-    assert used["temperature"] == 2
+    assert used["temperature"] == temperature
     source.start(Forecast(0, (0, 1)))  # the engine's posterior members: weight samples 0 and 1 of every step model
     post = source.models[6].bayes.posterior
     with torch.no_grad():
