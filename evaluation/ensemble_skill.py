@@ -27,6 +27,7 @@ import xarray as xr
 
 from bdlens import Forecaster
 from bdlens.data import open_dataset
+from bdlens.errors import BdlensError
 from bdlens.metrics import crps, ensemble_mean_rmse, spread_skill_ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -92,10 +93,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("evaluation/results/ensemble_skill.csv"))
     args = parser.parse_args(argv)
 
+    try:  # a wrong --checkpoint is found before the world is loaded
+        forecaster = Forecaster.from_pretrained(args.checkpoint)
+    except BdlensError as err:
+        print(f"ensemble_skill: error: {err}", file=sys.stderr)
+        return 2
     truth, analysis = load_demo_world()
     lead_hours = int(args.lead[:-1]) * (24 if args.lead.endswith("d") else 1)
     inits = test_inits(truth, lead_hours, 24 * args.every_days)[: args.inits]
-    forecaster = Forecaster.from_pretrained(args.checkpoint)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.systems:

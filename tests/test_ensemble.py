@@ -78,6 +78,12 @@ def test_per_lead_factors_scale_the_perturbation_of_the_call_ending_at_that_lead
     assert first_off.attrs["config"] != plain.attrs["config"]  # the factors are part of the stored request
 
 
+def test_negative_per_lead_factor_is_refused_before_any_output(forecaster, analysis, tmp_path):
+    with pytest.raises(BdlensError, match="per-lead amplitude factors"):
+        run(forecaster, analysis, out=tmp_path / "out.zarr", lead_factors={24: -1.0})
+    assert not (tmp_path / "out.zarr").exists()
+
+
 def test_per_lead_factor_is_linear_between_calibrated_leads_and_held_beyond():
     from bdlens.ensemble.schemes import SchemeContext
 

@@ -130,6 +130,7 @@ class Request:
     checkpoint: str
     model: str = "hybrid"
     lead_factors: tuple[tuple[int, float], ...] = ()
+    scheme_config: str = ""  # the scheme's own config named by ensemble.json (e.g. which SPPT), "" for its default
 
     def key(self) -> str:
         return json.dumps(self.__dict__, sort_keys=True)
@@ -308,7 +309,8 @@ class Forecaster:
                           used.get("amplitude", 0.0), tuple(_iso(t) for t in init_times),
                           "bundled demo analyses" if data is None else ("in-memory Dataset" if isinstance(data_path, xr.Dataset) else str(data_path)),
                           "bundled demo models" if self.system.root == BUNDLED_DIR else str(self.system.root), model,
-                          tuple(sorted(used.get("lead_factors", {}).items())))
+                          tuple(sorted(used.get("lead_factors", {}).items())),
+                          str(self.system.scheme(perturbation).get("config", "")) if perturbation != "none" else "")
         group = design.draws if bayes else 1
         # Chunks (rounded up to whole weight groups) small enough that every process gets work.
         chunk = min(members, group * math.ceil(min(CHUNK_MEMBERS, math.ceil(members / dist.world_size)) / group))
