@@ -4,11 +4,17 @@ Every system forecasts from the analysis at ``--inits`` test-period inits ``--ev
 is verified against the truth at ``--leads``. The work is cut into units, one per (system, init):
 each unit runs its forecast (through the ensemble engine, one store per unit in the work directory),
 reduces it to additive statistics per field and lead (CRPS, squared error, variance, rank histogram,
-energy score, the docs/science.md §6 check terms, wall time), writes them as one JSON file
+energy score, the docs/science.md §6 check terms), writes them as one JSON file
 (atomically) and deletes the forecast. A killed run resumes with the same command: finished units
 are read back, a unit cut short resumes its forecast store, and the results are identical to an
 uninterrupted run. A unit's file name holds a hash of everything that determines it (system options,
 members, leads, seed, checkpoint hashes), so changing an option computes new units beside the old.
+The units are scores only, so they may be computed over several sessions or machines.
+
+The cost is measured apart from the units, in a cost pass at the end of the run that writes the
+results: every system forecasts the first init once more, back to back on the same machine (the
+physics ensemble is run here for it even when ``--physics`` gives its store), so the costs are
+comparable whatever else ran beside the units. ``--no-cost`` skips it for intermediate runs.
 
 From the units: ``--out`` (tidy CSV: system, variable, lead_hours, metric, value; cost rows have
 variable ``all`` and lead_hours −1), the generated section of ``--readme`` (tables and the issue's
@@ -19,7 +25,7 @@ conventions: evaluation/README.md ("How the study scores").
         [--leads 6h 1d 2d 3d 5d 7d 10d] [--members 20] [--hybrid-members 100] [--weights K]
         [--deep-ensemble CKPT ...] [--physics PHYS.zarr] [--world DIR] [--period START END]
         [--work evaluation/runs/study] [--out evaluation/results/study.csv] [--readme evaluation/README.md]
-        [--report evaluation/results/study_report] [--threads N] [--device auto]
+        [--report evaluation/results/study_report] [--threads N] [--device auto] [--no-cost]
 """
 
 from __future__ import annotations
@@ -45,6 +51,7 @@ import numpy as np
 import pandas as pd
 import torch
 import xarray as xr
+from scipy.stats import t as student_t
 
 from bdlens.checkpoint import BUNDLED_DIR, bundled_checkpoint, read_manifest
 from bdlens.data import NormStats, open_dataset
@@ -97,7 +104,8 @@ class Plan:
 
     ``run(init, scratch)`` returns the headline fields (dims number, time = [init], prediction_timedelta
     = ``leads``, latitude, longitude; loaded) and the cost ({"seconds", "member_steps", "member_days",
-    "network_evaluations_per_member_step"}, or None when the forecast was not run here).
+    "network_evaluations_per_member_step"}, or None when the forecast was not run here); ``timed`` (default
+    ``run``) is what the cost pass runs when ``run`` does not forecast (a physics store made elsewhere).
     """
 
     name: str
@@ -106,6 +114,7 @@ class Plan:
     identity: dict[str, Any]
     run: Callable[[np.datetime64, Path], tuple[xr.Dataset, dict[str, float] | None]]
     notes: list[str] = dataclass_field(default_factory=list)
+    timed: Callable[[np.datetime64, Path], tuple[xr.Dataset, dict[str, float] | None]] | None = None
 
     @property
     def key(self) -> str:
@@ -128,6 +137,24 @@ def output_hours(steps: Sequence[int], leads: Sequence[int]) -> int:
     """The output step of a system whose models step ``steps`` hours: the finest step the requested
     leads share (their gcd) that its shortest model can reach (a multiple of it)."""
     return math.lcm(reduce(math.gcd, leads), min(steps))
+
+
+def lead_groups(steps: Sequence[int], leads: Sequence[int]) -> list[tuple[list[int], int]]:
+    """The engine runs that produce ``leads`` (hours) with models of ``steps`` hours: (leads, output step).
+
+    The leads that are multiples of the longest step come from one run at that output step; the
+    others (the 6 h lead) from a second, short run at their finer step. One run at the finest step
+    would also compute every intermediate 6-hourly state of the 10 days (the anchored plan of
+    docs/science.md §3 with two input times), about four times the network calls, for states that
+    are not verified; the verified states are the same either way.
+    """
+    coarse = [lead for lead in leads if lead % max(steps) == 0]
+    fine = [lead for lead in leads if lead % max(steps) != 0]
+    groups = [(coarse, max(steps))] if coarse else []
+    if fine:
+        step = output_hours(steps, fine)
+        groups.append(([lead for lead in fine if lead % step == 0], step))
+    return [(group, step) for group, step in groups if group]
 
 
 def _stored_cost(ds: xr.Dataset) -> dict[str, float]:
@@ -156,6 +183,22 @@ def _engine_forecast(forecaster: Forecaster, options: dict[str, Any], init: np.d
     return headline(ds, leads), _stored_cost(ds)
 
 
+def _grouped_forecast(forecaster: Forecaster, options: dict[str, Any], groups: list[tuple[list[int], int]], init: np.datetime64,
+                      scratch: Path, analysis: xr.Dataset) -> tuple[xr.Dataset, dict[str, float]]:
+    """The engine runs of :func:`lead_groups` from ``init``, joined along lead; their costs summed (the
+    network evaluations per member-step are the whole forecast's)."""
+    scratch.mkdir(parents=True, exist_ok=True)
+    parts, costs = [], []
+    for i, (leads, step) in enumerate(groups):
+        ds, cost = _engine_forecast(forecaster, options | {"lead": f"{max(leads)}h", "output_step": f"{step}h"}, init,
+                                    scratch / f"forecast{i}.zarr", analysis, leads)
+        parts.append(ds)
+        costs.append(cost)
+    total = {k: sum(c[k] for c in costs) for k in ("seconds", "member_steps", "member_days")}
+    evaluations = sum(c["network_evaluations_per_member_step"] * c["member_steps"] for c in costs) / total["member_steps"]
+    return xr.concat(parts, dim="prediction_timedelta"), total | {"network_evaluations_per_member_step": evaluations}
+
+
 def _steps(forecaster: Forecaster, options: dict[str, Any], seed: int, analysis: xr.Dataset, max_lead: int,
            inits: np.ndarray) -> tuple[int, ...]:
     """The step lengths (hours) the system's member source can use; loads and checks its checkpoints."""
@@ -168,19 +211,24 @@ def _steps(forecaster: Forecaster, options: dict[str, Any], seed: int, analysis:
     return tuple(source.steps)
 
 
+def _reached(name: str, groups: list[tuple[list[int], int]], leads: list[int]) -> tuple[list[int], list[str]]:
+    """The leads a system reports (ascending) and the note saying which it cannot reach."""
+    reached = sorted(lead for group, _ in groups for lead in group)
+    if not reached:
+        raise BdlensError(f"system {name} reaches none of --leads {leads} h; ask for multiples of its model steps")
+    return reached, [f"{name}: its models reach only the leads {reached} h"] if reached != leads else []
+
+
 def engine_plan(name: str, forecaster: Forecaster, members: int, weights: int | None, leads: list[int], seed: int,
                 analysis: xr.Dataset, inits: np.ndarray) -> Plan:
-    """A system of :data:`ensemble_skill.SYSTEMS`, run through the engine at the finest output step its models allow."""
+    """A system of :data:`ensemble_skill.SYSTEMS`, run through the engine in the runs of :func:`lead_groups`."""
     options = engine_options(name, members, weights, lead="1h")
-    step = output_hours(_steps(forecaster, options, seed, analysis, max(leads), inits), leads)
-    reached = [lead for lead in leads if lead % step == 0]
-    if not reached:
-        raise BdlensError(f"system {name} steps {step} h and reaches none of --leads {leads} h; ask for multiples of {step} h")
-    options.update(lead=f"{max(reached)}h", output_step=f"{step}h", seed=seed)
-    notes = [f"{name}: its models step {step} h, so it reports only the leads {reached} h"] if reached != leads else []
-    identity = {"options": options, "checkpoints": forecaster.system.hashes(KINDS)}
+    groups = lead_groups(_steps(forecaster, options, seed, analysis, max(leads), inits), leads)
+    reached, notes = _reached(name, groups, leads)
+    options = {k: v for k, v in options.items() if k not in ("lead", "output_step")} | {"seed": seed}
+    identity = {"options": options, "groups": groups, "checkpoints": forecaster.system.hashes(KINDS)}
     return Plan(name, members, reached, identity,
-                lambda init, scratch: _engine_forecast(forecaster, options, init, scratch / "forecast.zarr", analysis, reached), notes)
+                lambda init, scratch: _grouped_forecast(forecaster, options, groups, init, scratch, analysis), notes)
 
 
 def deep_ensemble_system(path: Path, device: str) -> Forecaster:
@@ -203,22 +251,22 @@ def deep_ensemble_plan(paths: Sequence[Path], device: str, leads: list[int], see
     """The deep ensemble: one deterministic member per checkpoint (no Bayes, no perturbation), concatenated along ``number``."""
     forecasters = [deep_ensemble_system(Path(p), device) for p in paths]
     options = {"members": 1, "bayes": False, "perturbation": "none", "seed": seed}
-    step = max(output_hours(_steps(f, options, seed, analysis, max(leads), inits), leads) for f in forecasters)
-    reached = [lead for lead in leads if lead % step == 0]
-    options.update(lead=f"{max(reached)}h", output_step=f"{step}h")
+    steps = sorted({step for f in forecasters for step in _steps(f, options, seed, analysis, max(leads), inits)})
+    groups = lead_groups(steps, leads)
+    reached, notes = _reached("deep-ensemble", groups, leads)
 
     def run(init: np.datetime64, scratch: Path) -> tuple[xr.Dataset, dict[str, float]]:
         parts, costs = [], []
         for i, forecaster in enumerate(forecasters):
-            ds, used = _engine_forecast(forecaster, options, init, scratch / f"member{i}.zarr", analysis, reached)
+            ds, used = _grouped_forecast(forecaster, options, groups, init, scratch / f"member{i}", analysis)
             # Each member has its own weights and no perturbation: K = members, J = 1.
             parts.append(ds.assign_coords(number=[i], **{WEIGHT_SAMPLE: ("number", [i]), PERTURBATION_DRAW: ("number", [0])}))
             costs.append(used)
         total = {k: sum(c[k] for c in costs) for k in ("seconds", "member_steps", "member_days")}
         return xr.concat(parts, dim="number"), total | {"network_evaluations_per_member_step": costs[0]["network_evaluations_per_member_step"]}
 
-    identity = {"options": options, "checkpoints": [f.system.hashes(KINDS) for f in forecasters]}
-    return Plan("deep-ensemble", len(forecasters), reached, identity, run)
+    identity = {"options": options, "groups": groups, "checkpoints": [f.system.hashes(KINDS) for f in forecasters]}
+    return Plan("deep-ensemble", len(forecasters), reached, identity, run, notes)
 
 
 def physics_run_plan(world: Path, members: int, leads: list[int]) -> Plan:
@@ -243,8 +291,9 @@ def physics_run_plan(world: Path, members: int, leads: list[int]) -> Plan:
     return Plan("physics", members, reached, {"mode": "run here", "members": members}, run)
 
 
-def physics_plan(path: Path, leads: list[int], inits: np.ndarray) -> Plan:
-    """The physics ensemble of a `bdlens world ensemble` store at the study's inits (computed elsewhere: no cost here)."""
+def physics_plan(path: Path, leads: list[int], inits: np.ndarray, timed: Plan) -> Plan:
+    """The physics ensemble of a `bdlens world ensemble` store at the study's inits (computed elsewhere);
+    its cost is measured by running ``timed`` (:func:`physics_run_plan`) in the cost pass."""
     physics = open_dataset(path)
     missing = [np.datetime_as_string(t, unit="h") for t in inits if t not in physics.time.values]
     if missing:
@@ -255,9 +304,11 @@ def physics_plan(path: Path, leads: list[int], inits: np.ndarray) -> Plan:
     if not reached:
         raise BdlensError(f"--physics {path} has none of the leads {leads} h (it has {sorted(have)} h)")
     notes = [f"physics: the store has only the leads {reached} h"] if reached != leads else []
-    identity = {"store": str(path.resolve()), "attrs": {k: str(v) for k, v in sorted(physics.attrs.items())}}
+    # No path in the key: units are portable between machines (a bdlens physics ensemble is fixed by its
+    # world, inits and members, which the attributes, the unit's init and the member count name).
+    identity = {"members": int(physics.sizes["number"]), "attrs": {k: str(v) for k, v in sorted(physics.attrs.items())}}
     return Plan("physics", int(physics.sizes["number"]), reached, identity,
-                lambda init, scratch: (headline(physics.sel(time=[init]), reached), None), notes)
+                lambda init, scratch: (headline(physics.sel(time=[init]), reached), None), notes, timed=timed.run)
 
 
 # ---------------------------------------------------------------------------------------------- unit statistics
@@ -342,22 +393,37 @@ def run_unit(work: Path, plan: Plan, init: np.datetime64, truth: xr.Dataset, sca
     target = unit_path(work, plan, init)
     scratch = work / "scratch" / plan.name / target.stem
     scratch.mkdir(parents=True, exist_ok=True)
-    forecast, cost = plan.run(init, scratch)
+    forecast, _ = plan.run(init, scratch)
     rows = unit_rows(forecast, truth, scale, seed)
     target.parent.mkdir(parents=True, exist_ok=True)
-    _write_json(target, {"system": plan.name, "init": str(init), "members": int(forecast.sizes["number"]), "cost": cost, "rows": rows})
+    _write_json(target, {"system": plan.name, "init": str(init), "members": int(forecast.sizes["number"]), "rows": rows})
     shutil.rmtree(scratch)
+
+
+def measure_cost(work: Path, plan: Plan, init: np.datetime64) -> dict[str, float]:
+    """The cost pass of one system: its forecast of ``init`` run again (``plan.timed`` or ``plan.run``) and
+    timed; wall seconds, member-steps, member-days and network evaluations per member-step."""
+    scratch = work / "scratch" / "cost" / plan.name
+    shutil.rmtree(scratch, ignore_errors=True)  # a cost pass cut short is simply measured again
+    scratch.mkdir(parents=True)
+    _, cost = (plan.timed or plan.run)(init, scratch)
+    shutil.rmtree(scratch)
+    if cost is None:
+        raise BdlensError(f"system {plan.name} cannot be timed here")
+    return cost
 
 
 # ---------------------------------------------------------------------------------------------- aggregation
 
 
-def aggregate(plan: Plan, units: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def aggregate(plan: Plan, units: list[dict[str, Any]], cost: dict[str, float] | None) -> list[dict[str, Any]]:
     """The study's tidy rows of one system from its units (in init order): means over inits, then
-    RMSE = sqrt(mean MSE), spread = sqrt(mean variance), the corrected spread-skill ratio
+    RMSE = sqrt(mean MSE), its debiased form sqrt(max(0, mean MSE − mean variance / M)), spread =
+    sqrt(mean variance), the corrected spread-skill ratio
     spread / RMSE · sqrt((M+1)/M), the calibration ratio mean MSE / ((M+1)/M · mean variance) and its
     residual (ratio − 1), rank-histogram flatness (M+1) Σ_k (f_k − 1/(M+1))² (0 when flat), the
-    relative residual of the law of total variance and the mixture-CRPS gap (≥ 0 by convexity)."""
+    relative residual of the law of total variance and the mixture-CRPS gap (≥ 0 by convexity); and
+    the cost pass's wall seconds per member-step and per member-day when ``cost`` is given."""
     frame = pd.DataFrame([row for unit in units for row in unit["rows"]], columns=["variable", "lead_hours", "stat", "value"])
     mean = frame.groupby(["variable", "lead_hours", "stat"], sort=True)["value"].mean()
     members = units[0]["members"]
@@ -375,6 +441,9 @@ def aggregate(plan: Plan, units: list[dict[str, Any]]) -> list[dict[str, Any]]:
         if "variance" in s:
             factor = (members + 1) / members
             emit(variable, lead, "spread", math.sqrt(s["variance"]))
+            # the finite-ensemble estimate of the infinite ensemble's mean error (docs/science.md §7), so
+            # that ensembles of different sizes and the deterministic forecast compare on the mean itself
+            emit(variable, lead, "rmse_debiased", math.sqrt(max(0.0, s["mse"] - s["variance"] / members)))
             emit(variable, lead, "spread_skill", math.sqrt(s["variance"] / s["mse"] * factor))
             # members without spread (e.g. a deep ensemble of copies) are infinitely overconfident
             ratio = s["mse"] / (factor * s["variance"]) if s["variance"] > 0 else math.inf
@@ -390,11 +459,34 @@ def aggregate(plan: Plan, units: list[dict[str, Any]]) -> list[dict[str, Any]]:
             emit(variable, lead, "mixture_crps_gap", s["per_sample_crps"] - s["mixture_crps"])
     emit("all", -1, "members", members)
     emit("all", -1, "inits", len(units))
-    costs = [u["cost"] for u in units if u["cost"] is not None]
-    if costs:
-        emit("all", -1, "wall_seconds_per_member_step", sum(c["seconds"] for c in costs) / sum(c["member_steps"] for c in costs))
-        emit("all", -1, "wall_seconds_per_member_day", sum(c["seconds"] for c in costs) / sum(c["member_days"] for c in costs))
-        emit("all", -1, "network_evaluations_per_member_step", costs[0]["network_evaluations_per_member_step"])
+    if cost is not None:
+        emit("all", -1, "wall_seconds_per_member_step", cost["seconds"] / cost["member_steps"])
+        emit("all", -1, "wall_seconds_per_member_day", cost["seconds"] / cost["member_days"])
+        emit("all", -1, "network_evaluations_per_member_step", cost["network_evaluations_per_member_step"])
+    return out
+
+
+#: The system the paired differences are taken against.
+REFERENCE = "hybrid"
+
+
+def paired_rows(plan: Plan, units: list[dict[str, Any]], reference: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """CRPS of ``plan``'s system minus the reference system's, init by init (units in init order): the
+    mean over the n inits and the half-width of its 95 % interval t_{0.975, n−1} · sd / √n. Pairing
+    cancels the weather common to both forecasts of an init; the interval treats the inits as
+    independent, which 5-day spacing only approximates at leads beyond 5 days."""
+    def per_init(chosen: list[dict[str, Any]]) -> pd.Series:
+        frame = pd.DataFrame([[i, *row] for i, unit in enumerate(chosen) for row in unit["rows"]],
+                             columns=["init", "variable", "lead_hours", "stat", "value"])
+        return frame[frame.stat == "crps"].set_index(["variable", "lead_hours", "init"]).value
+
+    diff = (per_init(units) - per_init(reference)).dropna()
+    out = []
+    for (variable, lead), values in diff.groupby(level=["variable", "lead_hours"], sort=True):
+        n = len(values)
+        half = float(student_t.ppf(0.975, n - 1) * values.std(ddof=1) / math.sqrt(n)) if n > 1 else math.nan
+        for metric, value in ((f"crps_minus_{REFERENCE}", values.mean()), (f"crps_minus_{REFERENCE}_ci95", half)):
+            out.append({"system": plan.name, "variable": variable, "lead_hours": int(lead), "metric": metric, "value": float(value)})
     return out
 
 
@@ -437,6 +529,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--report", type=Path, default=here / "results" / "study_report", help="HTML report directory")
     parser.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--no-cost", action="store_true", help="skip the cost pass (every system's first-init forecast run "
+                        "again and timed back to back): for intermediate runs, whose results then have no cost rows")
     parser.add_argument("--dry-run", action="store_true", help="check the options, print the inits and units, run nothing")
     parser.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     return parser
@@ -454,7 +548,8 @@ def plans(args: argparse.Namespace, world: Path, leads: list[int], analysis: xr.
                 continue
             out.append(deep_ensemble_plan(args.deep_ensemble, args.device, leads, args.seed, analysis, inits))
         elif name == "physics":
-            out.append(physics_run_plan(world, args.members, leads) if args.physics is None else physics_plan(args.physics, leads, inits))
+            here = physics_run_plan(world, args.members, leads)
+            out.append(here if args.physics is None else physics_plan(args.physics, leads, inits, here))
         else:
             members = 1 if SYSTEMS[name].get("members") == 1 else (args.hybrid_members if name == "hybrid" else args.members)
             out.append(engine_plan(name, forecaster, members, args.weights, leads, args.seed, analysis, inits))
@@ -539,7 +634,17 @@ def _run(args: argparse.Namespace) -> int:
             progress.set_postfix_str(f"{plan.name} {np.datetime_as_string(init, unit='h')}", refresh=False)
             run_unit(work, plan, init, truth, scale, args.seed)
             progress.update(1)
-    rows = [row for plan in chosen for row in aggregate(plan, [json.loads(unit_path(work, plan, t).read_text()) for t in inits])]
+    costs: dict[str, dict[str, float] | None] = {plan.name: None for plan in chosen}
+    if not args.no_cost:
+        with bar(total=len(chosen), desc="cost pass", unit="system") as progress:
+            for plan in chosen:
+                costs[plan.name] = measure_cost(work, plan, inits[0])
+                progress.update(1)
+    records = {plan.name: [json.loads(unit_path(work, plan, t).read_text()) for t in inits] for plan in chosen}
+    rows = [row for plan in chosen for row in aggregate(plan, records[plan.name], costs[plan.name])]
+    if REFERENCE in records:
+        rows += [row for plan in chosen if plan.name != REFERENCE
+                 for row in paired_rows(plan, records[plan.name], records[REFERENCE])]
     table = pd.DataFrame(rows, columns=list(CSV_COLUMNS))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     write_csv(table, args.out)
@@ -563,7 +668,9 @@ def protocol_lines(args: argparse.Namespace, chosen: list[Plan], inits: np.ndarr
         f"{len(inits)} inits from the analysis, {args.every_days} days apart "
         f"({np.datetime_as_string(inits[0], unit='h')} … {np.datetime_as_string(inits[-1], unit='h')}), verified against the truth",
         f"members: {members}",
-        f"cost measured in the same run on one {platform.machine()} machine ({device}): wall seconds of the forecasts / (members × model steps)",
+        f"cost measured in this run's cost pass on one {platform.machine()} machine ({device}): each system's forecast of the "
+        "first init run again back to back, wall seconds / (members × model steps)" if not args.no_cost else
+        "no cost pass in this run (--no-cost): the tables have no cost",
         *[note for p in chosen for note in p.notes],
     ]
 

@@ -58,6 +58,28 @@ def by_lead(table: pd.DataFrame, variable: str, metric: str) -> pd.DataFrame:
     return wide.reset_index()
 
 
+def paired(table: pd.DataFrame, variable: str) -> pd.DataFrame:
+    """Systems × leads: CRPS minus the hybrid's, mean over inits ± the 95 % half-width (paired by init;
+    positive: the hybrid is better)."""
+    rows = []
+    for system in _systems(table):
+        mean, half = series(table, system, variable, "crps_minus_hybrid"), series(table, system, variable, "crps_minus_hybrid_ci95")
+        if len(mean):
+            rows.append({"system": system, **{lead_label(int(lead)): f"{mean[lead]:+.4g} ± {half[lead]:.2g}" for lead in mean.index}})
+    return pd.DataFrame(rows)
+
+
+def _significance(table: pd.DataFrame, rival: str, variable: str) -> str:
+    """Leads at which the hybrid's CRPS differs from ``rival``'s beyond the paired 95 % interval."""
+    mean, half = series(table, rival, variable, "crps_minus_hybrid"), series(table, rival, variable, "crps_minus_hybrid_ci95")
+    if mean.empty:
+        return ""
+    better = [lead_label(int(lead)) for lead in mean.index if mean[lead] - half[lead] > 0]
+    worse = [lead_label(int(lead)) for lead in mean.index if mean[lead] + half[lead] < 0]
+    return (f" (beyond the paired 95 % interval: better at {', '.join(better) or 'no lead'}, "
+            f"worse at {', '.join(worse) or 'no lead'})")
+
+
 def physics_gap(table: pd.DataFrame) -> pd.DataFrame:
     """CRPS of every system above the physics ensemble's, in %, at :data:`GAP_DAYS` for the goal fields."""
     if "physics" not in _systems(table):
@@ -162,7 +184,8 @@ def goals(table: pd.DataFrame) -> list[tuple[str, str, str]]:
             common = h.index.intersection(r.index)
             change = 100 * (h[common] / r[common] - 1)
             ok &= bool((change < 0).all()) and len(common) > 0
-            parts.append(f"{LABELS[key]} hybrid vs {rival} {change.min():+.1f} … {change.max():+.1f} %")
+            parts.append(f"{LABELS[key]} hybrid vs {rival} {change.min():+.1f} … {change.max():+.1f} %"
+                         + _significance(table, rival, key))
         out.append((goal, "met" if ok else "not met", "; ".join(parts)))
 
     goal = "Compare the VI posterior's epistemic spread with the deep ensemble's (Z500)"
@@ -209,6 +232,13 @@ def tables(table: pd.DataFrame) -> list[tuple[str, str, pd.DataFrame]]:
         out.append((f"crps-{key}", f"Fair CRPS, {LABELS[key]} ({UNITS[key]}; one member: its MAE)", by_lead(table, key, "crps")))
     for key in GOAL_FIELDS:
         out.append((f"ssr-{key}", f"Corrected spread-skill ratio, {LABELS[key]}", by_lead(table, key, "spread_skill")))
+    for key in GOAL_FIELDS:
+        out.append((f"rmse-{key}", f"Ensemble-mean RMSE, {LABELS[key]} ({UNITS[key]})", by_lead(table, key, "rmse")))
+        out.append((f"rmse-debiased-{key}", f"Debiased ensemble-mean RMSE sqrt(MSE − s²/M), {LABELS[key]} ({UNITS[key]}; "
+                    "the infinite ensemble's mean, estimated)", by_lead(table, key, "rmse_debiased")))
+    for key in GOAL_FIELDS:
+        out.append((f"paired-{key}", f"Fair CRPS minus the hybrid's, {LABELS[key]}: mean over inits ± 95 % interval (paired by init; "
+                    "> 0: the hybrid is better)", paired(table, key)))
     out.append(("gap", "CRPS above the physics ensemble (%)", physics_gap(table)))
     out.append(("energy", "Energy score of the four fields in units of their climatological std (spatial + multivariate)",
                 by_lead(table, "all", "energy_score")))

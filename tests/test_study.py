@@ -41,7 +41,7 @@ def _physics_store(small_world: Path, path: Path) -> Path:
 
 def _args(small_world: Path, root: Path, *extra: str) -> list[str]:
     return ["--world", str(small_world), "--period", *map(str, PERIOD), "--inits", "2", "--every-days", "3",
-            "--leads", "1d", "2d", "--members", "4", "--hybrid-members", "4", "--weights", "2", "--device", "cpu", "--threads", "1",
+            "--leads", "6h", "1d", "2d", "--members", "4", "--hybrid-members", "4", "--weights", "2", "--device", "cpu", "--threads", "1",
             "--work", str(root / "work"), "--out", str(root / "study.csv"), "--readme", str(root / "README.md"),
             "--report", str(root / "report"), "-q", *extra]
 
@@ -81,24 +81,38 @@ def test_a_deleted_unit_is_recomputed_alone_and_the_csv_is_identical(ran, monkey
 
 
 def test_deterministic_crps_is_the_area_weighted_mae_of_an_independent_run(ran, small_world):
-    """One member: the unit's CRPS is the MAE against the truth at init + lead (cell-area weights)."""
+    """One member: the unit's CRPS is the MAE against the truth at init + lead (cell-area weights), the
+    reference run being one forecast at the finest output step (the study runs the 6 h lead apart)."""
     root, _ = ran
     unit = json.loads(sorted((root / "work" / "units" / "deterministic").glob("*.json"))[0].read_text())
     init = np.datetime64(unit["init"])
     analysis = xr.open_zarr(small_world / "analysis.zarr")
     truth = xr.open_zarr(small_world / "truth.zarr")
     run = Forecaster.from_pretrained(device="cpu").ensemble(init=[str(init)], members=1, bayes=False, perturbation="none",
-                                                            lead="48h", output_step="24h", data=analysis)
+                                                            lead="48h", output_step="6h", data=analysis)
     weights = lat_weights(truth.latitude.values)[:, None]
     rows = {(f, lead, stat): v for f, lead, stat, v in unit["rows"]}
     for key, (variable, level) in FIELDS.items():
-        for lead in (24, 48):
+        for lead in (6, 24, 48):
             fc = run[variable].sel(prediction_timedelta=np.timedelta64(lead, "h")).isel(number=0, time=0)
             tr = truth[variable].sel(time=init + np.timedelta64(lead, "h"))
             if level is not None:
                 fc, tr = fc.sel(level=level), tr.sel(level=level)
             mae = float((np.abs(fc.values - tr.values) * weights).mean())
             np.testing.assert_allclose(rows[(key, lead, "crps")], mae, rtol=1e-5)
+
+
+def test_units_hold_scores_only_and_no_cost_pass_changes_no_score(ran, tmp_path):
+    root, args = ran
+    assert all("cost" not in json.loads(p.read_text()) for p in _units(root))
+    out = tmp_path / "study.csv"
+    moved = {"--out": out, "--readme": tmp_path / "README.md", "--report": tmp_path / "report"}
+    again = [str(moved[args[i - 1]]) if i and args[i - 1] in moved else a for i, a in enumerate(args)]
+    assert study.main([*again, "--no-cost"]) == 0
+    with_cost = pd.read_csv(root / "study.csv")
+    without = pd.read_csv(out)
+    assert not without.metric.str.contains("wall_seconds|network_evaluations").any()
+    pd.testing.assert_frame_equal(without, with_cost[~with_cost.metric.str.contains("wall_seconds|network_evaluations")].reset_index(drop=True))
 
 
 def test_the_csv_holds_every_metric_and_the_identities_hold(ran):
@@ -108,8 +122,9 @@ def test_the_csv_holds_every_metric_and_the_identities_hold(ran):
     hybrid = table[table.system == "hybrid"]
     for metric in ("crps", "rmse", "spread_skill", "rank_flatness", "energy_score", "calibration_residual",
                    "total_variance_residual", "mixture_crps_gap", "epistemic_variance", "aleatoric_variance"):
-        assert len(hybrid[(hybrid.metric == metric) & (hybrid.variable != study.ALL)]) == 2 * len(FIELDS), metric
-    assert len(table[(table.variable == study.ALL) & (table.metric == "energy_score")]) == 2 * len(SYSTEMS)  # multivariate
+        assert len(hybrid[(hybrid.metric == metric) & (hybrid.variable != study.ALL)]) == 3 * len(FIELDS), metric
+    # multivariate, at every lead a system reports (the physics stand-in store has no 6 h lead)
+    assert len(table[(table.variable == study.ALL) & (table.metric == "energy_score")]) == 3 * len(SYSTEMS) - 1
     # §6.1 on population moments is exact up to float32 rounding; §6.3 with the standard CRPS holds pointwise.
     assert hybrid[hybrid.metric == "total_variance_residual"].value.max() < 1e-5
     assert (hybrid[hybrid.metric == "mixture_crps_gap"].value >= 0).all()
@@ -122,8 +137,14 @@ def test_the_csv_holds_every_metric_and_the_identities_hold(ran):
     # Two identical members: the fair CRPS is their MAE (the spread term vanishes), the deterministic system's.
     crps = table[table.metric == "crps"].set_index(["system", "variable", "lead_hours"]).value
     np.testing.assert_allclose(crps["deep-ensemble"], crps["deterministic"], rtol=1e-6)
+    # Paired by init, the mean difference is the difference of the means (both average the same inits).
+    paired = table[table.metric == "crps_minus_hybrid"].set_index(["system", "variable", "lead_hours"]).value
+    assert set(paired.index.get_level_values("system")) == set(SYSTEMS) - {"hybrid"}
+    for (system, variable, lead), value in paired.items():
+        np.testing.assert_allclose(value, crps[system, variable, lead] - crps["hybrid", variable, lead], rtol=1e-9, atol=1e-12)
     cost = table[(table.metric == "wall_seconds_per_member_step")]
-    assert set(cost.system) == set(SYSTEMS) - {"physics"} and (cost.value > 0).all()  # the physics store was made elsewhere
+    # The cost pass times every system, the physics ensemble too although its store was made elsewhere.
+    assert set(cost.system) == set(SYSTEMS) and (cost.value > 0).all()
     readme = (root / "README.md").read_text()
     assert study_report.README_BEGIN in readme and "| hybrid |" in readme and "not evaluated: needs the system(s) diffusion" in readme
     gap = 100 * (crps["hybrid", "z500", 24] / crps["physics", "z500", 24] - 1)
@@ -139,6 +160,46 @@ def _brute_energy(x: np.ndarray, y: np.ndarray, w: np.ndarray) -> float:
     skill = np.mean([norm(x[i] - y) for i in range(m)])
     spread = sum(norm(x[i] - x[j]) for i in range(m) for j in range(m))
     return skill - spread / (2 * m * (m - 1))
+
+
+def test_lead_groups_split_off_the_leads_between_long_steps():
+    assert study.lead_groups((6, 24), [6, 24, 48, 240]) == [([24, 48, 240], 24), ([6], 6)]
+    assert study.lead_groups((24,), [6, 24, 48]) == [([24, 48], 24)]  # 6 h is out of a 24 h model's reach
+    assert study.lead_groups((6, 24), [6, 12]) == [([6, 12], 6)]
+    assert study.lead_groups((6, 24), [30, 48]) == [([48], 24), ([30], 30)]
+
+
+def test_a_lead_run_apart_is_the_same_member_state(small_world, tmp_path):
+    """The engine's anchored plan makes a member's state at a lead independently of the other output
+    leads: the study's two runs (6 h; whole days) equal one run at 6-hourly output, bit for bit."""
+    analysis = xr.open_zarr(small_world / "analysis.zarr")
+    forecaster = Forecaster.from_pretrained(device="cpu")
+    init = str(xr.open_zarr(small_world / "truth.zarr").time.values[40])[:13]
+    options = dict(init=[init], data=analysis, members=4, weights=2, perturbation="sppt", seed=0)
+    fine = forecaster.ensemble(out=tmp_path / "fine.zarr", lead="48h", output_step="6h", **options)
+    days = forecaster.ensemble(out=tmp_path / "days.zarr", lead="48h", output_step="24h", **options)
+    short = forecaster.ensemble(out=tmp_path / "short.zarr", lead="6h", output_step="6h", **options)
+    for part in (days, short):
+        xr.testing.assert_equal(fine.temperature.sel(prediction_timedelta=part.prediction_timedelta), part.temperature)
+
+
+def test_paired_differences_match_scipy_paired_t_interval():
+    from scipy import stats
+
+    rng = np.random.default_rng(3)
+    hybrid, rival = rng.gamma(4.0, 30.0, size=(6, 2)), rng.gamma(4.0, 32.0, size=(6, 2))  # 6 inits × 2 leads
+
+    def units(values: np.ndarray) -> list[dict]:
+        return [{"rows": [["z500", lead, "crps", float(v)] for lead, v in zip((24, 48), row, strict=True)]
+                 + [["z500", 24, "mse", 1.0]]} for row in values]
+
+    plan = study.Plan("ic", 4, [24, 48], {}, lambda init, scratch: None)
+    rows = pd.DataFrame(study.paired_rows(plan, units(rival), units(hybrid))).set_index(["lead_hours", "metric"]).value
+    for j, lead in enumerate((24, 48)):
+        test = stats.ttest_rel(rival[:, j], hybrid[:, j])
+        low, high = test.confidence_interval(0.95)
+        np.testing.assert_allclose(rows[lead, "crps_minus_hybrid"], (low + high) / 2, rtol=1e-12)
+        np.testing.assert_allclose(rows[lead, "crps_minus_hybrid_ci95"], (high - low) / 2, rtol=1e-10)
 
 
 def test_energy_scores_equal_the_brute_force_formula():

@@ -31,6 +31,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         )
         command.add_argument("--config", required=True, help=f"training YAML (path or name in configs/), e.g. {example}")
         command.add_argument("--out", type=Path, required=True, help="run directory (state, metrics log, final checkpoint/)")
+        command.add_argument("--seed", type=int, help="replace the config's seed (initial weights, sample order, "
+                             "analysis draws), e.g. for the members of a deep ensemble; recorded in the manifest's config")
         add_device(command, default=None)
         add_run_mode(command)
         command.set_defaults(func=_from_config)
@@ -88,6 +90,8 @@ def _from_config(args: argparse.Namespace) -> int:
     diffusion = args.train_command == "diffusion"
     cfg, path = load_train_config(args.config, DiffusionConfig if diffusion else TrainConfig)
     cfg = with_device(cfg, args.device)
+    if args.seed is not None:
+        cfg = cfg.model_copy(update={"seed": args.seed})
     command = shlex.join(["bdlens", *sys.argv[1:]])
     objective = DiffusionObjective if diffusion else None
     print(train(cfg, args.out, config_file=path, resume=args.resume, overwrite=args.overwrite, command=command, objective=objective))
