@@ -57,3 +57,16 @@ def test_train_vi_with_analysis_inputs(tiny_setup: Path, tmp_path: Path, capsys)
     assert main([*args, "--out", str(tmp_path / "vi"), "--analysis", str(tiny_setup / "data.zarr")]) == 0
     _, manifest = load_posterior(tmp_path / "vi" / "checkpoint")
     assert manifest["training"]["analysis_path"] == str(tiny_setup / "data.zarr") and manifest["step"] == 2
+
+
+def test_train_seed_replaces_the_config_seed(tiny_setup: Path, tmp_path: Path) -> None:  # noqa: F811
+    from safetensors.torch import load_file
+
+    base = ["-q", "train", "deterministic", "--config", str(tiny_setup / "train.yaml")]
+    for name, extra in (("default", []), ("seed7", ["--seed", "7"]), ("seed7b", ["--seed", "7"])):
+        assert main([*base, "--out", str(tmp_path / name), *extra]) == 0
+    manifests = {n: read_manifest(tmp_path / n / "checkpoint") for n in ("default", "seed7")}
+    assert manifests["seed7"]["training"]["config"]["seed"] == 7 and manifests["default"]["training"]["config"]["seed"] != 7
+    weights = {n: load_file(tmp_path / n / "checkpoint" / "model.safetensors") for n in ("default", "seed7", "seed7b")}
+    assert all(torch.equal(weights["seed7"][k], weights["seed7b"][k]) for k in weights["seed7"])  # reproducible from the seed
+    assert not all(torch.equal(weights["seed7"][k], weights["default"][k]) for k in weights["seed7"])
