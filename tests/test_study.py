@@ -183,6 +183,13 @@ def test_a_lead_run_apart_is_the_same_member_state(small_world, tmp_path):
         xr.testing.assert_equal(fine.temperature.sel(prediction_timedelta=part.prediction_timedelta), part.temperature)
 
 
+def test_a_deep_ensemble_of_24h_members_reports_no_6h_lead(small_world):
+    analysis = xr.open_zarr(small_world / "analysis.zarr")
+    inits = common.test_inits(xr.open_zarr(small_world / "truth.zarr"), 48, 72, PERIOD)[:1]
+    plan = study.deep_ensemble_plan([BUNDLED / "det_24h", BUNDLED / "det_24h"], "cpu", [6, 24, 48], 0, analysis, inits)
+    assert plan.leads == [24, 48] and plan.notes  # at 6 h both would be the one borrowed 6 h model
+
+
 def test_paired_differences_match_scipy_paired_t_interval():
     from scipy import stats
 
