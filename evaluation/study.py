@@ -231,6 +231,16 @@ def engine_plan(name: str, forecaster: Forecaster, members: int, weights: int | 
                 lambda init, scratch: _grouped_forecast(forecaster, options, groups, init, scratch, analysis), notes)
 
 
+#: The deep-ensemble members trained with other seeds (evaluation/README.md, "The deep-ensemble members").
+DEEP_ENSEMBLE_DIR = Path(__file__).resolve().parent / "deep_ensemble"
+
+
+def default_deep_ensemble() -> list[Path]:
+    """The bundled det_24h and the checkpoints under :data:`DEEP_ENSEMBLE_DIR`; none when that folder is empty."""
+    members = sorted(p for p in DEEP_ENSEMBLE_DIR.glob("*") if (p / "manifest.json").is_file())
+    return [BUNDLED_DIR / "det_24h", *members] if members else []
+
+
 def deep_ensemble_system(path: Path, device: str) -> Forecaster:
     """A deep-ensemble member: the deterministic checkpoint(s) at ``path`` (a checkpoint, a run directory
     or a folder of them, as :func:`load_system` reads it), with the bundled deterministic models for the
@@ -519,8 +529,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--members", type=int, default=20, help="members of every ensemble system but the default hybrid")
     parser.add_argument("--hybrid-members", type=int, default=100, help="members of the default hybrid (SPPT)")
     parser.add_argument("--weights", type=int, help="weight samples K of the hybrids (default: the system's, 10)")
-    parser.add_argument("--deep-ensemble", nargs="+", type=Path, default=[], metavar="CKPT",
-                        help="deterministic checkpoint directories, one member each (the bundled models fill missing step lengths)")
+    parser.add_argument("--deep-ensemble", nargs="+", type=Path, default=default_deep_ensemble(), metavar="CKPT",
+                        help="deterministic checkpoint directories, one member each (the bundled models fill missing step "
+                        "lengths; default: the bundled det_24h and evaluation/deep_ensemble/*)")
     parser.add_argument("--physics", type=Path, help="a `bdlens world ensemble` store at the study's inits (default: run the "
                         "physics ensemble here, --members members, and measure its cost)")
     parser.add_argument("--world", type=Path, help="world directory (default: the default demo world)")
@@ -546,8 +557,8 @@ def plans(args: argparse.Namespace, world: Path, leads: list[int], analysis: xr.
     for name in args.systems:
         if name == "deep-ensemble":
             if not args.deep_ensemble:
-                log.warning("deep-ensemble skipped: no --deep-ensemble CKPT ... given (train them with `bdlens train deterministic` "
-                            "and other seeds)")
+                log.warning(f"deep-ensemble skipped: no --deep-ensemble CKPT ... given and none in {DEEP_ENSEMBLE_DIR} (train them "
+                            "with `bdlens train deterministic --seed N`)")
                 continue
             out.append(deep_ensemble_plan(args.deep_ensemble, args.device, leads, args.seed, analysis, inits))
         elif name == "physics":

@@ -133,6 +133,13 @@ def test_ensemble_claims_are_what_the_committed_results_say() -> None:
     for system in ("deterministic", "persistence"):
         row = next(line for line in readme.splitlines() if line.startswith(f"| {system} (RMSE)"))
         assert row.split(" | ", 1)[1].rstrip(" |").split(" | ") == [f"{value(system, 'rmse', h):.0f}" for h in (24, 72, 120, 240)]
+    # debiased RMSE = RMSE · sqrt(1 − SSR²/(M+1)) with the corrected SSR of M = 16 members (s²/M = SSR² RMSE² / (M+1))
+    for system, label in (("hybrid", "the debiased RMSE sqrt(MSE − s²/M), the estimate for the mean of infinitely many members, is"),
+                          ("aleatoric", "aleatoric only:")):
+        debiased = {h: value(system, "rmse", h) * (1 - value(system, "spread_skill", h) ** 2 / 17) ** 0.5 for h in (24, 72, 120, 240)}
+        ratios = " / ".join(f"{debiased[h] / value('deterministic', 'rmse', h):.2f}" for h in debiased)
+        shown = f"{' / '.join(f'{debiased[h]:.0f}' for h in debiased)}, i.e. {ratios}" if system == "hybrid" else ratios
+        assert f"{label} {shown}" in " ".join(readme.split()), system
     assert (table[table.metric == "out_of_bounds_count"].value == 0).all()
     sppt = json.loads((ROOT / "bdlens" / "assets" / "models" / "ensemble.json").read_text())["schemes"]["sppt"]
     assert f"SPPT amplitude {sppt['amplitude']:.2f} on every step model and posterior temperature {sppt['temperature']:g}" in " ".join(readme.split())
