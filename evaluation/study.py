@@ -226,7 +226,9 @@ def engine_plan(name: str, forecaster: Forecaster, members: int, weights: int | 
     groups = lead_groups(_steps(forecaster, options, seed, analysis, max(leads), inits), leads)
     reached, notes = _reached(name, groups, leads)
     options = {k: v for k, v in options.items() if k not in ("lead", "output_step")} | {"seed": seed}
-    identity = {"options": options, "groups": groups, "checkpoints": forecaster.system.hashes(KINDS)}
+    # the calibration (ensemble.json: amplitudes, temperatures) is part of what a unit measured
+    identity = {"options": options, "groups": groups, "checkpoints": forecaster.system.hashes(KINDS),
+                "calibration": forecaster.system.settings}
     return Plan(name, members, reached, identity,
                 lambda init, scratch: _grouped_forecast(forecaster, options, groups, init, scratch, analysis), notes)
 
