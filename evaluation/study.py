@@ -77,8 +77,8 @@ from study_report import write_html, write_readme  # noqa: E402
 log = logging.getLogger("bdlens.study")
 
 #: The issue's systems, in table order; ``--systems`` may also name the other engine systems of ensemble_skill.
-STUDY_SYSTEMS = ("deterministic", "epistemic", "aleatoric", "hybrid", "hybrid-learned", "ic", "deep-ensemble", "diffusion",
-                 "physics", "climatology", "persistence")
+STUDY_SYSTEMS = ("deterministic", "epistemic", "aleatoric", "hybrid", "hybrid-learned", "ic", "deep-ensemble", "deep-ensemble-sppt",
+                 "diffusion", "physics", "climatology", "persistence")
 DEFAULT_LEADS = ("6h", "1d", "2d", "3d", "5d", "7d", "10d")
 #: Part of every unit's key: bump it when the unit statistics change, so old units are not reused.
 STATS_VERSION = 1
@@ -259,29 +259,40 @@ def deep_ensemble_system(path: Path, device: str) -> Forecaster:
 
 
 def deep_ensemble_plan(paths: Sequence[Path], device: str, leads: list[int], seed: int, analysis: xr.Dataset,
-                       inits: np.ndarray) -> Plan:
-    """The deep ensemble: one deterministic member per checkpoint (no Bayes, no perturbation), concatenated along ``number``."""
+                       inits: np.ndarray, draws: int = 1) -> Plan:
+    """The deep ensemble: one deterministic member per checkpoint (no Bayes, no perturbation),
+    concatenated along ``number`` (K = models, J = 1). With ``draws`` > 1 (system ``deep-ensemble-sppt``)
+    every model makes ``draws`` members with SPPT at the bundled system's calibration, each model with
+    its own noise seed (K = models × J = draws): the hybrid with a deep ensemble in place of the posterior."""
     forecasters = [deep_ensemble_system(Path(p), device) for p in paths]
-    options = {"members": 1, "bayes": False, "perturbation": "none", "seed": seed}
+    name, options = "deep-ensemble", {"members": 1, "bayes": False, "perturbation": "none", "seed": seed}
+    if draws > 1:
+        name, options = "deep-ensemble-sppt", {"members": draws, "bayes": False, "perturbation": "sppt", "seed": seed}
+        calibration = load_system(BUNDLED_DIR).settings
+        for forecaster in forecasters:
+            forecaster.system.settings = calibration
     steps = sorted({step for f in forecasters for step in _steps(f, options, seed, analysis, max(leads), inits)})
     # A lead shorter than the step every member has of its own (the 6 h lead of 24 h members) would
     # come from the one bundled model they all borrow: copies, not an ensemble, so it is not reported.
     own = set.intersection(*(set(load_system(Path(p)).checkpoints["deterministic"]) for p in paths))
     groups = lead_groups(steps, [lead for lead in leads if not own or lead % min(own) == 0])
-    reached, notes = _reached("deep-ensemble", groups, leads)
+    reached, notes = _reached(name, groups, leads)
 
     def run(init: np.datetime64, scratch: Path) -> tuple[xr.Dataset, dict[str, float]]:
         parts, costs = [], []
         for i, forecaster in enumerate(forecasters):
-            ds, used = _grouped_forecast(forecaster, options, groups, init, scratch / f"member{i}", analysis)
-            # Each member has its own weights and no perturbation: K = members, J = 1.
-            parts.append(ds.assign_coords(number=[i], **{WEIGHT_SAMPLE: ("number", [i]), PERTURBATION_DRAW: ("number", [0])}))
+            mine = options | {"seed": seed + i} if draws > 1 else options
+            ds, used = _grouped_forecast(forecaster, mine, groups, init, scratch / f"member{i}", analysis)
+            parts.append(ds.assign_coords(number=i * draws + np.arange(draws), **{WEIGHT_SAMPLE: ("number", np.full(draws, i)),
+                                                                                 PERTURBATION_DRAW: ("number", np.arange(draws))}))
             costs.append(used)
         total = {k: sum(c[k] for c in costs) for k in ("seconds", "member_steps", "member_days")}
         return xr.concat(parts, dim="number"), total | {"network_evaluations_per_member_step": costs[0]["network_evaluations_per_member_step"]}
 
     identity = {"options": options, "groups": groups, "checkpoints": [f.system.hashes(KINDS) for f in forecasters]}
-    return Plan("deep-ensemble", len(forecasters), reached, identity, run, notes)
+    if draws > 1:
+        identity["calibration"] = forecasters[0].system.settings
+    return Plan(name, len(forecasters) * draws, reached, identity, run, notes)
 
 
 def physics_run_plan(world: Path, members: int, leads: list[int]) -> Plan:
@@ -563,6 +574,12 @@ def plans(args: argparse.Namespace, world: Path, leads: list[int], analysis: xr.
                             "with `bdlens train deterministic --seed N`)")
                 continue
             out.append(deep_ensemble_plan(args.deep_ensemble, args.device, leads, args.seed, analysis, inits))
+        elif name == "deep-ensemble-sppt":
+            if not args.deep_ensemble:
+                log.warning("deep-ensemble-sppt skipped: no deep-ensemble members")
+                continue
+            draws = max(2, math.ceil(args.members / len(args.deep_ensemble)))
+            out.append(deep_ensemble_plan(args.deep_ensemble, args.device, leads, args.seed, analysis, inits, draws))
         elif name == "physics":
             here = physics_run_plan(world, args.members, leads)
             out.append(here if args.physics is None else physics_plan(args.physics, leads, inits, here))

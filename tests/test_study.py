@@ -21,7 +21,7 @@ import study  # noqa: E402
 import study_report  # noqa: E402
 from common import FIELDS  # noqa: E402
 
-SYSTEMS = ("deterministic", "hybrid", "deep-ensemble", "physics")
+SYSTEMS = ("deterministic", "hybrid", "deep-ensemble", "deep-ensemble-sppt", "physics")
 PERIOD = (np.datetime64("2000-01-03"), np.datetime64("2000-01-20"))
 BUNDLED = Path(__file__).resolve().parents[1] / "bdlens" / "assets" / "models"
 
@@ -137,6 +137,10 @@ def test_the_csv_holds_every_metric_and_the_identities_hold(ran):
     # Two identical members: the fair CRPS is their MAE (the spread term vanishes), the deterministic system's.
     crps = table[table.metric == "crps"].set_index(["system", "variable", "lead_hours"]).value
     np.testing.assert_allclose(crps["deep-ensemble"], crps["deterministic"], rtol=1e-6)
+    # The deep ensemble with SPPT is a K × J design: 2 models × 2 draws (members 4 / 2 models).
+    deep = table[table.system == "deep-ensemble-sppt"].set_index(["variable", "metric", "lead_hours"]).value.sort_index()
+    assert deep["all", "members", -1] == 4 and deep["z500", "total_variance_residual"].max() < 1e-5
+    assert (deep["z500", "mixture_crps_gap"] >= 0).all() and (deep["z500", "aleatoric_variance"] > 0).all()
     # Paired by init, the mean difference is the difference of the means (both average the same inits).
     paired = table[table.metric == "crps_minus_hybrid"].set_index(["system", "variable", "lead_hours"]).value
     assert set(paired.index.get_level_values("system")) == set(SYSTEMS) - {"hybrid"}
