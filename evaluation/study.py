@@ -194,9 +194,15 @@ def _grouped_forecast(forecaster: Forecaster, options: dict[str, Any], groups: l
                                     scratch / f"forecast{i}.zarr", analysis, leads)
         parts.append(ds)
         costs.append(cost)
+    return xr.concat(parts, dim="prediction_timedelta"), _sum_costs(costs)
+
+
+def _sum_costs(costs: list[dict[str, float]]) -> dict[str, float]:
+    """Several runs' costs as one: seconds, member-steps and member-days summed, network evaluations
+    per member-step averaged over the member-steps."""
     total = {k: sum(c[k] for c in costs) for k in ("seconds", "member_steps", "member_days")}
     evaluations = sum(c["network_evaluations_per_member_step"] * c["member_steps"] for c in costs) / total["member_steps"]
-    return xr.concat(parts, dim="prediction_timedelta"), total | {"network_evaluations_per_member_step": evaluations}
+    return total | {"network_evaluations_per_member_step": evaluations}
 
 
 def _steps(forecaster: Forecaster, options: dict[str, Any], seed: int, analysis: xr.Dataset, max_lead: int,
@@ -286,8 +292,7 @@ def deep_ensemble_plan(paths: Sequence[Path], device: str, leads: list[int], see
             parts.append(ds.assign_coords(number=i * draws + np.arange(draws), **{WEIGHT_SAMPLE: ("number", np.full(draws, i)),
                                                                                  PERTURBATION_DRAW: ("number", np.arange(draws))}))
             costs.append(used)
-        total = {k: sum(c[k] for c in costs) for k in ("seconds", "member_steps", "member_days")}
-        return xr.concat(parts, dim="number"), total | {"network_evaluations_per_member_step": costs[0]["network_evaluations_per_member_step"]}
+        return xr.concat(parts, dim="number"), _sum_costs(costs)
 
     identity = {"options": options, "groups": groups, "checkpoints": [f.system.hashes(KINDS) for f in forecasters]}
     if draws > 1:
