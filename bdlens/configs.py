@@ -1,5 +1,9 @@
-"""Locating the YAML configs that ship in the repository's ``configs/`` folder, and reading them; paths
-as manifests record them (portable between machines)."""
+"""Locating the YAML configs that ship with the package (``bdlens/assets/configs``; the repository's
+``configs/`` links there), and reading them; paths as manifests record them (portable between machines).
+
+The configs live inside the package so that a wheel (non-editable) install finds them: the bundled
+system's calibration names its scheme config (``ensemble.json``), which ``bdlens ensemble`` reads.
+Manifests record them as ``configs/NAME.yaml`` however bdlens is installed."""
 
 from __future__ import annotations
 
@@ -12,8 +16,9 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bdlens.errors import BdlensError, validation_error
 
-CONFIG_DIR = Path(__file__).resolve().parent.parent / "configs"
-REPOSITORY = CONFIG_DIR.parent
+CONFIG_DIR = Path(__file__).resolve().parent / "assets" / "configs"
+REPOSITORY = Path(__file__).resolve().parent.parent
+CONFIGS = "configs"  # how manifests write CONFIG_DIR
 CACHE = "$BDLENS_CACHE_DIR"  # how manifests write the bdlens cache directory
 
 
@@ -24,11 +29,12 @@ def default_cache_dir() -> Path:
 
 def portable_path(path: str | Path) -> str:
     """``path`` as a manifest records it, without the absolute paths of the machine that wrote it:
-    ``$BDLENS_CACHE_DIR/…`` inside the bdlens cache (demo worlds), else relative to the repository
-    (``configs/…``, ``bdlens/assets/…``, ``runs/…``), else to the working directory (where the command
-    ran); anything else as given. :func:`resolve_portable` reads it back."""
+    ``$BDLENS_CACHE_DIR/…`` inside the bdlens cache (demo worlds), ``configs/…`` for the shipped configs,
+    else relative to the repository (``bdlens/assets/…``, ``runs/…``), else to the working directory
+    (where the command ran); anything else as given. :func:`resolve_portable` reads it back."""
     resolved = Path(path).resolve()
-    for root, prefix in ((default_cache_dir().resolve(), CACHE), (REPOSITORY, None), (Path.cwd(), None)):
+    roots = ((default_cache_dir().resolve(), CACHE), (CONFIG_DIR, CONFIGS), (REPOSITORY, None), (Path.cwd(), None))
+    for root, prefix in roots:
         if resolved.is_relative_to(root):
             relative = resolved.relative_to(root).as_posix()
             return relative if prefix is None else f"{prefix}/{relative}"
@@ -37,21 +43,26 @@ def portable_path(path: str | Path) -> str:
 
 def resolve_portable(recorded: str) -> Path:
     """The local path of a :func:`portable_path`: ``$BDLENS_CACHE_DIR/…`` in this machine's cache, a
-    relative path from the working directory, else from the repository."""
+    relative path from the working directory, else ``configs/…`` from the shipped configs, else from
+    the repository."""
     if recorded == CACHE or recorded.startswith(f"{CACHE}/"):
         return default_cache_dir() / recorded.removeprefix(CACHE).lstrip("/")
     path = Path(recorded)
+    if not path.exists() and recorded.startswith(f"{CONFIGS}/"):
+        return CONFIG_DIR / recorded.removeprefix(f"{CONFIGS}/")
     if path.is_absolute() or path.exists() or not (REPOSITORY / path).exists():
         return path
     return REPOSITORY / path
 
 
 def config_path(name_or_path: str | Path) -> Path:
-    """Resolve a config given as a path, or as a bare name of a file in ``configs/`` (".yaml" optional)."""
+    """Resolve a config given as a path, or as a name of a shipped config (``vi_demo``, ``configs/vi_demo.yaml``;
+    ".yaml" optional)."""
     candidate = Path(name_or_path)
     if candidate.is_file():
         return candidate
-    for path in (CONFIG_DIR / candidate, CONFIG_DIR / f"{candidate}.yaml"):
+    name = str(name_or_path).removeprefix(f"{CONFIGS}/")
+    for path in (CONFIG_DIR / name, CONFIG_DIR / f"{name}.yaml"):
         if path.is_file():
             return path
     known = sorted(p.stem for p in CONFIG_DIR.glob("*.yaml")) if CONFIG_DIR.is_dir() else []

@@ -14,7 +14,7 @@ case "$extra" in
 esac
 [ -x .venv/bin/python ] || python3 -m venv .venv
 py=.venv/bin/python
-$py -m pip install -q --upgrade "pip>=24" "setuptools>=68" wheel
+$py -m pip install -q --upgrade "pip>=24" "setuptools>=77" wheel
 $py -m pip install -q "torch==2.13.0" "numpy>=2.0,<3"
 $py -c "import torch_harmonics" 2>/dev/null || $py -m pip install -q --no-build-isolation "torch-harmonics==0.8.0"
 $py -m pip install -q -e "$spec"

@@ -26,7 +26,8 @@ def test_paths_in_the_cache_the_repository_and_the_working_directory_become_rela
     monkeypatch.setenv("BDLENS_CACHE_DIR", str(other))
     assert resolve_portable("$BDLENS_CACHE_DIR/world-abc/truth.zarr") == other / "world-abc" / "truth.zarr"
     assert resolve_data_path("$BDLENS_CACHE_DIR/world-abc/truth.zarr") == other / "world-abc" / "truth.zarr"
-    assert resolve_portable("configs/vi_demo.yaml") == REPOSITORY / "configs" / "vi_demo.yaml"  # from any working directory
+    assert resolve_portable("configs/vi_demo.yaml") == CONFIG_DIR / "vi_demo.yaml"  # from any working directory, any install
+    assert resolve_portable("bdlens/assets/models") == REPOSITORY / "bdlens" / "assets" / "models"
     assert resolve_portable("runs/det") == Path("runs/det")
 
 
