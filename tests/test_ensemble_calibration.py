@@ -102,6 +102,19 @@ def test_per_lead_factors_stay_at_one_for_a_calibrated_rollout() -> None:
     np.testing.assert_allclose(list(result["lead_factors"].values()), 1.0, atol=0.05)
 
 
+def test_per_lead_factors_capped_at_one_only_damp_the_over_dispersed_leads() -> None:
+    # Under-dispersed to 2 steps (spread 1, √2 < error 1.5), over-dispersed after (√3 > 1.6, 2 > 1.7): with high = 1
+    # the first two factors stay 1 and the others take the exact values that give spread = error there.
+    base, error = [1.0, 1.0, 1.0, 1.0], [1.5, 1.5, 1.6, 1.7]
+    exact = [1.0, 1.0, math.sqrt(error[2] ** 2 - 2.0), math.sqrt(error[3] ** 2 - error[2] ** 2)]
+    search = PerLeadSearch(tune=True, iterations=12, high=1.0)
+    result = calibrate_lead_factors(toy_rollout(base, error), [24, 48, 72, 96], search, 1.0)
+    factors = [result["lead_factors"][h] for h in (24, 48, 72, 96)]
+    assert factors[:2] == [1.0, 1.0]
+    np.testing.assert_allclose(factors[2:], exact[2:], rtol=0.08)
+    np.testing.assert_allclose(result["after"]["spread_skill_by_lead"][2:], 1.0, atol=0.03)
+
+
 def test_calibrate_refuses_to_replace_a_system_file(tmp_path, capsys):
     (tmp_path / "ensemble.json").write_text("{}")
     assert main(["-q", "calibrate", "--perturbation", "sppt", "--out", str(tmp_path)]) == 2
@@ -130,6 +143,60 @@ def test_scores_match_a_brute_force_reference():
     np.testing.assert_allclose(out["crps"], (fair * w).mean(), rtol=1e-6)
     ssr = np.sqrt((x.var(0, ddof=1) * w).mean() / ((x.mean(0) - y[0]) ** 2 * w).mean() * (m + 1) / m)
     np.testing.assert_allclose(out["spread_skill"], ssr, rtol=1e-6)
+
+
+class _StubSystem:
+    def scheme(self, name: str) -> dict:
+        return {"amplitude": 1.7, "temperature": 1.5}
+
+
+class _StubForecaster:
+    """Members truth + error(L) + a·f(L)·ε with spread made at every 24 h step accumulating, as in ``toy_rollout``
+    (ensemble-mean error 0.9, 1.2, 1.3 at 1, 2, 3 d; spread 1, √2, √3 at the system's amplitude 1.7): over-dispersed."""
+
+    system = _StubSystem()
+
+    def __init__(self, truth: xr.Dataset) -> None:
+        self.truth, self.calls = truth, []
+
+    def ensemble(self, init, members, lead, amplitude, temperature, lead_factors, **rest) -> xr.Dataset:
+        self.calls.append((amplitude, temperature, dict(lead_factors)))
+        hours = list(range(24, int(lead.removesuffix("d")) * 24 + 1, 24))
+        times = np.array(init, dtype="datetime64[ns]")
+        steps = np.array([amplitude * lead_factors.get(h, 1.0) / 1.7 for h in hours])
+        spread = np.sqrt(np.cumsum(steps ** 2))
+        g = np.random.default_rng(0)
+        shape = (len(times), len(hours), 4, 8)
+        when = xr.DataArray(times[:, None] + np.array(hours, "timedelta64[h]")[None], dims=("init", "lead"))
+        valid = self.truth.t.sel(time=when).values
+        centre = valid + np.array([0.9, 1.2, 1.3])[None, : len(hours), None, None] * g.normal(size=shape)
+        x = centre[None] + spread[None, None, :, None, None] * g.normal(size=(members, *shape))
+        return xr.Dataset({"t": (("number", "time", "prediction_timedelta", "latitude", "longitude"), x)},
+                          coords={"time": times, "prediction_timedelta": np.array(hours, "timedelta64[h]").astype("timedelta64[ns]"),
+                                  "latitude": self.truth.latitude.values, "longitude": self.truth.longitude.values})
+
+
+def test_per_lead_factors_on_the_system_amplitude_keep_it_and_only_damp(tmp_path) -> None:
+    times = np.arange(np.datetime64("2000-01-01"), np.datetime64("2000-03-01"), np.timedelta64(1, "D")).astype("datetime64[ns]")
+    lat, lon = np.linspace(-60, 60, 4), np.arange(8) * 45.0
+    truth = xr.Dataset({"t": (("time", "latitude", "longitude"), np.random.default_rng(1).normal(size=(len(times), 4, 8)))},
+                       coords={"time": times, "latitude": lat, "longitude": lon})
+    config = EnsembleCalibrationConfig.model_validate({
+        "members": 32, "weights": 2, "lead": "2d", "fields": ["t"], "amplitude": {"tune": False}, "temperature": {"tune": False},
+        "per_lead": {"tune": True, "lead": "3d", "iterations": 10, "high": 1.0}})
+    stub = _StubForecaster(truth)
+    record = calibrate_system(stub, "sppt", truth, truth, times[:20], config)
+    assert (record["amplitude"], record["temperature"]) == (1.7, 1.5)
+    assert all(call[:2] == (1.7, 1.5) for call in stub.calls) and len(stub.calls) == 1 + 11
+    factors = [record["lead_factors"][h] for h in (24, 48, 72)]
+    # the exact factors make the spread equal the error at every lead: Σ_{l ≤ L} f_l² = e_L² (the last, 0.5, adds
+    # little spread to what the earlier steps made, so sampling leaves it loosely determined)
+    np.testing.assert_allclose(factors[:2], [0.9, math.sqrt(1.2**2 - 0.9**2)], rtol=0.1)
+    assert max(factors) <= 1.0 and factors[2] < factors[1]
+    np.testing.assert_allclose(record["per_lead"]["after"]["spread_skill_by_lead"], 1.0, atol=0.06)
+    assert record["per_lead"]["after"]["objective"] < record["per_lead"]["before"]["objective"]
+    with pytest.raises(ValueError, match="temperature.tune: false too"):
+        EnsembleCalibrationConfig.model_validate({"amplitude": {"tune": False}, "temperature": {"tune": True}})
 
 
 @pytest.mark.slow

@@ -28,7 +28,8 @@ fixed, factors f(L) on the amplitude of the call ending at lead L (every ``outpu
 ``per_lead.damping``: a step whose lead is over-dispersed gets weaker perturbations. The spread at
 L also holds what earlier steps made, so the update is repeated ``per_lead.iterations`` times from
 f = 1; the iterate with the lowest lead-mean objective J̄ = mean_L CRPS(L) (1 + λ ln² SSR(L)) is
-kept (f = 1 when none beats it). Hand-written because the update needs the per-lead scores, which
+kept (f = 1 when none beats it). ``per_lead.high: 1`` lets the factors only damp the calibrated
+amplitude, and ``amplitude.tune: false`` keeps the system's (a, T) and finds only the factors. Hand-written because the update needs the per-lead scores, which
 no optimiser's interface gives it; it is tested on a toy rollout whose exact solution is known.
 
 The result is written to ``OUT/ensemble.json`` (the system file the engine reads); copy it beside
@@ -69,6 +70,7 @@ class AmplitudeSearch(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
+    tune: bool = Field(default=True, description="false: keep the system's calibrated amplitude and temperature (e.g. to add per-lead factors)")
     low: float = Field(default=0.1, gt=0)
     high: float = Field(default=5.0, gt=0)
     xatol: float = Field(default=0.02, gt=0, description="absolute tolerance on ln a (0.02: 2 %)")
@@ -108,7 +110,7 @@ class PerLeadSearch(BaseModel):
     iterations: int = Field(default=4, ge=1)
     damping: float = Field(default=1.0, gt=0, le=1, description="η of f ← f · SSR^(−η)")
     low: float = Field(default=0.05, gt=0, description="smallest factor")
-    high: float = Field(default=5.0, gt=1, description="largest factor")
+    high: float = Field(default=5.0, ge=1, description="largest factor (1: factors only damp the calibrated amplitude)")
 
 
 class EnsembleCalibrationConfig(YamlConfig):
@@ -128,6 +130,12 @@ class EnsembleCalibrationConfig(YamlConfig):
     amplitude: AmplitudeSearch = AmplitudeSearch()
     temperature: TemperatureSearch = TemperatureSearch()
     per_lead: PerLeadSearch = PerLeadSearch()
+
+    @model_validator(mode="after")
+    def _fixed_together(self) -> EnsembleCalibrationConfig:
+        if not self.amplitude.tune and self.temperature.tune:
+            raise ValueError("amplitude.tune: false keeps the system's amplitude and temperature; set temperature.tune: false too")
+        return self
 
 
 def objective(crps: float, spread_skill: float, penalty: float) -> float:
@@ -232,7 +240,7 @@ def calibrate_system(
     tune_amplitude = perturbation != "none"
     temperatures = len(config.temperature.values) if config.temperature.tune else 1
     per_lead = config.per_lead.tune and tune_amplitude
-    expected = 1 + temperatures * (config.amplitude.max_evaluations if tune_amplitude else 1)
+    expected = 1 + temperatures * (config.amplitude.max_evaluations if tune_amplitude else 1) if config.amplitude.tune else 1
     expected += config.per_lead.iterations + 1 if per_lead else 0
     with bar(total=expected, desc=f"calibrate ({perturbation})", unit="eval") as progress:
 
@@ -245,7 +253,14 @@ def calibrate_system(
             progress.update(1)
             return ensemble_scores(forecast, truth, scale, config.fields)
 
-        result = calibrate(lambda a, t: run(a, t, config.lead, {}), config, tune_amplitude=tune_amplitude)
+        if config.amplitude.tune:
+            result = calibrate(lambda a, t: run(a, t, config.lead, {}), config, tune_amplitude=tune_amplitude)
+        else:  # the system's (a, T), scored once so that the record reads as a searched one does
+            current = forecaster.system.scheme(perturbation)
+            a, t = float(current.get("amplitude", 1.0)), float(current.get("temperature", 1.0))
+            scored = {"amplitude": a, "temperature": t, **run(a, t, config.lead, {})}
+            scored["objective"] = objective(scored["crps"], scored["spread_skill"], config.penalty)
+            result = {"amplitude": a, "temperature": t, "before": scored, "after": scored, "history": [scored]}
         by_lead = None
         if per_lead:
             output_hours, lead_hours = parse_hours(config.output_step, "output_step"), parse_hours(config.per_lead.lead, "per_lead.lead")
