@@ -199,3 +199,81 @@ def test_diffusion_comparison_is_what_the_committed_results_say() -> None:
     ratio = value("diffusion", "all", "wall_seconds_per_member_step") / value("hybrid", "all", "wall_seconds_per_member_step")
     assert f"at 1/{ratio:.0f} of the diffusion" in " ".join(readme.split())
 
+
+
+def test_study_findings_are_what_the_committed_study_results_say() -> None:
+    """evaluation/README.md's "What the study shows" against evaluation/results/study.csv."""
+    import pandas as pd
+
+    text = " ".join((ROOT / "evaluation" / "README.md").read_text().split("### What the study shows", 1)[1].split("<!-- study:begin")[0].split())
+    table = pd.read_csv(ROOT / "evaluation" / "results" / "study.csv")
+
+    def series(system: str, variable: str, metric: str) -> pd.Series:
+        rows = table[(table.system == system) & (table.variable == variable) & (table.metric == metric)]
+        return rows.set_index("lead_hours").value.drop(-1, errors="ignore").sort_index()
+
+    days = [24, 48, 72, 120, 168, 240]
+    ssr = {v: series("hybrid", v, "spread_skill") for v in ("z500", "t850")}
+    assert f"to {ssr['z500'][240]:.2f} (Z500) and {ssr['t850'][240]:.2f} (T850) at 10 days" in text
+    assert all(0.9 <= ssr["z500"][h] <= 1.1 for h in (24, 48)) and not 0.9 <= ssr["z500"][72] <= 1.1  # "holds to 2 days (Z500)"
+    assert all(0.9 <= ssr["t850"][h] <= 1.1 for h in (24, 48, 72)) and not 0.9 <= ssr["t850"][120] <= 1.1  # "3 days (T850)"
+    spread = {(s, v): series(s, v, "spread") for s in ("hybrid", "climatology") for v in ("z500", "t850")}
+    assert (f"Z500 {spread['hybrid', 'z500'][240]:.0f} against {spread['climatology', 'z500'][240]:.0f} m²/s², "
+            f"T850 {spread['hybrid', 't850'][240]:.2f} against {spread['climatology', 't850'][240]:.2f} K") in text
+    for v in ("z500", "t850"):  # "from 5 days its spread exceeds the climatological ensemble's"
+        above = spread["hybrid", v] > spread["climatology", v]
+        assert not above[[6, 24, 48, 72]].any() and above[[120, 168, 240]].all()
+    crps = {s: {v: series(s, v, "crps") for v in ("z500", "t850")} for s in table.system.unique()}
+    worse = {v: (crps["hybrid"][v] > crps["climatology"][v]) for v in ("z500", "t850")}
+    assert not worse["z500"][[6, 24, 48, 72, 120]].any() and worse["z500"][[168, 240]].all()  # from 7 days for Z500
+    assert not worse["t850"][[6, 24, 48, 72]].any() and worse["t850"][[120, 168, 240]].all()  # and 5 days for T850
+    ai = [s for s in crps if s not in ("physics", "climatology", "persistence")]
+    assert all(crps[s][v][240] > crps["climatology"][v][240] for s in ai for v in ("z500", "t850"))  # none beats it at 10 d
+    excess = [100 * (crps["hybrid"]["z500"][h] / crps["aleatoric"]["z500"][h] - 1) for h in (72, 120, 168, 240)]
+    assert f"by {min(excess):.1f}–{max(excess):.1f} %" in text
+    assert all((crps["deep-ensemble-sppt"][v][days] < crps["hybrid"][v][days]).all() for v in ("z500", "t850"))
+    ratio = [crps["hybrid"]["z500"][h] / crps["physics"]["z500"][h] for h in (24, 72, 120, 240)]
+    assert f"Z500 CRPS is {', '.join(f'{r:.1f}' for r in ratio[:3])} and {ratio[3]:.1f} times the physics" in text
+    six = {s: crps[s]["z500"][6] for s in ai if 6 in crps[s]["z500"].index}
+    assert sorted(six, key=six.get)[:2] == ["hybrid-learned", "ic"]  # "at 6 h ... score best of the AI systems"
+    assert f"reaches {crps['hybrid-learned']['z500'][240]:.0f} m²/s² at 10 days" in text
+    assert 1.9 < crps["hybrid-learned"]["z500"][240] / crps["climatology"]["z500"][240] < 2.3  # "twice climatology's"
+    per_step = table[table.metric == "wall_seconds_per_member_step"].set_index("system").value
+    cost = per_step["diffusion"] / per_step["hybrid"]
+    assert f"about 1/{cost:.0f} of its cost" in text
+
+
+def test_damping_lead_factor_claims_are_what_the_committed_results_say() -> None:
+    """The README's paragraph on factors that only damp: its calibration record and test-period CSV."""
+    import json
+
+    import numpy as np
+    import pandas as pd
+
+    from bdlens.configs import config_path
+    from bdlens.training.calibration import EnsembleCalibrationConfig
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    record = json.loads((ROOT / "evaluation" / "results" / "per_lead_calibration_damp.json").read_text())
+    assert record["config"] == EnsembleCalibrationConfig.from_yaml(config_path("calibrate_ensemble_lead")).model_dump(mode="json")
+    bundled = json.loads((ROOT / "bdlens" / "assets" / "models" / "ensemble.json").read_text())["schemes"]["sppt"]
+    assert (record["amplitude"], record["temperature"]) == (bundled["amplitude"], bundled["temperature"])
+    factors, per_lead = record["lead_factors"], record["per_lead"]
+    assert max(factors.values()) <= 1.0 and all(round(factors[h], 2) == 1.0 for h in ("24", "48", "72"))
+    assert f"stay 1.00 to 3 d and fall to {factors['240']:.2f} at 10 d" in text
+    before, after = per_lead["before"], per_lead["after"]
+    assert f"from {before['spread_skill_by_lead'][-1]:.2f} to {after['spread_skill_by_lead'][-1]:.2f}" in text
+    assert f"falls by {100 * (1 - after['objective'] / before['objective']):.1f} %" in text
+    new = pd.read_csv(ROOT / "evaluation" / "results" / "ensemble_skill_lead_factors.csv")
+    old = pd.read_csv(ROOT / "evaluation" / "results" / "ensemble_skill.csv")
+
+    def hybrid(table: pd.DataFrame, field: str, metric: str) -> pd.Series:
+        return table[(table.system == "hybrid") & (table.field == field) & (table.metric == metric)].set_index("lead_hours").value
+
+    for field, fmt, unit in (("z500", ".0f", "Z500"), ("t850", ".2f", "T850")):
+        c0, c1 = hybrid(old, field, "crps"), hybrid(new, field, "crps")
+        s0, s1 = hybrid(old, field, "spread_skill"), hybrid(new, field, "spread_skill")
+        assert f"{unit} CRPS at 10 d {c0[240]:{fmt}} → {c1[240]:{fmt}}, spread-skill {s0[240]:.2f} → {s1[240]:.2f}" in text
+        # "unchanged to 3 d" (the same draws and factors 1: equal to float32 round-off of a run on other threads)
+        np.testing.assert_allclose(c1[[24, 48, 72]], c0[[24, 48, 72]], rtol=1e-7)
+        assert (c1 <= c0 * (1 + 1e-7)).all()  # "no worse at any later lead"

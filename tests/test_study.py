@@ -61,22 +61,31 @@ def _units(root: Path) -> list[Path]:
     return sorted((root / "work" / "units").rglob("*.json"))
 
 
-def test_a_deleted_unit_is_recomputed_alone_and_the_csv_is_identical(ran, monkeypatch):
+COST = "wall_seconds|network_evaluations"  # the cost pass's rows
+
+
+def _elsewhere(args: list[str], out: Path) -> list[str]:
+    """The fixture's arguments with the CSV, README and report written under ``out`` and no cost pass."""
+    moved = {"--out": out / "study.csv", "--readme": out / "README.md", "--report": out / "report"}
+    return [*(str(moved[args[i - 1]]) if i and args[i - 1] in moved else a for i, a in enumerate(args)), "--no-cost"]
+
+
+def _scores(csv: Path) -> list[str]:
+    return [line for line in csv.read_text().splitlines() if not any(m in line for m in COST.split("|"))]
+
+
+def test_a_deleted_unit_is_recomputed_alone_and_the_csv_is_identical(ran, monkeypatch, tmp_path):
     root, args = ran
-
-    def scores() -> list[str]:  # every line but the measured wall time, which a recomputed unit measures anew
-        return [line for line in (root / "study.csv").read_text().splitlines() if "wall_seconds" not in line]
-
-    first = scores()
     units = _units(root)
     assert len(units) == 2 * len(SYSTEMS)
     units[-1].unlink()
     computed = []
     real = study.run_unit
     monkeypatch.setattr(study, "run_unit", lambda work, plan, init, *rest: computed.append((plan.name, init)) or real(work, plan, init, *rest))
-    assert study.main(args) == 0
+    assert study.main(_elsewhere(args, tmp_path)) == 0
     assert len(computed) == 1 and units[-1].is_file()
-    assert scores() == first and len(first) > 100
+    first = _scores(root / "study.csv")
+    assert _scores(tmp_path / "study.csv") == first and len(first) > 100
     assert (root / "work" / "scratch").is_dir() and not any((root / "work" / "scratch").rglob("*.zarr"))  # forecasts deleted
 
 
@@ -105,14 +114,11 @@ def test_deterministic_crps_is_the_area_weighted_mae_of_an_independent_run(ran, 
 def test_units_hold_scores_only_and_no_cost_pass_changes_no_score(ran, tmp_path):
     root, args = ran
     assert all("cost" not in json.loads(p.read_text()) for p in _units(root))
-    out = tmp_path / "study.csv"
-    moved = {"--out": out, "--readme": tmp_path / "README.md", "--report": tmp_path / "report"}
-    again = [str(moved[args[i - 1]]) if i and args[i - 1] in moved else a for i, a in enumerate(args)]
-    assert study.main([*again, "--no-cost"]) == 0
+    assert study.main(_elsewhere(args, tmp_path)) == 0
     with_cost = pd.read_csv(root / "study.csv")
-    without = pd.read_csv(out)
-    assert not without.metric.str.contains("wall_seconds|network_evaluations").any()
-    pd.testing.assert_frame_equal(without, with_cost[~with_cost.metric.str.contains("wall_seconds|network_evaluations")].reset_index(drop=True))
+    without = pd.read_csv(tmp_path / "study.csv")
+    assert with_cost.metric.str.contains(COST).any() and not without.metric.str.contains(COST).any()
+    pd.testing.assert_frame_equal(without, with_cost[~with_cost.metric.str.contains(COST)].reset_index(drop=True))
 
 
 def test_the_csv_holds_every_metric_and_the_identities_hold(ran):
