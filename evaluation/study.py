@@ -225,6 +225,23 @@ def _reached(name: str, groups: list[tuple[list[int], int]], leads: list[int]) -
     return reached, [f"{name}: its models reach only the leads {reached} h"] if reached != leads else []
 
 
+def calibration_used(forecaster: Forecaster, options: dict[str, Any]) -> dict[str, Any]:
+    """The part of the system's calibration (``ensemble.json``) that a run with ``options`` reads, for its
+    unit key: its scheme's entry (amplitude, temperature, per-lead factors, config) and, for posterior
+    runs without an explicit K, the default K. So recalibrating SPPT re-keys only the systems that use it."""
+    if options.get("model", "hybrid") != "hybrid":
+        return {}
+    perturbation, bayes = options.get("perturbation", "none"), options.get("bayes", True)
+    if perturbation == "default":
+        perturbation = forecaster.default_perturbation()
+    used: dict[str, Any] = {"scheme": perturbation}
+    if perturbation != "none" or bayes:  # the deterministic weights without a scheme read no calibration
+        used["settings"] = forecaster.system.scheme(perturbation)
+    if bayes and options.get("weights") is None:
+        used["default_weights"] = forecaster.system.settings.get("default_weights")
+    return used
+
+
 def engine_plan(name: str, forecaster: Forecaster, members: int, weights: int | None, leads: list[int], seed: int,
                 analysis: xr.Dataset, inits: np.ndarray) -> Plan:
     """A system of :data:`ensemble_skill.SYSTEMS`, run through the engine in the runs of :func:`lead_groups`."""
@@ -232,9 +249,8 @@ def engine_plan(name: str, forecaster: Forecaster, members: int, weights: int | 
     groups = lead_groups(_steps(forecaster, options, seed, analysis, max(leads), inits), leads)
     reached, notes = _reached(name, groups, leads)
     options = {k: v for k, v in options.items() if k not in ("lead", "output_step")} | {"seed": seed}
-    # the calibration (ensemble.json: amplitudes, temperatures) is part of what a unit measured
     identity = {"options": options, "groups": groups, "checkpoints": forecaster.system.hashes(KINDS),
-                "calibration": forecaster.system.settings}
+                "calibration": calibration_used(forecaster, options)}
     return Plan(name, members, reached, identity,
                 lambda init, scratch: _grouped_forecast(forecaster, options, groups, init, scratch, analysis), notes)
 
@@ -296,7 +312,7 @@ def deep_ensemble_plan(paths: Sequence[Path], device: str, leads: list[int], see
 
     identity = {"options": options, "groups": groups, "checkpoints": [f.system.hashes(KINDS) for f in forecasters]}
     if draws > 1:
-        identity["calibration"] = forecasters[0].system.settings
+        identity["calibration"] = calibration_used(forecasters[0], options)
     return Plan(name, len(forecasters) * draws, reached, identity, run, notes)
 
 

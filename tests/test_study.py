@@ -200,13 +200,21 @@ def test_a_deep_ensemble_of_24h_members_reports_no_6h_lead(small_world):
     assert plan.leads == [24, 48] and plan.notes  # at 6 h both would be the one borrowed 6 h model
 
 
-def test_a_recalibrated_system_gets_new_units(small_world):
+def test_a_recalibrated_scheme_gives_new_units_to_the_systems_that_use_it_only(small_world):
     analysis = xr.open_zarr(small_world / "analysis.zarr")
     inits = common.test_inits(xr.open_zarr(small_world / "truth.zarr"), 48, 72, PERIOD)[:1]
     forecaster = Forecaster.from_pretrained(device="cpu")
-    before = study.engine_plan("hybrid", forecaster, 4, 2, [24], 0, analysis, inits).key
+    names = ("hybrid", "aleatoric", "deterministic", "epistemic", "ic")
+
+    def keys() -> dict[str, str]:
+        return {name: study.engine_plan(name, forecaster, 4, 2, [24], 0, analysis, inits).key for name in names}
+
+    before = keys()
     forecaster.system.settings["schemes"]["sppt"]["amplitude"] *= 2
-    assert study.engine_plan("hybrid", forecaster, 4, 2, [24], 0, analysis, inits).key != before
+    after = keys()
+    assert [name for name in names if after[name] != before[name]] == ["hybrid", "aleatoric"]
+    forecaster.system.settings.setdefault("schemes", {}).setdefault("none", {})["temperature"] = 2.0
+    assert [name for name in names if keys()[name] != after[name]] == ["epistemic"]  # the posterior without a scheme
 
 
 def test_paired_differences_match_scipy_paired_t_interval():
