@@ -1,4 +1,4 @@
-"""Latitude weights, ensemble-mean RMSE (plain and debiased), spread and ACC against direct numpy."""
+"""Latitude weights, ensemble-mean RMSE (plain and debiased), spread, ACC and activity against direct numpy."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import scipy.integrate
 import xarray as xr
 
 from bdlens import grid
-from bdlens.metrics import acc, ensemble_mean_rmse, lat_weights, spread, spread_skill_ratio
+from bdlens.metrics import acc, activity_ratio, ensemble_mean_rmse, lat_weights, spread, spread_skill_ratio
 
 
 @pytest.mark.parametrize("name", ["64x32", "240x121", "1440x721"])
@@ -92,3 +92,17 @@ def test_acc_matches_direct_formula_and_is_one_for_perfect_forecast():
     np.testing.assert_allclose(acc(forecast, truth, climatology).values, per_time.mean(), rtol=1e-12)
     perfect = truth.expand_dims(number=3)
     np.testing.assert_allclose(acc(perfect, truth, climatology).values, 1.0, rtol=1e-12)
+
+
+def test_activity_matches_direct_formula_and_scales_with_the_anomalies():
+    forecast, truth = _ensemble()
+    climatology = truth.mean("time") + 0.3
+    lat = forecast.latitude.values
+    members2 = ((forecast.values - climatology.values) ** 2).mean(0)
+    expected = np.sqrt(_space_mean(members2, lat).mean() / _space_mean((truth.values - climatology.values) ** 2, lat).mean())
+    np.testing.assert_allclose(activity_ratio(forecast, truth, climatology).values, expected, rtol=1e-12)
+    np.testing.assert_allclose(activity_ratio(truth.expand_dims(number=2), truth, climatology).values, 1.0, rtol=1e-12)
+    doubled = climatology + 2.0 * (truth - climatology)  # anomalies twice the truth's: activity 2, whatever the field
+    np.testing.assert_allclose(activity_ratio(doubled, truth, climatology).values, 2.0, rtol=1e-12)
+    smooth = climatology + 0.0 * truth  # the climatology itself has no activity
+    np.testing.assert_allclose(activity_ratio(smooth, truth, climatology).values, 0.0, atol=1e-12)

@@ -6,7 +6,7 @@ average weighted by cell area) and states the reduction in ``attrs["reduced_over
 """
 
 from bdlens.metrics.crps import crps, crps_ensemble_numpy
-from bdlens.metrics.deterministic import acc, ensemble_mean, ensemble_mean_mse, ensemble_mean_rmse
+from bdlens.metrics.deterministic import acc, activity_ratio, ensemble_mean, ensemble_mean_mse, ensemble_mean_rmse
 from bdlens.metrics.probabilistic import (
     brier_score,
     energy_score,
@@ -21,6 +21,7 @@ from bdlens.metrics.weighting import lat_weights, weighted_mean
 
 __all__ = [
     "acc",
+    "activity_ratio",
     "brier_score",
     "crps",
     "crps_ensemble_numpy",

@@ -1,4 +1,5 @@
-"""Ensemble-mean RMSE (plain and debiased) and the anomaly correlation coefficient (docs/science.md §7)."""
+"""Ensemble-mean RMSE (plain and debiased), the anomaly correlation coefficient and the members'
+activity ratio (docs/science.md §7)."""
 
 from __future__ import annotations
 
@@ -94,3 +95,29 @@ def acc(
     result = weighted_mean(corr, rest)
     return annotate(result, reduce_dims, metric="ACC of the ensemble mean (uncentred, correlation over space)")
 
+
+
+def activity_ratio(
+    forecast: XArray,
+    truth: XArray,
+    climatology: XArray,
+    member_dim: Hashable = "number",
+    dims: Sequence[Hashable] | None = None,
+) -> XArray:
+    """Activity of the members relative to the truth's (dimensionless): sqrt(mean_i mean w (x_i − c)² / mean w (y − c)²).
+
+    The rms anomaly from ``climatology`` of every member (not of the ensemble mean), over the truth's,
+    both averaged over ``dims`` (cell-area weights) before the ratio. 1 when the members vary as much
+    as the world does; a smoothing forecast (an MSE-trained model's mean) falls below 1 with lead, and
+    members that drift into a more active regime than the world's rise above it (docs/science.md §7).
+    A forecast without ``member_dim`` is one member.
+    """
+    reduce_dims = resolve_dims(forecast, dims, exclude=(member_dim,))
+    anomaly2 = (forecast - climatology) ** 2
+    if member_dim in forecast.dims:
+        anomaly2 = anomaly2.mean(member_dim, skipna=False)
+    truth2 = (truth - climatology) ** 2
+    # The same points in both averages, or the ratio compares different samples.
+    valid = anomaly2.notnull() & truth2.notnull()
+    ratio = np.sqrt(weighted_mean(anomaly2.where(valid), reduce_dims) / weighted_mean(truth2.where(valid), reduce_dims))
+    return annotate(ratio, reduce_dims, metric="activity ratio: rms member anomaly / rms truth anomaly")

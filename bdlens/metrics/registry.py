@@ -24,6 +24,7 @@ import xarray as xr
 from bdlens.errors import BdlensError
 from bdlens.metrics.crps import crps as _crps
 from bdlens.metrics.deterministic import acc as _acc
+from bdlens.metrics.deterministic import activity_ratio
 from bdlens.metrics.deterministic import ensemble_mean_rmse
 from bdlens.metrics.probabilistic import brier_score, rank_histogram, reliability, spread_skill_ratio
 from bdlens.metrics.probabilistic import energy_score as _energy_score
@@ -120,6 +121,11 @@ def acc(x: Inputs) -> xr.DataArray:
     return _acc(x.forecast, x.truth, x.climatology, x.member_dim, x.dims)
 
 
+def activity(x: Inputs) -> xr.DataArray:
+    """sqrt(mean_i mean w (x_i − c)² / mean w (y − c)²), c the climatology: the members' rms anomaly over the truth's."""
+    return activity_ratio(x.forecast, x.truth, x.climatology, x.member_dim, x.dims)
+
+
 def energy_score(x: Inputs) -> xr.DataArray:
     """mean_i‖x_i − y‖ − Σ_{i,j}‖x_i − x_j‖ / (2M(M−1)), ‖·‖ the area-weighted norm over the latitude × longitude field."""
     return _energy_score(x.forecast, x.truth, x.member_dim, dims=[d for d in x.dims if d not in ("latitude", "longitude")])
@@ -187,6 +193,8 @@ METRICS: Mapping[str, Metric] = MappingProxyType(
             Metric("spread_skill_raw", spread_skill, "spread / RMSE, no correction", options={"corrected": False}),
             Metric("spread_skill_corrected", spread_skill, "spread / RMSE times sqrt((M+1)/M)", options={"corrected": True}),
             Metric("acc", acc, "ACC of the ensemble mean against the climatology", min_members=1, needs=("climatology",)),
+            Metric("activity", activity, "members' rms anomaly / the truth's (1: as active as the world)", min_members=1,
+                   needs=("climatology",)),
             Metric("energy_score", energy_score, "fair energy score over the latitude x longitude field (area-weighted norm)"),
             Metric("brier", brier, "Brier score of value > climatological quantile", min_members=1, needs=("thresholds",)),
             Metric("fair_brier", brier, "Brier score of value > climatological quantile (fair)", options={"fair": True}, needs=("thresholds",)),
