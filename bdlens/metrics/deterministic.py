@@ -97,13 +97,8 @@ def acc(
 
 
 
-def activity_ratio(
-    forecast: XArray,
-    truth: XArray,
-    climatology: XArray,
-    member_dim: Hashable = "number",
-    dims: Sequence[Hashable] | None = None,
-) -> XArray:
+def activity_ratio(forecast: XArray, truth: XArray, climatology: XArray, member_dim: Hashable = "number",
+                   dims: Sequence[Hashable] | None = None) -> XArray:
     """Activity of the members relative to the truth's (dimensionless): sqrt(mean_i mean w (x_i − c)² / mean w (y − c)²).
 
     The rms anomaly from ``climatology`` of every member (not of the ensemble mean), over the truth's,

@@ -24,8 +24,7 @@ import xarray as xr
 from bdlens.errors import BdlensError
 from bdlens.metrics.crps import crps as _crps
 from bdlens.metrics.deterministic import acc as _acc
-from bdlens.metrics.deterministic import activity_ratio
-from bdlens.metrics.deterministic import ensemble_mean_rmse
+from bdlens.metrics.deterministic import activity_ratio, ensemble_mean_rmse
 from bdlens.metrics.probabilistic import brier_score, rank_histogram, reliability, spread_skill_ratio
 from bdlens.metrics.probabilistic import energy_score as _energy_score
 from bdlens.metrics.probabilistic import spread as _spread
