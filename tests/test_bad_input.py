@@ -269,6 +269,21 @@ def test_a_missing_chunk_is_an_error_naming_it(scored: dict, capsys) -> None:
     assert snapshot(scored["store"].parent) == before
 
 
+def test_an_aleatoric_forecast_whose_writer_skipped_its_zero_coordinate_chunk_is_scored(scored: dict, tmp_path: Path) -> None:
+    from bdlens.data.reader import open_dataset
+
+    # One weight sample (K = 1, the deterministic weights): weight_sample = 0 for every member, zarr's default int fill.
+    members = scored["forecast"].sizes["number"]
+    ds = scored["forecast"].assign_coords(weight_sample=("number", np.zeros(members, np.int64)),
+                                          perturbation_draw=("number", np.arange(members)))
+    ds.to_zarr(tmp_path / "aleatoric.zarr", zarr_format=2, consolidated=True)
+    # zarr-python 3 writes no chunk equal to the default fill (as `bdlens ensemble --no-bayes` stores show)
+    (tmp_path / "aleatoric.zarr" / "weight_sample" / "0").unlink(missing_ok=True)
+    assert open_dataset(tmp_path / "aleatoric.zarr").weight_sample.values.tolist() == [0] * members
+    assert main(["-q", "evaluate", str(tmp_path / "aleatoric.zarr"), "--truth", str(tmp_path / "truth.nc"),
+                 "--variables", "2m_temperature", "--out", str(tmp_path / "m.csv")]) == 0
+
+
 def test_lost_array_metadata_is_an_error_naming_it(scored: dict, capsys) -> None:
     import shutil
 

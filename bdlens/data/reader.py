@@ -128,8 +128,10 @@ def check_zarr_complete(path: str | Path) -> None:
     become a silently smaller or different result. Lists the store; reads no chunk.
 
     Writers skip chunks that equal a finite fill value (zarr's ``write_empty_chunks=False``), so an
-    absent chunk of such an array is logged, not raised; with a NaN or no fill value (xarray's
-    default for floats) no writer skips one, and it is an error."""
+    absent chunk of such an array is logged, not raised. An integer or boolean array without a fill
+    value (xarray's coordinates, e.g. ``number``) has zarr's default 0 / False, and zarr-python 3 skips
+    chunks equal to it too (the ``number = [0]`` of a one-member forecast), so it is treated alike.
+    With a NaN fill value (xarray's default for floats) no writer skips a chunk, and it is an error."""
     import zarr
 
     path = Path(path)
@@ -143,6 +145,8 @@ def check_zarr_complete(path: str | Path) -> None:
         if not missing:
             continue
         fill = array.fill_value
+        if fill is None and array.dtype.kind in "iub":
+            fill = array.dtype.type(0)
         if _finite_number(fill):
             log.info("%s: %s has %d of %d chunks absent, read as its fill value %s", path, name, missing, array.nchunks, fill)
         else:
