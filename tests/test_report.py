@@ -183,3 +183,13 @@ def test_page_renders_in_headless_chromium_without_errors(report, tmp_path):
     images = probe["images"]
     assert len(images) == len(re.findall(r"<img ", html)) and len(images) >= 10
     assert all(i["ok"] and i["w"] > 100 and i["h"] > 100 and i["shown"] > 100 for i in images), images
+
+
+def test_every_system_of_a_large_comparison_gets_its_own_colour() -> None:
+    from matplotlib.colors import to_rgba
+
+    from bdlens.report.figures import colours
+
+    for n in (3, 10, 12, 20):
+        rgba = [to_rgba(c) for c in colours([f"s{i}" for i in range(n)]).values()]
+        assert len(set(rgba)) == n

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from typing import Any
 
+import matplotlib
 import numpy as np
 import xarray as xr
 from matplotlib.figure import Figure
@@ -26,9 +28,12 @@ def pretty_units(units: str) -> str:
     return re.sub(r"(?<=[A-Za-z])(-?\d+)", lambda m: m.group(1).translate(_SUPERSCRIPTS), units)
 
 
-def colours(systems: Sequence[str]) -> dict[str, str]:
-    """One tab10 colour per system, in the given order."""
-    return {name: f"C{i % 10}" for i, name in enumerate(systems)}
+def colours(systems: Sequence[str]) -> dict[str, Any]:
+    """One colour per system, in the given order: tab10 up to 10 systems, else tab20 (distinct up to 20)."""
+    if len(systems) <= 10:
+        return {name: f"C{i}" for i, name in enumerate(systems)}
+    palette = matplotlib.colormaps["tab20"].colors
+    return {name: palette[i % len(palette)] for i, name in enumerate(systems)}
 
 
 def lead_hours(da: xr.DataArray) -> np.ndarray:
@@ -70,7 +75,8 @@ def skill_vs_lead(result: xr.Dataset, variable: str, title: str, units: str, mem
         ax.set_xlabel("lead (h)")
         ax.set_ylabel(label)
         ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=8)
+    # One legend beside the panels: inside one it hides curves once a dozen systems are compared.
+    fig.legend(*axes[0].get_legend_handles_labels(), loc="outside right upper", fontsize=8)
     fig.suptitle(title)
     return fig
 
