@@ -29,8 +29,9 @@ fixed, factors f(L) on the amplitude of the call ending at lead L (every ``outpu
 L also holds what earlier steps made, so the update is repeated ``per_lead.iterations`` times from
 f = 1; the iterate with the lowest lead-mean objective J̄ = mean_L CRPS(L) (1 + λ ln² SSR(L)) is
 kept (f = 1 when none beats it). ``per_lead.high: 1`` lets the factors only damp the calibrated
-amplitude, and ``amplitude.tune: false`` keeps the system's (a, T) and finds only the factors. Hand-written because the update needs the per-lead scores, which
-no optimiser's interface gives it; it is tested on a toy rollout whose exact solution is known.
+amplitude, and ``amplitude.tune: false`` keeps the system's (a, T) and finds only the factors.
+Hand-written because the update needs the per-lead scores, which no optimiser's interface gives it;
+it is tested on a toy rollout whose exact solution is known.
 
 The result is written to ``OUT/ensemble.json`` (the system file the engine reads); copy it beside
 the checkpoints (e.g. into the bundle) to make it the system's calibration.
@@ -172,14 +173,16 @@ def calibrate_lead_factors(
     return {"lead_factors": best["lead_factors"], "before": history[0], "after": best, "history": history}
 
 
-def calibrate(evaluate: Evaluate, config: EnsembleCalibrationConfig, tune_amplitude: bool = True) -> dict[str, Any]:
+def calibrate(evaluate: Evaluate, config: EnsembleCalibrationConfig, tune_amplitude: bool = True,
+              fixed: tuple[float, float] | None = None) -> dict[str, Any]:
     """Search (a, T) minimising J; ``evaluate(a, T)`` returns at least ``crps`` and ``spread_skill``.
 
     Returns {"amplitude", "temperature", "before", "after", "history"}: ``before``/``after`` are the
     evaluations at (1, 1) and at the optimum (with ``objective`` added), ``history`` every evaluation.
+    With ``fixed`` = (a, T) nothing is searched: (a, T) is scored once and is both ``before`` and ``after``.
     """
     temperatures = config.temperature.values if config.temperature.tune else (1.0,)
-    if not tune_amplitude and len(temperatures) == 1:
+    if fixed is None and not tune_amplitude and len(temperatures) == 1:
         raise BdlensError("nothing to calibrate: give a perturbation (learned or SPPT) or enable temperature tuning")
     search = config.amplitude
     cache: dict[tuple[float, float], dict[str, Any]] = {}
@@ -192,6 +195,9 @@ def calibrate(evaluate: Evaluate, config: EnsembleCalibrationConfig, tune_amplit
             cache[key] = {"amplitude": key[0], "temperature": key[1], **result}
         return cache[key]
 
+    if fixed is not None:
+        kept = score(*fixed)
+        return {"amplitude": kept["amplitude"], "temperature": kept["temperature"], "before": kept, "after": kept, "history": [kept]}
     score(1.0, 1.0)
     for t in temperatures:
         if tune_amplitude:
@@ -240,7 +246,7 @@ def calibrate_system(
     tune_amplitude = perturbation != "none"
     temperatures = len(config.temperature.values) if config.temperature.tune else 1
     per_lead = config.per_lead.tune and tune_amplitude
-    expected = 1 + temperatures * (config.amplitude.max_evaluations if tune_amplitude else 1) if config.amplitude.tune else 1
+    expected = (1 + temperatures * (config.amplitude.max_evaluations if tune_amplitude else 1)) if config.amplitude.tune else 1
     expected += config.per_lead.iterations + 1 if per_lead else 0
     with bar(total=expected, desc=f"calibrate ({perturbation})", unit="eval") as progress:
 
@@ -253,14 +259,11 @@ def calibrate_system(
             progress.update(1)
             return ensemble_scores(forecast, truth, scale, config.fields)
 
-        if config.amplitude.tune:
-            result = calibrate(lambda a, t: run(a, t, config.lead, {}), config, tune_amplitude=tune_amplitude)
-        else:  # the system's (a, T), scored once so that the record reads as a searched one does
+        fixed = None
+        if not config.amplitude.tune:  # the system's (a, T), scored once so that the record reads as a searched one does
             current = forecaster.system.scheme(perturbation)
-            a, t = float(current.get("amplitude", 1.0)), float(current.get("temperature", 1.0))
-            scored = {"amplitude": a, "temperature": t, **run(a, t, config.lead, {})}
-            scored["objective"] = objective(scored["crps"], scored["spread_skill"], config.penalty)
-            result = {"amplitude": a, "temperature": t, "before": scored, "after": scored, "history": [scored]}
+            fixed = (float(current.get("amplitude", 1.0)), float(current.get("temperature", 1.0)))
+        result = calibrate(lambda a, t: run(a, t, config.lead, {}), config, tune_amplitude=tune_amplitude, fixed=fixed)
         by_lead = None
         if per_lead:
             output_hours, lead_hours = parse_hours(config.output_step, "output_step"), parse_hours(config.per_lead.lead, "per_lead.lead")
