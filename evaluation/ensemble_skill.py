@@ -12,7 +12,11 @@ alike. Results go to a CSV (one row per system, field, lead, metric) and a table
 
     python evaluation/ensemble_skill.py [--systems hybrid epistemic aleatoric deterministic ...] [--inits 10]
         [--every-days 10] [--members 16] [--lead 10d] [--physics PHYS.zarr] [--diffusion CKPT] [--checkpoint DIR]
-        [--out evaluation/results/ensemble_skill.csv]
+        [--out evaluation/results/ensemble_skill.csv] [--update]
+
+``--update`` replaces in an existing ``--out`` only the rows of the systems run now and keeps the
+others: every member's random stream is keyed by (seed, stream, init, member, step), so a system's
+rows do not depend on which other systems ran beside it (a recalibrated scheme reruns only its systems).
 """
 
 from __future__ import annotations
@@ -77,6 +81,11 @@ def scores(name: str, forecast: xr.Dataset, truth: xr.Dataset) -> list[dict]:
     return rows
 
 
+def updated(kept: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
+    """``kept``'s rows of the systems absent from ``new``, then ``new`` (both tidy: system, field, lead_hours, metric, value)."""
+    return pd.concat([kept[~kept.system.isin(new.system.unique())], new], ignore_index=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", nargs="*", default=["deterministic", "epistemic", "aleatoric", "hybrid"], choices=sorted(SYSTEMS),
@@ -91,7 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--checkpoint", type=Path, help="the system (a bundle or a folder of checkpoints; default: the bundled one)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", type=Path, default=Path("evaluation/results/ensemble_skill.csv"))
+    parser.add_argument("--update", action="store_true", help="keep the rows of --out for the systems not run now")
     args = parser.parse_args(argv)
+    if args.update and not args.out.is_file():
+        print(f"ensemble_skill: error: --update needs an existing --out CSV, {args.out} is not one; drop --update to write it", file=sys.stderr)
+        return 2
 
     try:  # a wrong --checkpoint is found before the world is loaded
         forecaster = Forecaster.from_pretrained(args.checkpoint)
@@ -114,6 +127,8 @@ def main(argv: list[str] | None = None) -> int:
         physics = open_dataset(args.physics)  # the canonical reader: coordinates exactly those of the truth
         rows += scores("physics", physics.sel(time=physics.time.isin(inits)), truth)
     table = pd.DataFrame(rows)
+    if args.update:
+        table = updated(pd.read_csv(args.out), table)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     table.to_csv(args.out, index=False)
     for key in ("z500", "t850"):

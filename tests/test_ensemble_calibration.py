@@ -197,6 +197,16 @@ def test_per_lead_factors_on_the_system_amplitude_keep_it_and_only_damp(tmp_path
     assert record["per_lead"]["after"]["objective"] < record["per_lead"]["before"]["objective"]
     with pytest.raises(ValueError, match="temperature.tune: false too"):
         EnsembleCalibrationConfig.model_validate({"amplitude": {"tune": False}, "temperature": {"tune": True}})
+    # the search that found (a, T) stays in the system file beside the per-lead record made on it
+    earlier = {"amplitude": 1.7, "temperature": 1.5, "config": "sppt_variant", "calibration": {"searched": "a, T"}}
+    scheme = json.loads(write_system_file(tmp_path / "lead", "sppt", record, {"schemes": {"sppt": earlier}}, False).read_text())["schemes"]["sppt"]
+    assert scheme["calibration"] == {"searched": "a, T"} and scheme["config"] == "sppt_variant"
+    assert scheme["lead_calibration"]["per_lead"]["after"]["crps_by_lead"] == record["per_lead"]["after"]["crps_by_lead"] and "amplitude_kept" not in scheme["lead_calibration"]
+    assert [scheme["lead_factors"][str(h)] for h in (24, 48, 72)] == factors
+    # a new (a, T) search replaces both: neither the factors nor their record belong to it
+    searched = {**{k: record[k] for k in ("before", "after", "objective")}, "amplitude": 2.0, "temperature": 1.0, "amplitude_kept": False}
+    scheme = json.loads(write_system_file(tmp_path / "new", "sppt", searched, {"schemes": {"sppt": scheme}}, False).read_text())["schemes"]["sppt"]
+    assert "lead_factors" not in scheme and "lead_calibration" not in scheme and scheme["calibration"]["after"] == record["after"]
 
 
 @pytest.mark.slow

@@ -141,6 +141,29 @@ def test_ensemble_claims_are_what_the_committed_results_say() -> None:
         shown = f"{' / '.join(f'{debiased[h]:.0f}' for h in debiased)}, i.e. {ratios}" if system == "hybrid" else ratios
         assert f"{label} {shown}" in " ".join(readme.split()), system
     assert (table[table.metric == "out_of_bounds_count"].value == 0).all()
+    text = " ".join(readme.split())
+
+    def series(system: str, field: str, metric: str) -> pd.Series:
+        return table[(table.system == system) & (table.field == field) & (table.metric == metric)].set_index("lead_hours").value.sort_index()
+
+    ssr = {f: series("hybrid", f, "spread_skill") for f in ("z500", "t850", "u850", "mslp")}
+    assert f"spread-skill is {ssr['z500'].min():.2f}–{ssr['z500'].max():.2f} for Z500 at every lead to 10 d" in text
+    assert f"T850 goes from {ssr['t850'][24]:.2f} at 1 d to {ssr['t850'][240]:.2f} at 10 d" in text
+    assert (ssr["t850"] > 1.2).idxmax() == 192 and (ssr["t850"][ssr["t850"].index >= 192] > 1.2).all()  # "above 1.2 from 8 d"
+    for f, label in (("u850", "U850 stays within"), ("mslp", "MSLP within")):
+        assert f"{label} {ssr[f].min():.2f}–{ssr[f].max():.2f}" in text
+    excess = {f: 100 * (series("hybrid", f, "crps") / series("aleatoric", f, "crps") - 1) for f in ("z500", "t850")}
+    assert all(excess[f][24] < 0 and (excess[f][excess[f].index > 48] > 0).all() for f in excess)  # "below ... at 1 d, but not beyond"
+    assert excess["z500"][48] > 0 and excess["z500"].idxmax() == excess["t850"].idxmax() == 240
+    assert f"Z500 by at most {excess['z500'].max():.1f} %, T850 {excess['t850'].max():.1f} %, at 10 d" in text
+    assert (series("hybrid", "z500", "crps") < series("epistemic", "z500", "crps")).all()
+    spread = {s: series(s, "z500", "spread_skill") * series(s, "z500", "rmse") for s in ("hybrid", "aleatoric")}
+    more = 100 * (spread["hybrid"] / spread["aleatoric"] - 1)
+    assert f"the Z500 spread is {more.min():.1f}–{more.max():.1f} % above the aleatoric-only system's" in text
+    crps = table[table.metric == "crps"].pivot_table(index=["field", "system"], columns="lead_hours", values="value")
+    for f, first in (("z500", 168), ("t850", 120)):  # "beats every AI system from 7 days on for Z500 and from 5 days on for T850"
+        beaten = (crps.loc[f].drop("climatology") > crps.loc[f].loc["climatology"]).all()
+        assert beaten[beaten.index >= first].all() and not beaten[beaten.index < first].any()
     sppt = json.loads((ROOT / "bdlens" / "assets" / "models" / "ensemble.json").read_text())["schemes"]["sppt"]
     assert f"SPPT amplitude {sppt['amplitude']:.2f} on every step model and posterior temperature {sppt['temperature']:g}" in " ".join(readme.split())
     assert sppt["config"] == "perturbation_sppt_surface" and f'"config": "{sppt["config"]}"' in readme
@@ -244,7 +267,8 @@ def test_study_findings_are_what_the_committed_study_results_say() -> None:
 
 
 def test_damping_lead_factor_claims_are_what_the_committed_results_say() -> None:
-    """The README's paragraph on factors that only damp: its calibration record and test-period CSV."""
+    """The README's bundled per-lead factors: the bundle's lead_calibration record and the test-period CSVs
+    with and without them."""
     import json
 
     import numpy as np
@@ -254,18 +278,26 @@ def test_damping_lead_factor_claims_are_what_the_committed_results_say() -> None
     from bdlens.training.calibration import EnsembleCalibrationConfig
 
     text = " ".join((ROOT / "README.md").read_text().split())
-    record = json.loads((ROOT / "evaluation" / "results" / "per_lead_calibration_damp.json").read_text())
-    assert record["config"] == EnsembleCalibrationConfig.from_yaml(config_path("calibrate_ensemble_lead")).model_dump(mode="json")
-    bundled = json.loads((ROOT / "bdlens" / "assets" / "models" / "ensemble.json").read_text())["schemes"]["sppt"]
-    assert (record["amplitude"], record["temperature"]) == (bundled["amplitude"], bundled["temperature"])
-    factors, per_lead = record["lead_factors"], record["per_lead"]
+    sppt = json.loads((ROOT / "bdlens" / "assets" / "models" / "ensemble.json").read_text())["schemes"]["sppt"]
+    record, factors = sppt["lead_calibration"], sppt["lead_factors"]
+    config = EnsembleCalibrationConfig.from_yaml(config_path("calibrate_ensemble_lead"))
+    assert record["config"] == config.model_dump(mode="json") and f"η = {config.per_lead.damping:g}" in text
+    assert f"After its {config.per_lead.iterations} iterations" in text
+    assert (record["amplitude"], record["temperature"]) == (sppt["amplitude"], sppt["temperature"])
+    assert record["command"].startswith("bdlens calibrate --perturbation sppt --default --config calibrate_ensemble_lead --out runs/cal_lead")
     assert max(factors.values()) <= 1.0 and all(round(factors[h], 2) == 1.0 for h in ("24", "48", "72"))
     assert f"stay 1.00 to 3 d and fall to {factors['240']:.2f} at 10 d" in text
-    before, after = per_lead["before"], per_lead["after"]
+    assert f"({' / '.join(f'{factors[str(h)]:.2f}' for h in range(96, 217, 24))} at 4 … 9 d)" in text
+    before, after = record["per_lead"]["before"], record["per_lead"]["after"]
     assert f"from {before['spread_skill_by_lead'][-1]:.2f} to {after['spread_skill_by_lead'][-1]:.2f}" in text
     assert f"falls by {100 * (1 - after['objective'] / before['objective']):.1f} %" in text
-    new = pd.read_csv(ROOT / "evaluation" / "results" / "ensemble_skill_lead_factors.csv")
-    old = pd.read_csv(ROOT / "evaluation" / "results" / "ensemble_skill.csv")
+    new = pd.read_csv(ROOT / "evaluation" / "results" / "ensemble_skill.csv")
+    old = pd.read_csv(ROOT / "evaluation" / "results" / "ensemble_skill_without_lead_factors.csv")
+    key = ["system", "field", "lead_hours", "metric"]
+    both = new.merge(old, on=key, suffixes=("", "_old"), validate="one_to_one")
+    assert len(both) == len(new) == len(old)
+    others = both[~both.system.isin(["hybrid", "aleatoric"])]  # "the other rows do not read the SPPT calibration"
+    assert len(others) and (others.value == others.value_old).all()
 
     def hybrid(table: pd.DataFrame, field: str, metric: str) -> pd.Series:
         return table[(table.system == "hybrid") & (table.field == field) & (table.metric == metric)].set_index("lead_hours").value
@@ -276,4 +308,8 @@ def test_damping_lead_factor_claims_are_what_the_committed_results_say() -> None
         assert f"{unit} CRPS at 10 d {c0[240]:{fmt}} → {c1[240]:{fmt}}, spread-skill {s0[240]:.2f} → {s1[240]:.2f}" in text
         # "unchanged to 3 d" (the same draws and factors 1: equal to float32 round-off of a run on other threads)
         np.testing.assert_allclose(c1[[24, 48, 72]], c0[[24, 48, 72]], rtol=1e-7)
-        assert (c1 <= c0 * (1 + 1e-7)).all()  # "no worse at any later lead"
+        assert (c1 <= c0 * (1 + 1e-7)).all()  # "no worse for Z500 or T850 at any later lead"
+    ssr = {f: (hybrid(old, f, "spread_skill")[240], hybrid(new, f, "spread_skill")[240]) for f in ("mslp", "u850")}
+    assert f"MSLP spread-skill at 10 d {ssr['mslp'][0]:.2f} → {ssr['mslp'][1]:.2f}, U850 {ssr['u850'][0]:.2f} → {ssr['u850'][1]:.2f}" in text
+    u0, u1 = hybrid(old, "u850", "crps")[240], hybrid(new, "u850", "crps")[240]
+    assert f"U850's CRPS is {100 * (u1 / u0 - 1):.1f} % worse at 10 d ({u0:.3f} → {u1:.3f})" in text

@@ -45,6 +45,15 @@ class SchemeContext:
         leads = sorted(self.lead_factors)
         return float(np.interp(lead_hours, leads, [self.lead_factors[h] for h in leads]))
 
+    def describe_amplitude(self) -> str:
+        """The amplitude as a run's ``system`` attribute shows it, e.g. ``"amplitude 1.46 × 1 … 0.32 to 240 h"``
+        (the factors' range in lead order and their last lead; the store's ``config`` attribute has them all)."""
+        text = f"amplitude {self.amplitude:.3g}"
+        if self.lead_factors:
+            leads = sorted(self.lead_factors)
+            text += f" × {self.lead_factors[leads[0]]:.3g} … {self.lead_factors[leads[-1]]:.3g} to {leads[-1]} h"
+        return text
+
 
 # name → module defining ``build(inner, context)``; imported on use (the learned scheme loads torch modules
 # the others do not need).

@@ -42,7 +42,7 @@ class LearnedMembers(Wrapped):
             )
         self.steps = tuple(sorted(self.networks))
         self.seed, self.amplitude, self.layout = int(context.seed), float(context.amplitude), context.layout
-        self.lead_factor = context.lead_factor
+        self.lead_factor, self.amplitude_text = context.lead_factor, context.describe_amplitude()
         self.forecast: Forecast | None = None
 
     def start(self, forecast: Forecast) -> None:
@@ -62,7 +62,7 @@ class LearnedMembers(Wrapped):
         return self.inner.step(previous, self.layout.denormalise(perturbed, stats), call)
 
     def describe(self) -> str:
-        return f"{self.inner.describe()} + learned perturbation (amplitude {self.amplitude:.3g})"
+        return f"{self.inner.describe()} + learned perturbation ({self.amplitude_text})"
 
 
 def build(inner: MemberSource, context: SchemeContext) -> MemberSource:

@@ -41,6 +41,7 @@ class SPPTMembers(Wrapped):
                 for step in self.steps
             }
         self.seed, self.amplitude, self.lead_factor = int(context.seed), float(context.amplitude), context.lead_factor
+        self.amplitude_text = context.describe_amplitude()
         self.patterns: dict[int, PatternState] = {}
         self.last_use: dict[int, int] = {}
         self.forecast: Forecast | None = None
@@ -78,7 +79,7 @@ class SPPTMembers(Wrapped):
         return Fields(upper, surface)
 
     def describe(self) -> str:
-        return f"{self.inner.describe()} + sppt (amplitude {self.amplitude:.3g})"
+        return f"{self.inner.describe()} + sppt ({self.amplitude_text})"
 
 
 def build(inner: MemberSource, context: SchemeContext) -> MemberSource:
