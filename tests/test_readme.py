@@ -226,6 +226,8 @@ def test_diffusion_comparison_is_what_the_committed_results_say() -> None:
 
 def test_study_findings_are_what_the_committed_study_results_say() -> None:
     """evaluation/README.md's "What the study shows" against evaluation/results/study.csv."""
+    import json
+
     import pandas as pd
 
     text = " ".join((ROOT / "evaluation" / "README.md").read_text().split("### What the study shows", 1)[1].split("<!-- study:begin")[0].split())
@@ -254,6 +256,11 @@ def test_study_findings_are_what_the_committed_study_results_say() -> None:
     assert all(crps[s][v][240] > crps["climatology"][v][240] for s in ai for v in ("z500", "t850"))  # none beats it at 10 d
     excess = [100 * (crps["hybrid"]["z500"][h] / crps["aleatoric"]["z500"][h] - 1) for h in (72, 120, 168, 240)]
     assert f"by {min(excess):.1f}–{max(excess):.1f} %" in text
+    gap, half = series("aleatoric", "t850", "crps_minus_hybrid"), series("aleatoric", "t850", "crps_minus_hybrid_ci95")
+    assert (gap[[6, 24, 48, 72]] > half[[6, 24, 48, 72]]).all() and not (gap < -half).any()  # T850 "better to 3 days and worse at no lead"
+    factors = json.loads((ROOT / "bdlens" / "assets" / "models" / "ensemble.json").read_text())["schemes"]["sppt"]["lead_factors"]
+    assert max(f for h, f in factors.items() if int(h) <= 72) == 1.0 and factors["96"] < 1.0  # "damp ... from 4 days on"
+    assert f"(to {factors['240']:.2f} of it at 10 days;" in text
     assert all((crps["deep-ensemble-sppt"][v][days] < crps["hybrid"][v][days]).all() for v in ("z500", "t850"))
     ratio = [crps["hybrid"]["z500"][h] / crps["physics"]["z500"][h] for h in (24, 72, 120, 240)]
     assert f"Z500 CRPS is {', '.join(f'{r:.1f}' for r in ratio[:3])} and {ratio[3]:.1f} times the physics" in text
