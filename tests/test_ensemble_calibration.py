@@ -237,3 +237,22 @@ def calibrated_design():
     from bdlens.ensemble import Design
 
     return Design(2, 2)
+
+
+def test_validation_inits_leave_a_day_of_history_and_the_longest_scored_lead() -> None:
+    from bdlens.errors import BdlensError
+    from bdlens.training.calibration import validation_inits
+
+    times = np.arange(np.datetime64("2001-01-01T00"), np.datetime64("2001-04-01T00"), np.timedelta64(6, "h")).astype("datetime64[ns]")
+    truth = xr.Dataset(coords={"time": times})
+    bounds = (np.datetime64("2001-01-01T00"), np.datetime64("2001-03-01T00"))
+    config = EnsembleCalibrationConfig.model_validate({"inits": 8, "every_days": 10, "lead": "5d"})
+    got = validation_inits(truth, config, bounds)
+    # brute force: 00 UTC days from Jan 2 every 10 days whose init + 5 d is still inside the period
+    expected = [np.datetime64("2001-01-02T00") + np.timedelta64(10 * i, "D") for i in range(8)]
+    expected = [t for t in expected if t + np.timedelta64(5, "D") <= bounds[1]]
+    assert list(got.astype("datetime64[h]")) == [t.astype("datetime64[h]") for t in expected] and len(expected) == 6
+    longer = config.model_copy(update={"per_lead": config.per_lead.model_copy(update={"tune": True, "lead": "10d"})})
+    assert list(validation_inits(truth, longer, bounds)) == list(got[:5])  # the per-lead lead is the longest scored
+    with pytest.raises(BdlensError, match="no init with 60d of truth after it"):
+        validation_inits(truth, config.model_copy(update={"lead": "60d"}), bounds)

@@ -320,3 +320,24 @@ def test_damping_lead_factor_claims_are_what_the_committed_results_say() -> None
     assert f"MSLP spread-skill at 10 d {ssr['mslp'][0]:.2f} → {ssr['mslp'][1]:.2f}, U850 {ssr['u850'][0]:.2f} → {ssr['u850'][1]:.2f}" in text
     u0, u1 = hybrid(old, "u850", "crps")[240], hybrid(new, "u850", "crps")[240]
     assert f"U850's CRPS is {100 * (u1 / u0 - 1):.1f} % worse at 10 d ({u0:.3f} → {u1:.3f})" in text
+
+
+def test_temperature_sweep_claims_are_what_the_committed_results_say() -> None:
+    """The README's posterior-temperature paragraph: evaluation/results/temperature_sweep.json, whose T = 1 run
+    is the bundled system of the per-lead calibration record."""
+    import json
+
+    text = " ".join((ROOT / "README.md").read_text().split())
+    sweep = json.loads((ROOT / "evaluation" / "results" / "temperature_sweep.json").read_text())["by_temperature"]
+    record = json.loads((ROOT / "bdlens" / "assets" / "models" / "ensemble.json").read_text())["schemes"]["sppt"]["lead_calibration"]
+    assert abs(sweep["1"]["crps"] - record["per_lead"]["after"]["crps"]) < 1e-9  # "reproduces its calibration record"
+    means = ", ".join(f"{sweep[t]['crps']:.4f} at T = {t}" for t in ("0", "0.25", "0.5"))
+    assert f"Lead-mean CRPS: {means}" in text.replace(" (aleatoric only)", "")
+    assert f"{sweep['1']['crps']:.4f} at T = 1 (the bundled system" in text and f"{sweep['2']['crps']:.4f} at T = 2" in text
+    day, ten = ([f"{sweep[t]['crps_by_lead'][i]:.4f}" for t in ("0", "1", "2")] for i in (0, -1))
+    assert f"CRPS {' / '.join(day)} at 1 d and {' / '.join(ten)} at 10 d for T = 0 / 1 / 2" in text
+    by_lead = {t: r["crps_by_lead"] for t, r in sweep.items()}
+    assert by_lead["0"][0] > by_lead["1"][0] > by_lead["2"][0] and by_lead["0"][-1] < by_lead["1"][-1] < by_lead["2"][-1]
+    # "no temperature makes the hybrid better than aleatoric-only at every lead, and T = 1 stays"
+    assert all(any(c > a for c, a in zip(by_lead[t], by_lead["0"], strict=True)) for t in by_lead if t != "0")
+    assert min(sweep, key=lambda t: sweep[t]["crps"]) in ("0.5", "1") and abs(sweep["0.5"]["crps"] - sweep["1"]["crps"]) < 1e-5

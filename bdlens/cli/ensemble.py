@@ -113,17 +113,21 @@ def run_calibration(args: argparse.Namespace) -> int:
     """Calibrate one scheme of a system on the validation period of a world."""
     import json
 
-    import numpy as np
-
     from bdlens.checkpoint import BUNDLED_DIR
     from bdlens.cli.options import set_threads
     from bdlens.configs import config_path
     from bdlens.data import open_dataset
     from bdlens.data.splits import load_data_config
-    from bdlens.ensemble.engine import Forecaster, parse_hours
+    from bdlens.ensemble.engine import Forecaster
     from bdlens.ensemble.system import SYSTEM_FILE
     from bdlens.outputs import prepare_output
-    from bdlens.training.calibration import CALIBRATION_KIND, EnsembleCalibrationConfig, calibrate_system, write_system_file
+    from bdlens.training.calibration import (
+        CALIBRATION_KIND,
+        EnsembleCalibrationConfig,
+        calibrate_system,
+        validation_inits,
+        write_system_file,
+    )
     from bdlens.world.build import build
 
     set_threads(args.threads)
@@ -136,13 +140,7 @@ def run_calibration(args: argparse.Namespace) -> int:
     forecaster = Forecaster.from_pretrained(args.checkpoint)
     world = args.world or build()
     truth, analysis = open_dataset(world / "truth.zarr").load(), open_dataset(world / "analysis.zarr").load()
-    start, end = load_data_config(config_path("data_demo")).splits["val"].bounds
-    longest = max([config.lead] + ([config.per_lead.lead] if config.per_lead.tune else []), key=lambda d: parse_hours(d, "lead"))
-    lead = np.timedelta64(parse_hours(longest, "lead"), "h")
-    times = truth.time.sel(time=slice(start + np.timedelta64(24, "h"), end - lead)).values
-    inits = times[(times - times[0]) % np.timedelta64(24 * config.every_days, "h") == np.timedelta64(0)][: config.inits]
-    if len(inits) == 0:
-        raise BdlensError(f"the world's validation period has no init with {longest} of truth after it; use a longer world")
+    inits = validation_inits(truth, config, load_data_config(config_path("data_demo")).splits["val"].bounds)
     record = calibrate_system(forecaster, args.perturbation, analysis, truth, inits, config)
     record["command"] = shlex.join(["bdlens", *sys.argv[1:]])
     record["config"] = config.model_dump(mode="json")

@@ -222,6 +222,11 @@ def _field(ds: xr.Dataset, spec: str) -> xr.DataArray:
     return ds[name].sel(level=int(level)) if level else ds[name]
 
 
+def field_scales(truth: xr.Dataset, fields: Sequence[str]) -> dict[str, float]:
+    """Each field's climatological std over the whole truth (its units), the unit the scores are in."""
+    return {spec: float(_field(truth, spec).std()) for spec in fields}
+
+
 def ensemble_scores(forecast: xr.Dataset, truth: xr.Dataset, scale: dict[str, float], fields: Sequence[str]) -> dict[str, Any]:
     """Fair CRPS (mean over fields and leads) and corrected SSR (pooled) in climatological-std units,
     and both per lead (``crps_by_lead``: mean over fields; ``spread_skill_by_lead``: pooled over fields)."""
@@ -239,13 +244,26 @@ def ensemble_scores(forecast: xr.Dataset, truth: xr.Dataset, scale: dict[str, fl
             "crps_by_lead": (crps_values / len(fields)).tolist(), "spread_skill_by_lead": np.sqrt(variance / mse * correction).tolist()}
 
 
+def validation_inits(truth: xr.Dataset, config: EnsembleCalibrationConfig, bounds: tuple[np.datetime64, np.datetime64]) -> np.ndarray:
+    """The inits a calibration runs from: every ``config.every_days`` from a day after the validation
+    period's start (``bounds``: its first and last time), each with truth to the longest lead it scores
+    (``lead``, or ``per_lead.lead`` when per-lead tuning is on), at most ``config.inits`` of them."""
+    longest = max([config.lead] + ([config.per_lead.lead] if config.per_lead.tune else []), key=lambda d: parse_hours(d, "lead"))
+    start, end = bounds
+    times = truth.time.sel(time=slice(start + np.timedelta64(24, "h"), end - np.timedelta64(parse_hours(longest, "lead"), "h"))).values
+    inits = times[(times - times[0]) % np.timedelta64(24 * config.every_days, "h") == np.timedelta64(0)][: config.inits] if len(times) else times
+    if len(inits) == 0:
+        raise BdlensError(f"the world's validation period has no init with {longest} of truth after it; use a longer world")
+    return inits
+
+
 def calibrate_system(
     forecaster: Forecaster, perturbation: str, analysis: xr.Dataset, truth: xr.Dataset, inits: Sequence[np.datetime64],
     config: EnsembleCalibrationConfig,
 ) -> dict[str, Any]:
     """Search (amplitude, temperature) for ``perturbation``, then the per-lead factors when
     ``config.per_lead.tune`` (see the module docstring); returns the record."""
-    scale = {spec: float(_field(truth, spec).std()) for spec in config.fields}
+    scale = field_scales(truth, config.fields)
     tune_amplitude = perturbation != "none"
     temperatures = len(config.temperature.values) if config.temperature.tune else 1
     per_lead = config.per_lead.tune and tune_amplitude

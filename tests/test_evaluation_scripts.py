@@ -1,4 +1,5 @@
-"""evaluation/ensemble_skill.py's --update: rows of the systems run now replace only theirs."""
+"""Evaluation scripts' own logic: ensemble_skill.py's --update (rows of the systems run now replace only
+theirs) and their refusals of bad input before any work."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import pandas as pd
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
 import ensemble_skill  # noqa: E402
+import temperature_sweep  # noqa: E402
 
 
 def _rows(system: str, value: float) -> pd.DataFrame:
@@ -26,3 +28,10 @@ def test_update_without_an_existing_csv_is_refused_before_any_work(tmp_path: Pat
     assert ensemble_skill.main(["--systems", "--update", "--out", str(tmp_path / "absent.csv")]) == 2
     err = capsys.readouterr().err
     assert "--update needs an existing --out CSV" in err and err.count("\n") == 1
+
+
+def test_temperature_sweep_refuses_a_negative_temperature_before_any_work(tmp_path: Path, capsys) -> None:
+    out = tmp_path / "sweep.json"
+    assert temperature_sweep.main(["--temperatures", "1", "-0.5", "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--temperatures must be >= 0" in err and err.count("\n") == 1 and not out.exists()
