@@ -9,7 +9,7 @@ import xarray as xr
 
 from bdlens.configs import config_path
 from bdlens.data import open_dataset
-from bdlens.data.splits import load_data_config
+from bdlens.data.splits import load_data_config, period_inits
 from bdlens.metrics import ensemble_mean_rmse, spread
 from bdlens.world.build import build
 
@@ -43,9 +43,7 @@ def test_inits(truth: xr.Dataset, max_lead_hours: int, every_hours: int,
                period: tuple[np.datetime64, np.datetime64] | None = None) -> np.ndarray:
     """Init times in ``period`` (default: the demo test split) every ``every_hours``, leaving a day of
     history and the longest lead."""
-    start, end = demo_world_split("test") if period is None else period
-    times = truth.time.sel(time=slice(start + np.timedelta64(24, "h"), end - np.timedelta64(max_lead_hours, "h"))).values
-    return times[(times - times[0]) % np.timedelta64(every_hours, "h") == np.timedelta64(0)]
+    return period_inits(truth.time.values, demo_world_split("test") if period is None else period, max_lead_hours, every_hours)
 
 
 def verification(truth: xr.Dataset, forecast: xr.Dataset) -> xr.Dataset:

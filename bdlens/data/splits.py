@@ -132,6 +132,18 @@ class DataConfig(BaseModel):
         return np.timedelta64(self.step, "ns")
 
 
+def period_inits(times: np.ndarray, bounds: tuple[np.datetime64, np.datetime64], max_lead_hours: int, every_hours: int) -> np.ndarray:
+    """Forecast inits among ``times`` (datetime64) in a period (``bounds``: its first and last time):
+    every ``every_hours`` from its first time a day after the start (a day of history), each with
+    ``max_lead_hours`` of the period after it; empty when none fits."""
+    start, end = bounds
+    times = np.asarray(times)
+    times = times[(times >= start + np.timedelta64(24, "h")) & (times <= end - np.timedelta64(max_lead_hours, "h"))]
+    if len(times) == 0:
+        return times
+    return times[(times - times[0]) % np.timedelta64(every_hours, "h") == np.timedelta64(0)]
+
+
 def load_data_config(path: str | Path) -> DataConfig:
     """Read and validate a data YAML config; every problem becomes one :class:`BdlensError` line naming the key."""
     path = Path(path)

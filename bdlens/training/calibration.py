@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from scipy.optimize import minimize_scalar
 
 from bdlens.configs import YamlConfig
+from bdlens.data.splits import period_inits
 from bdlens.ensemble import Forecaster
 from bdlens.ensemble.engine import parse_hours
 from bdlens.ensemble.system import SYSTEM_FILE
@@ -249,9 +250,7 @@ def validation_inits(truth: xr.Dataset, config: EnsembleCalibrationConfig, bound
     period's start (``bounds``: its first and last time), each with truth to the longest lead it scores
     (``lead``, or ``per_lead.lead`` when per-lead tuning is on), at most ``config.inits`` of them."""
     longest = max([config.lead] + ([config.per_lead.lead] if config.per_lead.tune else []), key=lambda d: parse_hours(d, "lead"))
-    start, end = bounds
-    times = truth.time.sel(time=slice(start + np.timedelta64(24, "h"), end - np.timedelta64(parse_hours(longest, "lead"), "h"))).values
-    inits = times[(times - times[0]) % np.timedelta64(24 * config.every_days, "h") == np.timedelta64(0)][: config.inits] if len(times) else times
+    inits = period_inits(truth.time.values, bounds, parse_hours(longest, "lead"), 24 * config.every_days)[: config.inits]
     if len(inits) == 0:
         raise BdlensError(f"the world's validation period has no init with {longest} of truth after it; use a longer world")
     return inits
