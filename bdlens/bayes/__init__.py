@@ -2,7 +2,8 @@
 
 * :class:`PosteriorSettings`, :func:`from_deterministic`, :class:`BayesianTransformer`,
   :class:`MeanFieldPosterior` — mean-field Gaussian q(θ) = N(μ, diag softplus(ρ)²) over chosen
-  parameters of a trained 3DEST, with a prior centred on the pretrained weights or at zero;
+  parameters of a trained 3DEST, with a prior centred on the pretrained weights or at zero, and
+  optionally further modes (:func:`with_modes`: a tied-σ mixture around independently trained models);
   :func:`save_posterior` / :func:`load_posterior` — the checkpoint directory.
 * :func:`sample_weights`, :func:`forward_members`, :class:`PosteriorEnsemble` — K weight samples,
   each from its own (seed, k) generator, run as one vmapped forward pass; rollouts keep θ_k fixed.
@@ -28,6 +29,7 @@ _EXPORTS = {
     "from_deterministic": "posterior",
     "load_posterior": "posterior",
     "save_posterior": "posterior",
+    "with_modes": "posterior",
     "PosteriorEnsemble": "sampling",
     "forward_members": "sampling",
     "forward_sample": "sampling",

@@ -10,10 +10,21 @@ N(θ_pre, σ_p² I) (``prior_centre="pretrained"``, the default) or N(0, σ_p² 
 The chosen parameters live in one flat vector of P entries (in ``named_parameters`` order), so one
 pyro sample site, one KL and one ``randn`` per weight sample cover the whole model.
 
+**Modes.** A posterior may also hold C − 1 further *modes*: the weights of other independently
+trained deterministic models of the same configuration. q is then the equal-weight mixture
+(1/C) Σ_c N(m_c, diag σ²) with m_0 = μ and σ shared (tied) by every component; weight sample k
+belongs to component k mod C. Independently trained networks sit in different basins of the loss,
+and their differences are the part of the epistemic uncertainty that a Gaussian around one basin
+cannot represent (a deep ensemble; a mixture of Gaussians around several solutions is the
+"MultiSWAG" construction of Wilson & Izmailov 2020). σ is learned by VI at m_0 only and used at
+every mode (docs/science.md §4, "Modes"), which keeps one σ per weight on disk. Modes are not
+trained: :func:`with_modes` adds them to a post-trained posterior.
+
 On disk a posterior is a directory: ``model.safetensors`` holds the deterministic model's state
 dict with μ in place of the Bayesian weights (so it loads as the posterior-mean model),
 ``posterior.safetensors`` holds ``rho.<name>`` and, for a pretrained-centred prior, the prior mean
-``prior_mean.<name>`` (unless it equals μ); ``manifest.json`` holds the model config, the
+``prior_mean.<name>`` (unless it equals μ) and ``mode<c>.<name>`` for the modes c = 1 … C − 1
+(their sources in ``posterior.modes``); ``manifest.json`` holds the model config, the
 posterior settings and the normalisation statistics it was trained with. A bundled posterior whose
 prior mean is the weights of a bundled deterministic model names that bundle instead
 (``posterior.prior_mean_bundle``, see :func:`without_bundled_prior_mean`), so the package does not
@@ -45,6 +56,8 @@ FORMAT_VERSION = 1
 POSTERIOR_WEIGHTS = "posterior.safetensors"
 PRIOR_MEAN = "prior_mean."
 PRIOR_MEAN_BUNDLE = "prior_mean_bundle"  # manifest["posterior"] key: the bundled checkpoint holding the prior mean
+MODES = "modes"  # manifest["posterior"] key: where each further mode came from
+MODE = "mode{}."  # posterior.safetensors prefix of mode c's weights (c ≥ 1)
 
 # Named parameter selections of docs/science.md §4 as fnmatch patterns over `named_parameters` names.
 SELECTIONS: dict[str, tuple[str, ...]] = {
@@ -95,7 +108,9 @@ class MeanFieldPosterior(nn.Module):
     """q(θ) = N(μ, diag softplus(ρ)²) over a flat vector of P chosen weights, with its prior.
 
     ``names``/``shapes`` say how the flat vector splits into the model's parameter tensors.
-    ``prior_loc`` (P,) is the prior mean (None: zero), ``prior_sigma`` σ_p.
+    ``prior_loc`` (P,) is the prior mean (None: zero), ``prior_sigma`` σ_p; ``modes`` (C − 1, P) are
+    the further mixture components' locations (module docstring; None: C = 1). The KL and
+    :meth:`distribution` are those of the component at μ, the one VI trains.
     """
 
     def __init__(
@@ -106,6 +121,7 @@ class MeanFieldPosterior(nn.Module):
         rho: Tensor,
         prior_loc: Tensor | None,
         prior_sigma: float,
+        modes: Tensor | None = None,
     ) -> None:
         super().__init__()
         self.names = list(names)
@@ -118,6 +134,20 @@ class MeanFieldPosterior(nn.Module):
         self.prior_sigma = float(prior_sigma)
         self.register_buffer("prior_loc", torch.zeros((), dtype=mu.dtype) if prior_loc is None else prior_loc.detach().clone())
         self.prior_centred = prior_loc is not None
+        if modes is not None and (modes.ndim != 2 or modes.shape[1] != mu.shape[0] or modes.shape[0] == 0):
+            raise BdlensError(f"modes must have shape (C - 1, {mu.shape[0]}) with C ≥ 2, got {tuple(modes.shape)}")
+        self.register_buffer("modes", torch.zeros((0, mu.shape[0]), dtype=mu.dtype) if modes is None else modes.detach().clone().to(mu.dtype))
+        self.mode_sources: list[str] = []  # where modes 1 … C − 1 came from (the manifest's posterior.modes)
+
+    @property
+    def components(self) -> int:
+        """C, the number of mixture components (1 for a single Gaussian)."""
+        return 1 + self.modes.shape[0]
+
+    def locations(self, samples: Sequence[int]) -> Tensor:
+        """The location of weight sample k's component, m_{k mod C}, for each k: shape (K, P)."""
+        locs = torch.cat([self.mu.detach()[None], self.modes])
+        return locs[torch.as_tensor([k % self.components for k in samples], dtype=torch.long, device=locs.device)]
 
     @property
     def size(self) -> int:
@@ -199,19 +229,37 @@ def from_deterministic(
     return BayesianTransformer(base, posterior.to(mu.device), settings)
 
 
+def with_modes(bayes: BayesianTransformer, models: Sequence[EarthSpecificTransformer], sources: Sequence[str]) -> BayesianTransformer:
+    """``bayes`` with the weights of ``models`` (other trained 3DESTs of the same configuration) as
+    modes 1 … C − 1 of a mixture posterior (module docstring); ``sources`` says where each came from.
+
+    μ, σ and the prior are kept; any modes ``bayes`` had are replaced. ``bayes`` is not modified."""
+    post = bayes.posterior
+    if not models or len(models) != len(sources):
+        raise BdlensError(f"give one source per mode: {len(models)} models, {len(sources)} sources")
+    for model, source in zip(models, sources, strict=True):
+        if model.config != bayes.config:
+            raise BdlensError(f"mode {source} has another model configuration than the posterior; its modes must be the same 3DEST trained again")
+    modes = torch.stack([torch.cat([model.get_parameter(n).detach().reshape(-1) for n in post.names]) for model in models])
+    prior_loc = post.prior_loc.expand(post.size) if post.prior_centred else None
+    mixture = MeanFieldPosterior(post.names, post.shapes, post.mu, post.rho, prior_loc, post.prior_sigma, modes.to(post.mu.device))
+    mixture.mode_sources = [str(s) for s in sources]
+    return BayesianTransformer(bayes.base, mixture, bayes.settings)
+
+
 def save_posterior(
     bayes: BayesianTransformer, directory: str | Path, norm_stats: dict[str, Any] | None = None, extra: dict[str, Any] | None = None
 ) -> Path:
-    """Write ``model.safetensors`` (posterior mean) and ``manifest.json`` (model config, posterior
-    settings, ``norm_stats`` as given, ``extra``) with :func:`bdlens.checkpoint.save_checkpoint`, and
-    ``posterior.safetensors`` (ρ, prior mean)."""
+    """Write ``model.safetensors`` (μ: the posterior mean, or mode 0 of a mixture) and ``manifest.json``
+    (model config, posterior settings, ``norm_stats`` as given, ``extra``) with
+    :func:`bdlens.checkpoint.save_checkpoint`, and ``posterior.safetensors`` (ρ, prior mean, modes)."""
     directory = Path(directory)
     post = bayes.posterior
     manifest = {
         "kind": KIND,
         "version": FORMAT_VERSION,
         "model_config": bayes.config.model_dump(mode="json"),
-        "posterior": {**bayes.settings.model_dump(mode="json"), "names": post.names},
+        "posterior": {**bayes.settings.model_dump(mode="json"), "names": post.names, **({MODES: post.mode_sources} if post.components > 1 else {})},
         "norm_stats": norm_stats,
         **(extra or {}),
     }
@@ -221,6 +269,8 @@ def save_posterior(
     # already in model.safetensors: stored once, it halves the size of a bundled posterior.
     if post.prior_centred and not torch.equal(post.prior_loc, post.mu.detach()):
         tensors.update({PRIOR_MEAN + k: v.contiguous() for k, v in post.unflatten(post.prior_loc).items()})
+    for c, mode in enumerate(post.modes, start=1):
+        tensors.update({MODE.format(c) + k: v.contiguous() for k, v in post.unflatten(mode).items()})
     tmp = directory / f".{POSTERIOR_WEIGHTS}.tmp"
     save_file({k: v.cpu() for k, v in tensors.items()}, tmp)
     tmp.replace(directory / POSTERIOR_WEIGHTS)
@@ -240,7 +290,7 @@ def load_posterior(directory: str | Path, device: torch.device | str = "cpu") ->
     except (FileNotFoundError, SafetensorError) as err:
         raise BdlensError(f"{directory / POSTERIOR_WEIGHTS} is missing or corrupted ({err}); the posterior is incomplete") from None
     try:
-        settings = PosteriorSettings.model_validate({k: v for k, v in manifest["posterior"].items() if k not in ("names", PRIOR_MEAN_BUNDLE)})
+        settings = PosteriorSettings.model_validate({k: v for k, v in manifest["posterior"].items() if k not in ("names", PRIOR_MEAN_BUNDLE, MODES)})
     except ValidationError as err:
         raise validation_error(f"{directory / 'manifest.json'} posterior", err) from None
     base = EarthSpecificTransformer(ModelConfig.from_manifest(manifest["model_config"], source=f"{directory}/manifest.json"))
@@ -250,10 +300,18 @@ def load_posterior(directory: str | Path, device: torch.device | str = "cpu") ->
     if absent:
         raise BdlensError(f"{directory}: the manifest's posterior names {', '.join(absent[:3])} have no weights or ρ; the posterior is incomplete")
     shapes = [state[n].shape for n in names]
-    mu = torch.cat([state[n].reshape(-1) for n in names])
-    rho = torch.cat([extra[f"rho.{n}"].reshape(-1) for n in names])
+    # A bundle may store its tensors in float16 (bdlens.training.bundle); the model computes in its own dtype.
+    dtype = next(base.parameters()).dtype
+    mu = torch.cat([state[n].reshape(-1) for n in names]).to(dtype)
+    rho = torch.cat([extra[f"rho.{n}"].reshape(-1) for n in names]).to(dtype)
     prior_loc = _prior_mean(extra, names, manifest["posterior"].get(PRIOR_MEAN_BUNDLE), mu) if settings.prior_centre == "pretrained" else None
-    posterior = MeanFieldPosterior(names, shapes, mu, rho, prior_loc, settings.prior_sigma)
+    sources = manifest["posterior"].get(MODES) or []
+    missing = [c for c in range(1, len(sources) + 1) if any(MODE.format(c) + n not in extra for n in names)]
+    if missing:
+        raise BdlensError(f"{directory / POSTERIOR_WEIGHTS} lacks the weights of mode {missing[0]} named in the manifest; the posterior is incomplete")
+    modes = torch.stack([torch.cat([extra[MODE.format(c) + n].reshape(-1) for n in names]) for c in range(1, len(sources) + 1)]).to(dtype) if sources else None
+    posterior = MeanFieldPosterior(names, shapes, mu, rho, None if prior_loc is None else prior_loc.to(dtype), settings.prior_sigma, modes)
+    posterior.mode_sources = [str(x) for x in sources]
     # base's Bayesian entries now hold μ; they are never used, a weight sample always replaces them.
     return BayesianTransformer(base.to(device).eval(), posterior.to(device), settings), manifest
 

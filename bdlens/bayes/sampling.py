@@ -1,8 +1,9 @@
 """Posterior weight samples and their forecasts in one batched forward pass (docs/science.md §4).
 
-Member k's weights are θ_k = μ + σ ⊙ ε_k with ε_k ~ N(0, I) drawn from the generator of
+Member k's weights are θ_k = m_k + σ ⊙ ε_k with ε_k ~ N(0, I) drawn from the generator of
 (seed, "posterior-weights", k) alone (:func:`bdlens.streams.generator`), so member k is the same whether it is drawn among 4 members or among 32, and
-whatever else is batched with it. The K members then run as one pass: ``torch.func.vmap`` over a
+whatever else is batched with it; m_k is μ, or for a posterior with C modes the location of
+component k mod C (:class:`bdlens.bayes.MeanFieldPosterior`). The K members then run as one pass: ``torch.func.vmap`` over a
 ``functional_call`` of the backbone with stacked weights (linear layers become batched matmuls),
 not K serial passes. θ_k is held fixed for a member's whole rollout (:class:`PosteriorEnsemble`).
 
@@ -27,16 +28,17 @@ State = tuple[Tensor, Tensor]
 WEIGHT_STREAM = "posterior-weights"
 
 
-def sample_weights(bayes: BayesianTransformer, members: int | Sequence[int], seed: int) -> Tensor:
-    """Weight samples θ_k = μ + σ ε_k, shape (K, P), for members ``range(members)`` or the given indices.
+def sample_weights(bayes: BayesianTransformer, members: int | Sequence[int], seed: int, temperature: float = 1.0) -> Tensor:
+    """Weight samples θ_k = m_k + T·σ ε_k, shape (K, P), for members ``range(members)`` or the given indices.
 
-    ε_k is drawn on the CPU from :func:`bdlens.streams.generator` (so it is the same on every device) and
-    moved to μ's device.
+    m_k is the location of sample k's component (μ for a single Gaussian); the temperature T scales
+    the spread around it (docs/science.md §4). ε_k is drawn on the CPU from
+    :func:`bdlens.streams.generator` (so it is the same on every device) and moved to μ's device.
     """
-    indices = range(members) if isinstance(members, int) else members
+    indices = list(range(members) if isinstance(members, int) else members)
     post = bayes.posterior
     eps = torch.stack([torch.randn(post.size, generator=streams.generator(seed, WEIGHT_STREAM, k), dtype=post.mu.dtype) for k in indices])
-    return post.mu + post.sigma * eps.to(post.mu.device)
+    return post.locations(indices) + temperature * post.sigma * eps.to(post.mu.device)
 
 
 def forward_sample(
@@ -88,7 +90,8 @@ class PosteriorEnsemble:
         chunk_size: int | None = None,
     ) -> None:
         self.bayes = bayes
-        self.weights = sample_weights(bayes, members, seed)
+        self.indices = list(range(members) if isinstance(members, int) else members)
+        self.weights = sample_weights(bayes, self.indices, seed)
         self.constants = constants
         self.chunk_size = chunk_size
 

@@ -38,8 +38,12 @@ def _posterior_and_data(source: Path, world: str | None, splits: list[str]) -> t
     """The VI posterior, its manifest, its datasets for ``splits`` and the data path, cross-checked."""
     from bdlens.bayes.posterior import load_posterior
     from bdlens.data import checkpoint_datasets
+    from bdlens.errors import BdlensError
 
     bayes, manifest = load_posterior(source)
+    if manifest.get("mode_norm_stats"):
+        # the trainer's ensemble normalises every member alike, which a mode trained with its own statistics is not
+        raise BdlensError(f"{source} is a posterior with modes; train the perturbation network from its single-mode posterior (the --from of `bdlens train modes`)")
     sets, _, data_path = checkpoint_datasets(manifest, source, world, splits, made_by="bdlens train vi")
     return bayes, manifest, sets, data_path
 

@@ -42,7 +42,21 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     bundle.add_argument("--name", required=True, help="bundle name, e.g. det_6h")
     bundle.add_argument("--scores", type=Path, help="JSON of test-period scores to record in the manifest")
     bundle.add_argument("--overwrite", action="store_true", help="replace an existing bundle of that name")
+    bundle.add_argument("--float16", action="store_true", help="store a VI posterior's Bayesian weights, modes and ρ in float16 "
+                        "(half the size; the rounding, recorded in the manifest, is far below σ)")
     bundle.set_defaults(func=_bundle)
+
+    modes = commands.add_parser(
+        "modes", help="add independently trained models to a VI posterior as further modes (a mixture posterior)",
+        description="q = (1/C) Σ_c N(m_c, diag σ²): the posterior's μ is mode 0, each --modes checkpoint's weights another mode, "
+        "σ is shared (docs/science.md §4, \"Modes\"). Weight sample k is drawn around mode k mod C. Writes the posterior to OUT.",
+    )
+    modes.add_argument("--from", dest="source", type=Path, required=True, help="VI posterior (a `bdlens train vi` RUN/checkpoint)")
+    modes.add_argument("--modes", type=Path, nargs="+", required=True, metavar="CKPT",
+                       help="deterministic checkpoints of the same configuration and data, e.g. `bdlens train deterministic --seed N` outputs")
+    modes.add_argument("--out", type=Path, required=True, help="checkpoint directory for the posterior with modes")
+    modes.add_argument("--overwrite", action="store_true", help="replace a posterior that bdlens wrote at OUT")
+    modes.set_defaults(func=_modes)
 
     vi = commands.add_parser(
         "vi",
@@ -78,7 +92,14 @@ def _bundle(args: argparse.Namespace) -> int:
             extra["test_scores"] = json.loads(args.scores.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise BdlensError(f"cannot read scores {args.scores}: {err}") from err
-    print(bundle(args.checkpoint, args.name, extra, overwrite=args.overwrite))
+    print(bundle(args.checkpoint, args.name, extra, overwrite=args.overwrite, float16=args.float16))
+    return 0
+
+
+def _modes(args: argparse.Namespace) -> int:
+    from bdlens.training.bundle import add_modes
+
+    print(add_modes(args.source, args.modes, args.out, shlex.join(["bdlens", *sys.argv[1:]]), overwrite=args.overwrite))
     return 0
 
 

@@ -31,12 +31,12 @@ import xarray as xr
 from bdlens import __version__, streams
 from bdlens.bayes import load_posterior
 from bdlens.checkpoint import BUNDLED_DIR
-from bdlens.data import Fields, NormStats, open_dataset
+from bdlens.data import Fields, open_dataset
 from bdlens.data.export import BUNDLED_ANALYSIS
 from bdlens.devices import Distributed, out_of_memory, resolve_device
 from bdlens.ensemble.base import MemberSource
 from bdlens.ensemble.design import PERTURBATION_DRAW, WEIGHT_SAMPLE, Design, anova, split_members
-from bdlens.ensemble.members import ClimatologyMembers, DeterministicMembers, PersistenceMembers, PosteriorMembers, PosteriorModel
+from bdlens.ensemble.members import ClimatologyMembers, DeterministicMembers, PersistenceMembers, PosteriorMembers, posterior_model
 from bdlens.ensemble.rollout import _iso, history_offsets, initial_states, member_states
 from bdlens.ensemble.schemes import SCHEMES, SchemeContext, build_scheme
 from bdlens.ensemble.store import (
@@ -155,11 +155,14 @@ class Forecaster:
         return str(self.system.settings.get("default_perturbation", "none"))
 
     def default_weights(self, members: int, bayes: bool) -> int:
-        """K for ``members``: 1 without Bayes, else the system's default (a divisor of members), else members."""
+        """K for ``members``: 1 without Bayes, else the largest divisor of members up to the system's
+        default (else members), preferring multiples of the posterior's modes so that each is drawn equally often."""
         if not bayes:
             return 1
         preferred = int(self.system.settings.get("default_weights", members))
-        return max(k for k in range(1, min(preferred, members) + 1) if members % k == 0)
+        divisors = [k for k in range(1, min(preferred, members) + 1) if members % k == 0]
+        balanced = [k for k in divisors if k % self.system.modes() == 0]
+        return max(balanced or divisors)
 
     def source(self, design: Design, perturbation: str, bayes: bool, seed: int,
                temperature: float | None = None, amplitude: float | None = None, model: str = "hybrid",
@@ -197,9 +200,7 @@ class Forecaster:
             models = {}
             for step, path in ck["vi"].items():
                 bayes_model, manifest = load_posterior(path, self.device)
-                if manifest.get("norm_stats") is None:
-                    raise BdlensError(f"posterior {path} has no norm_stats in its manifest; retrain it with `bdlens train vi`")
-                models[step] = PosteriorModel(bayes_model, layout_of(bayes_model.config, path), NormStats.from_dict(manifest["norm_stats"]))
+                models[step] = posterior_model(bayes_model, layout_of(bayes_model.config, path), manifest, path)
             inner: MemberSource = PosteriorMembers(models, design, seed, temp)
             stats = {s: m.stats for s, m in models.items()}
             layout = next(iter(models.values())).layout

@@ -5,7 +5,8 @@ Both take physical states (N, …) and run one step model per call of the rollou
 its own normalisation statistics. Perturbation schemes wrap them (:mod:`bdlens.ensemble.schemes`).
 
 Posterior members (docs/ensemble.md): member i uses weight sample k = i // J of *every* step model,
-θ_k = μ + T·σ ⊙ ε_k with ε_k from (seed, ``"posterior-weights"``, k) (:mod:`bdlens.streams`), the
+θ_k = m_k + T·σ ⊙ ε_k with ε_k from (seed, ``"posterior-weights"``, k) (:mod:`bdlens.streams`) and m_k
+μ or, for a posterior with C modes, mode k mod C (:func:`bdlens.bayes.sample_weights`), the
 same for every init, held for the whole rollout (docs/science.md, "Epistemic part"). The members of a
 batch are whole weight groups (the engine aligns batches to J), so the J draws of θ_k run in one
 vmapped pass with the batch axis holding the draws (:func:`bdlens.bayes.forward_members`).
@@ -79,6 +80,22 @@ class PosteriorModel:
     bayes: BayesianTransformer
     layout: FieldLayout
     stats: NormStats
+    #: the normalisation statistics of modes 1 … C − 1 (each was trained with its own); empty: ``stats`` for all
+    mode_stats: tuple[NormStats, ...] = ()
+
+    def component_stats(self, component: int) -> NormStats:
+        """The statistics that mixture component ``component`` normalises its inputs and outputs with."""
+        return self.stats if component == 0 or not self.mode_stats else self.mode_stats[component - 1]
+
+
+def posterior_model(bayes: BayesianTransformer, layout: FieldLayout, manifest: Mapping[str, Any], path: Any) -> PosteriorModel:
+    """A loaded posterior (:func:`bdlens.bayes.load_posterior`) with the statistics its manifest records."""
+    if manifest.get("norm_stats") is None:
+        raise BdlensError(f"posterior {path} has no norm_stats in its manifest; retrain it with `bdlens train vi`")
+    modes = manifest.get("mode_norm_stats") or []
+    if modes and len(modes) != bayes.posterior.components - 1:
+        raise BdlensError(f"posterior {path} records statistics for {len(modes)} modes but has {bayes.posterior.components - 1}; rebuild it with `bdlens train modes`")
+    return PosteriorModel(bayes, layout, NormStats.from_dict(manifest["norm_stats"]), tuple(NormStats.from_dict(m) for m in modes))
 
 
 class PosteriorMembers:
@@ -97,6 +114,7 @@ class PosteriorMembers:
         self.n_input_times = _two_times({m.bayes.config.n_input_times for m in self.models.values()})
         self.weights: dict[int, torch.Tensor] = {}
         self.groups = 0
+        self.components: dict[int, list[int]] = {}  # per step model: the mixture component of each weight group of the batch
 
     def start(self, forecast: Forecast) -> None:
         members = forecast.members
@@ -105,11 +123,9 @@ class PosteriorMembers:
             raise BdlensError(f"a posterior batch must hold whole weight groups of {draws} consecutive members, got {members[:4]}…")
         ks = sorted(set(self.design.weight_sample(members).tolist()))
         self.groups = len(ks)
-        # θ_k = μ + T·σ ε_k (drawn per batch, not cached: memory stays flat however large K is).
-        self.weights = {}
-        for step, model in self.models.items():
-            mu = model.bayes.posterior.mu.detach()
-            self.weights[step] = mu + self.temperature * (sample_weights(model.bayes, ks, self.seed).detach() - mu)
+        # θ_k = m_k + T·σ ε_k (drawn per batch, not cached: memory stays flat however large K is).
+        self.weights = {step: sample_weights(model.bayes, ks, self.seed, self.temperature).detach() for step, model in self.models.items()}
+        self.components = {step: [k % model.bayes.posterior.components for k in ks] for step, model in self.models.items()}
 
     def initial(self, history: History) -> History:
         return history
@@ -119,16 +135,27 @@ class PosteriorMembers:
         model = self.models[call.step]
         n = current.upper.shape[0]
         k, j = self.groups, n // self.groups
-        norm = [model.layout.normalise(f, model.stats) for f in _times(previous, current, self.n_input_times)]
+        stats = [model.component_stats(c) for c in self.components[call.step]]
+        norm = [self._per_group(f, stats, j, model.layout.normalise) for f in _times(previous, current, self.n_input_times)]
         # (N, …) → (K_b, J, T, …): the draws of one weight sample are the batch of its vmapped pass.
         upper = torch.stack([f.upper for f in norm], 1).reshape(k, j, len(norm), *current.upper.shape[1:])
         surface = torch.stack([f.surface for f in norm], 1).reshape(k, j, len(norm), *current.surface.shape[1:])
         out_upper, out_surface = forward_members(model.bayes, self.weights[call.step], upper, surface)
         out = Fields(out_upper.reshape(n, *out_upper.shape[2:]), out_surface.reshape(n, *out_surface.shape[2:]))
-        return model.layout.denormalise(out, model.stats)
+        return self._per_group(out, stats, j, model.layout.denormalise)
+
+    @staticmethod
+    def _per_group(fields: Fields, stats: list[NormStats], size: int, transform: Any) -> Fields:
+        """``transform(fields, stats)`` with each group of ``size`` consecutive members under its own statistics."""
+        if all(s is stats[0] for s in stats):
+            return transform(fields, stats[0])
+        parts = [transform(Fields(fields.upper[g * size:(g + 1) * size], fields.surface[g * size:(g + 1) * size]), s) for g, s in enumerate(stats)]
+        return Fields(torch.cat([p.upper for p in parts]), torch.cat([p.surface for p in parts]))
 
     def describe(self) -> str:
-        return "posterior" if self.temperature == 1.0 else f"posterior (temperature {self.temperature:g})"
+        notes = [f"{m.bayes.posterior.components} modes at {s} h" for s, m in self.models.items() if m.bayes.posterior.components > 1]
+        notes += [f"temperature {self.temperature:g}"] if self.temperature != 1.0 else []
+        return "posterior" + (f" ({', '.join(notes)})" if notes else "")
 
 
 class PersistenceMembers:

@@ -20,10 +20,10 @@ import xarray as xr
 
 from bdlens import streams
 from bdlens.bayes import load_posterior
-from bdlens.data import FieldLayout, Fields, NormStats
+from bdlens.data import FieldLayout, Fields
 from bdlens.ensemble.base import Forecast, MemberSource
 from bdlens.ensemble.design import Design
-from bdlens.ensemble.members import DeterministicMembers, PosteriorMembers, PosteriorModel
+from bdlens.ensemble.members import DeterministicMembers, PosteriorMembers, posterior_model
 from bdlens.errors import BdlensError
 from bdlens.models.lead_time import plan_rollout, rollout
 from bdlens.models.pretrained import TrainedModel
@@ -123,10 +123,8 @@ def posterior_forecast(
     models = {}
     for step, path in posteriors.items():
         bayes, manifest = load_posterior(path)
-        if manifest.get("norm_stats") is None:
-            raise BdlensError(f"posterior {path} has no norm_stats in its manifest; retrain it with `bdlens train vi`")
         if bayes.config.step_hours != step:
             raise BdlensError(f"posterior given for {step} h was trained for {bayes.config.step_hours} h")
-        models[step] = PosteriorModel(bayes, layout, NormStats.from_dict(manifest["norm_stats"]))
+        models[step] = posterior_model(bayes, layout, manifest, path)
     source = PosteriorMembers(models, Design(members, 1), seed)
     return forecast_members(source, layout, analysis, init_times, lead_hours, members)

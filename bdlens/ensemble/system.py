@@ -50,6 +50,10 @@ class System:
             settings["networks"] = {str(s): str(p) for s, p in self.checkpoints["perturbation"].items()}
         return settings
 
+    def modes(self) -> int:
+        """The most mixture components C of the system's VI posteriors (1 without modes; docs/science.md §4)."""
+        return max([1] + [1 + len(read_manifest(p).get("posterior", {}).get("modes") or []) for p in self.checkpoints["vi"].values()])
+
     def train_period(self) -> tuple[np.datetime64, np.datetime64]:
         """(start, end) of the training split the system's step models were trained on (their manifests' data config)."""
         for kind in ("deterministic", "vi", "diffusion"):

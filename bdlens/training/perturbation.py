@@ -45,11 +45,12 @@ from bdlens.training.schedule import lr_factor
 
 
 def tempered_weights(ensemble: PosteriorEnsemble, temperature: float) -> Tensor:
-    """Weights μ + T·σ ε of the ensemble's members: its samples μ + σ ε with the deviation scaled by T."""
+    """Weights m_k + T·σ ε_k of the ensemble's members: its samples m_k + σ ε_k with the deviation from
+    their component's location m_k (μ for a single Gaussian) scaled by T."""
     if not temperature > 0:
         raise BdlensError(f"the posterior temperature must be positive, got {temperature}")
-    mu = ensemble.bayes.posterior.mu.detach()
-    return mu + temperature * (ensemble.weights.detach() - mu)
+    locs = ensemble.bayes.posterior.locations(ensemble.indices)
+    return locs + temperature * (ensemble.weights.detach() - locs)
 
 
 class PerturbedEnsemble:
