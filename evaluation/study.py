@@ -242,6 +242,19 @@ def calibration_used(forecaster: Forecaster, options: dict[str, Any]) -> dict[st
     return used
 
 
+def kinds_read(options: dict[str, Any]) -> tuple[str, ...]:
+    """The checkpoint kinds (:data:`bdlens.ensemble.system.KINDS`) whose weights a run with ``options`` reads,
+    for its unit key, so that rebundling the posterior re-keys only the posterior systems: the diffusion
+    model, or the posterior or deterministic weights with the perturbation networks of the learned scheme.
+    Persistence and climatology read no weights; they take the deterministic models' field layout."""
+    model = options.get("model", "hybrid")
+    if model == "diffusion":
+        return ("diffusion",)
+    if model != "hybrid":
+        return ("deterministic",)
+    return ("vi" if options.get("bayes", True) else "deterministic",) + (("perturbation",) if options.get("perturbation") == "learned" else ())
+
+
 def engine_plan(name: str, forecaster: Forecaster, members: int, weights: int | None, leads: list[int], seed: int,
                 analysis: xr.Dataset, inits: np.ndarray) -> Plan:
     """A system of :data:`ensemble_skill.SYSTEMS`, run through the engine in the runs of :func:`lead_groups`."""
@@ -249,7 +262,7 @@ def engine_plan(name: str, forecaster: Forecaster, members: int, weights: int | 
     groups = lead_groups(_steps(forecaster, options, seed, analysis, max(leads), inits), leads)
     reached, notes = _reached(name, groups, leads)
     options = {k: v for k, v in options.items() if k not in ("lead", "output_step")} | {"seed": seed}
-    identity = {"options": options, "groups": groups, "checkpoints": forecaster.system.hashes(KINDS),
+    identity = {"options": options, "groups": groups, "checkpoints": forecaster.system.hashes(kinds_read(options)),
                 "calibration": calibration_used(forecaster, options)}
     return Plan(name, members, reached, identity,
                 lambda init, scratch: _grouped_forecast(forecaster, options, groups, init, scratch, analysis), notes)

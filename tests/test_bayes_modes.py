@@ -182,3 +182,13 @@ def test_default_weight_count_draws_every_mode_equally_often(trained_modes: dict
     # the largest divisor of the members up to 10 that is a multiple of C = 4, else the largest divisor
     assert [forecaster.default_weights(m, True) for m in (100, 16, 10, 7)] == [4, 8, 10, 7]
     assert forecaster.default_weights(100, False) == 1
+
+
+def test_the_perturbation_trainer_refuses_a_posterior_with_modes(trained_modes: dict[str, Path], tmp_path: Path,
+                                                                 capsys: pytest.CaptureFixture) -> None:
+    modes = tmp_path / "vi_modes"
+    assert main(["train", "modes", "--from", str(trained_modes["vi"]), "--modes", str(trained_modes["det4"]), "--out", str(modes)]) == 0
+    capsys.readouterr()
+    out = tmp_path / "perturb"
+    assert main(["train", "perturb", "--from", str(modes), "--config", "perturb_demo", "--out", str(out), "--world", str(trained_modes["data"])]) == 2
+    assert "posterior with modes" in capsys.readouterr().err and not out.exists()

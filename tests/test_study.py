@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
+from bdlens.checkpoint import BUNDLED_DIR
 from bdlens.ensemble import Forecaster
 from bdlens.grid import lat_weights
 
@@ -215,6 +216,25 @@ def test_a_recalibrated_scheme_gives_new_units_to_the_systems_that_use_it_only(s
     assert [name for name in names if after[name] != before[name]] == ["hybrid", "aleatoric"]
     forecaster.system.settings.setdefault("schemes", {}).setdefault("none", {})["temperature"] = 2.0
     assert [name for name in names if keys()[name] != after[name]] == ["epistemic"]  # the posterior without a scheme
+
+
+def test_a_rebundled_posterior_gives_new_units_to_the_posterior_systems_only(small_world, tmp_path):
+    import shutil
+
+    analysis = xr.open_zarr(small_world / "analysis.zarr")
+    inits = common.test_inits(xr.open_zarr(small_world / "truth.zarr"), 48, 72, PERIOD)[:1]
+    names = ("hybrid", "aleatoric", "deterministic", "epistemic", "ic", "hybrid-learned", "persistence", "climatology")
+
+    def keys(root) -> dict[str, str]:
+        forecaster = Forecaster.from_pretrained(root, device="cpu")
+        return {name: study.engine_plan(name, forecaster, 4, 2, [24], 0, analysis, inits).key for name in names}
+
+    system = tmp_path / "system"
+    shutil.copytree(BUNDLED_DIR, system, ignore=shutil.ignore_patterns("diffusion_24h"))
+    before = keys(system)
+    weights = system / "vi_24h" / "posterior.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-4] + bytes(4))  # another posterior (its last ρ rounded), same layout
+    assert [name for name in names if keys(system)[name] != before[name]] == ["hybrid", "epistemic", "hybrid-learned"]
 
 
 def test_paired_differences_match_scipy_paired_t_interval():
