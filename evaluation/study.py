@@ -236,7 +236,7 @@ def calibration_used(forecaster: Forecaster, options: dict[str, Any]) -> dict[st
         perturbation = forecaster.default_perturbation()
     used: dict[str, Any] = {"scheme": perturbation}
     if perturbation != "none" or bayes:  # the deterministic weights without a scheme read no calibration
-        used["settings"] = forecaster.system.scheme(perturbation)
+        used["settings"] = forecaster.system.scheme(perturbation, bayes)
     if bayes and options.get("weights") is None:
         used["default_weights"] = forecaster.system.settings.get("default_weights")
     return used

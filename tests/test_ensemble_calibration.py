@@ -14,7 +14,8 @@ import xarray as xr
 
 from bdlens.checkpoint import BUNDLED_DIR
 from bdlens.cli import main
-from bdlens.ensemble import Forecaster
+from bdlens.ensemble import Design, Forecaster
+from bdlens.ensemble.system import KINDS, WITHOUT_POSTERIOR, System
 from bdlens.errors import BdlensError
 from bdlens.training.calibration import (
     EnsembleCalibrationConfig,
@@ -146,7 +147,7 @@ def test_scores_match_a_brute_force_reference():
 
 
 class _StubSystem:
-    def scheme(self, name: str) -> dict:
+    def scheme(self, name: str, bayes: bool = True) -> dict:
         return {"amplitude": 1.7, "temperature": 1.5}
 
 
@@ -209,6 +210,36 @@ def test_per_lead_factors_on_the_system_amplitude_keep_it_and_only_damp(tmp_path
     assert "lead_factors" not in scheme and "lead_calibration" not in scheme and scheme["calibration"]["after"] == record["after"]
 
 
+def test_a_calibration_on_the_deterministic_weights_is_kept_apart_and_read_by_them_only(tmp_path) -> None:
+    times = np.arange(np.datetime64("2000-01-01"), np.datetime64("2000-03-01"), np.timedelta64(1, "D")).astype("datetime64[ns]")
+    truth = xr.Dataset({"t": (("time", "latitude", "longitude"), np.random.default_rng(1).normal(size=(len(times), 4, 8)))},
+                       coords={"time": times, "latitude": np.linspace(-60, 60, 4), "longitude": np.arange(8) * 45.0})
+    config = EnsembleCalibrationConfig.model_validate({"members": 32, "weights": 2, "lead": "2d", "fields": ["t"],
+                                                      "amplitude": {"max_evaluations": 4}, "temperature": {"tune": True, "values": [1, 2]}})
+
+    class Recording(_StubForecaster):
+        def ensemble(self, **options):
+            self.options = getattr(self, "options", []) + [{k: options[k] for k in ("bayes", "weights")}]
+            return super().ensemble(**options)
+
+    stub = Recording(truth)
+    record = calibrate_system(stub, "sppt", truth, truth, times[:20], config, bayes=False)
+    # no posterior: no weight count, no temperature to search
+    assert all(o == {"bayes": False, "weights": None} for o in stub.options) and {c[1] for c in stub.calls} == {1.0}
+    assert "deterministic weights" in record["objective"]
+    hybrid = {"amplitude": 1.2, "temperature": 1.0, "config": "sppt_variant", "lead_factors": {"24": 0.5}, "calibration": {"with": "posterior"}}
+    path = write_system_file(tmp_path / "cal", "sppt", record, {"schemes": {"sppt": hybrid}}, False, bayes=False)
+    entry = json.loads(path.read_text())["schemes"]["sppt"]
+    assert {k: v for k, v in entry.items() if k != WITHOUT_POSTERIOR} == hybrid  # the posterior's calibration is untouched
+    assert entry[WITHOUT_POSTERIOR]["amplitude"] == record["amplitude"] and "lead_factors" not in entry[WITHOUT_POSTERIOR]
+    system = System(tmp_path, {kind: {} for kind in KINDS}, json.loads(path.read_text()))
+    assert system.scheme("sppt", bayes=True) == hybrid
+    alone = system.scheme("sppt", bayes=False)
+    # the deterministic weights' own entries override; what it does not set (the SPPT config, the factors) it shares
+    assert alone["amplitude"] == record["amplitude"] and alone["calibration"]["after"] == record["after"]
+    assert alone["config"] == "sppt_variant" and alone["lead_factors"] == {"24": 0.5} and WITHOUT_POSTERIOR not in alone
+
+
 @pytest.mark.slow
 def test_calibration_moves_the_ensemble_towards_calibration_and_the_engine_uses_it(small_world, tmp_path):
     truth = xr.open_zarr(small_world / "truth.zarr").load()
@@ -231,6 +262,11 @@ def test_calibration_moves_the_ensemble_towards_calibration_and_the_engine_uses_
     assert calibrated.default_perturbation() == "sppt"
     _, used = calibrated.source(calibrated_design(), "sppt", True, seed=0)
     assert used == {"temperature": record["temperature"], "amplitude": record["amplitude"]}
+    # a calibration of its own for the deterministic weights is what they read, and only they
+    path = write_system_file(tmp_path, "sppt", {**record, "amplitude": 3.0}, system, make_default=True, bayes=False)
+    calibrated = Forecaster.from_pretrained(tmp_path, device="cpu")
+    assert calibrated.source(calibrated_design(), "sppt", True, seed=0)[1]["amplitude"] == record["amplitude"]
+    assert calibrated.source(Design(1, 4), "sppt", False, seed=0)[1]["amplitude"] == 3.0
 
 
 def calibrated_design():

@@ -73,6 +73,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     cal.add_argument("--world", type=Path, help="world directory (default: the default demo world, built or reused)")
     cal.add_argument("--config", default="calibrate_ensemble_demo", help="YAML (path or name in configs/)")
     cal.add_argument("--default", action="store_true", help="also make this scheme the system's default perturbation")
+    cal.add_argument("--no-bayes", action="store_true", help="calibrate the scheme on the deterministic weights (the aleatoric-only "
+                     "system), stored apart from its calibration with the posterior (docs/ensemble.md)")
     cal.add_argument("--out", type=Path, required=True, help="directory for ensemble.json")
     cal.add_argument("--overwrite", action="store_true", help="replace OUT/ensemble.json if it exists")
     cal.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -141,10 +143,12 @@ def run_calibration(args: argparse.Namespace) -> int:
     world = args.world or build()
     truth, analysis = open_dataset(world / "truth.zarr").load(), open_dataset(world / "analysis.zarr").load()
     inits = validation_inits(truth, config, load_data_config(config_path("data_demo")).splits["val"].bounds)
-    record = calibrate_system(forecaster, args.perturbation, analysis, truth, inits, config)
+    if args.no_bayes and args.perturbation == "none":
+        raise BdlensError("--no-bayes with --perturbation none leaves nothing to calibrate; name a scheme")
+    record = calibrate_system(forecaster, args.perturbation, analysis, truth, inits, config, bayes=not args.no_bayes)
     record["command"] = shlex.join(["bdlens", *sys.argv[1:]])
     record["config"] = config.model_dump(mode="json")
-    path = write_system_file(args.out, args.perturbation, record, forecaster.system.settings, args.default)
+    path = write_system_file(args.out, args.perturbation, record, forecaster.system.settings, args.default, bayes=not args.no_bayes)
     print(json.dumps({k: record[k] for k in ("amplitude", "temperature", "before", "after")}, indent=1, default=float))
     print(f"wrote {path}")
     return 0

@@ -186,7 +186,7 @@ class Forecaster:
             if data is None:
                 raise BdlensError("--model climatology needs the data to draw past states from")
             return ClimatologyMembers(inner, data, self.system.train_period(), seed, max_lead, inits), {}
-        settings = self.system.scheme(perturbation)
+        settings = self.system.scheme(perturbation, bayes)
         temp = float(settings.get("temperature", 1.0) if temperature is None else temperature)
         amp = float(settings.get("amplitude", 1.0) if amplitude is None else amplitude)
         factors = settings.get("lead_factors", {}) if lead_factors is None else lead_factors
@@ -311,7 +311,7 @@ class Forecaster:
                           "bundled demo analyses" if data is None else ("in-memory Dataset" if isinstance(data_path, xr.Dataset) else str(data_path)),
                           "bundled demo models" if self.system.root == BUNDLED_DIR else str(self.system.root), model,
                           tuple(sorted(used.get("lead_factors", {}).items())),
-                          str(self.system.scheme(perturbation).get("config", "")) if perturbation != "none" else "")
+                          str(self.system.scheme(perturbation, bayes).get("config", "")) if perturbation != "none" else "")
         group = design.draws if bayes else 1
         # Chunks (rounded up to whole weight groups) small enough that every process gets work.
         chunk = min(members, group * math.ceil(min(CHUNK_MEMBERS, math.ceil(members / dist.world_size)) / group))

@@ -27,6 +27,9 @@ from bdlens.checkpoint import MANIFEST, WEIGHTS, read_manifest
 from bdlens.errors import BdlensError
 
 SYSTEM_FILE = "ensemble.json"
+#: A scheme's calibration for the deterministic weights, inside its entry (docs/ensemble.md): the
+#: posterior's epistemic spread takes part of the error, so the scheme alone needs more amplitude.
+WITHOUT_POSTERIOR = "without_posterior"
 KINDS = ("deterministic", "vi", "perturbation", "diffusion")
 
 
@@ -43,9 +46,14 @@ class System:
         """Every checkpoint by directory name (schemes refer to networks by name)."""
         return {p.name: p for by_step in self.checkpoints.values() for p in by_step.values()}
 
-    def scheme(self, name: str) -> dict[str, Any]:
-        """The calibrated settings of perturbation ``name`` ({} when uncalibrated: amplitude and temperature 1)."""
+    def scheme(self, name: str, bayes: bool = True) -> dict[str, Any]:
+        """The calibrated settings of perturbation ``name`` ({} when uncalibrated: amplitude and temperature 1):
+        with the posterior weights (``bayes``) or with the deterministic ones, whose calibration, when the
+        scheme has one of its own (``without_posterior``), overrides the other's entries."""
         settings = dict(self.settings.get("schemes", {}).get(name, {}))
+        own = settings.pop(WITHOUT_POSTERIOR, None)
+        if not bayes and own is not None:
+            settings.update(own)
         if name == "learned" and "networks" not in settings:
             settings["networks"] = {str(s): str(p) for s, p in self.checkpoints["perturbation"].items()}
         return settings

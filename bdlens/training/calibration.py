@@ -54,7 +54,7 @@ from bdlens.configs import YamlConfig
 from bdlens.data.splits import period_inits
 from bdlens.ensemble import Forecaster
 from bdlens.ensemble.engine import parse_hours
-from bdlens.ensemble.system import SYSTEM_FILE
+from bdlens.ensemble.system import SYSTEM_FILE, WITHOUT_POSTERIOR
 from bdlens.errors import BdlensError
 from bdlens.metrics import crps
 from bdlens.metrics.probabilistic import mean_variance_and_mse
@@ -258,10 +258,13 @@ def validation_inits(truth: xr.Dataset, config: EnsembleCalibrationConfig, bound
 
 def calibrate_system(
     forecaster: Forecaster, perturbation: str, analysis: xr.Dataset, truth: xr.Dataset, inits: Sequence[np.datetime64],
-    config: EnsembleCalibrationConfig,
+    config: EnsembleCalibrationConfig, bayes: bool = True,
 ) -> dict[str, Any]:
     """Search (amplitude, temperature) for ``perturbation``, then the per-lead factors when
-    ``config.per_lead.tune`` (see the module docstring); returns the record."""
+    ``config.per_lead.tune`` (see the module docstring); returns the record. ``bayes=False``
+    calibrates the scheme on the deterministic weights (no temperature to search)."""
+    if not bayes:
+        config = config.model_copy(update={"temperature": TemperatureSearch(tune=False), "weights": None})
     scale = field_scales(truth, config.fields)
     tune_amplitude = perturbation != "none"
     temperatures = len(config.temperature.values) if config.temperature.tune else 1
@@ -273,7 +276,7 @@ def calibrate_system(
         def run(a: float, t: float, lead: str, factors: dict[int, float]) -> dict[str, Any]:
             forecast = forecaster.ensemble(
                 init=[str(i) for i in inits], members=config.members, weights=config.weights, lead=lead,
-                output_step=config.output_step, perturbation=perturbation, seed=config.seed, data=analysis,
+                output_step=config.output_step, perturbation=perturbation, seed=config.seed, data=analysis, bayes=bayes,
                 temperature=t, amplitude=a if tune_amplitude else None, lead_factors=factors,
             )
             progress.update(1)
@@ -281,7 +284,7 @@ def calibrate_system(
 
         fixed = None
         if not config.amplitude.tune:  # the system's (a, T), scored once so that the record reads as a searched one does
-            current = forecaster.system.scheme(perturbation)
+            current = forecaster.system.scheme(perturbation, bayes)
             fixed = (float(current.get("amplitude", 1.0)), float(current.get("temperature", 1.0)))
         result = calibrate(lambda a, t: run(a, t, config.lead, {}), config, tune_amplitude=tune_amplitude, fixed=fixed)
         by_lead = None
@@ -294,7 +297,8 @@ def calibrate_system(
         "amplitude": result["amplitude"], "temperature": result["temperature"], "amplitude_kept": fixed is not None,
         "objective": f"J = CRPS_fair * (1 + {config.penalty} * ln(SSR_corrected)^2); fields {list(config.fields)} in units of their "
                      f"climatological std, latitude-weighted, leads to {config.lead} every {config.output_step}, "
-                     f"{config.members} members (K = {config.weights}), {len(inits)} validation inits from the analysis vs the truth",
+                     f"{config.members} members ({f'K = {config.weights}' if bayes else 'deterministic weights'}), {len(inits)} validation "
+                     "inits from the analysis vs the truth",
         "before": result["before"], "after": result["after"], "history": result["history"],
     }
     if by_lead is not None:
@@ -306,21 +310,34 @@ def calibrate_system(
     return record
 
 
-def write_system_file(out: Path, perturbation: str, record: dict[str, Any], base: dict[str, Any], make_default: bool) -> Path:
+def _with_record(entry: dict[str, Any], record: dict[str, Any]) -> dict[str, Any]:
+    """A scheme's calibration ``entry`` updated with a calibration ``record`` (see :func:`write_system_file`)."""
+    # Factors of an earlier per-lead calibration do not belong to a new (a, T), nor does its record.
+    kept = {k: v for k, v in entry.items() if k not in ("lead_factors", "lead_calibration")}
+    calibration = {k: v for k, v in record.items() if k not in ("history", "lead_factors", "amplitude_kept")}
+    where = "lead_calibration" if record.get("amplitude_kept") else "calibration"
+    updated = {**kept, "amplitude": record["amplitude"], "temperature": record["temperature"], where: calibration}
+    if "lead_factors" in record:
+        updated["lead_factors"] = {str(h): f for h, f in record["lead_factors"].items()}
+    return updated
+
+
+def write_system_file(out: Path, perturbation: str, record: dict[str, Any], base: dict[str, Any], make_default: bool,
+                      bayes: bool = True) -> Path:
     """``out/ensemble.json``: ``base`` (the system's current file) with this scheme's calibration.
 
     The record goes to the scheme's ``calibration``; a record that kept the system's (a, T)
     (``amplitude.tune: false``) goes to ``lead_calibration`` instead, so the search that found (a, T)
-    stays on record beside the one that found the per-lead factors on it."""
+    stays on record beside the one that found the per-lead factors on it. A calibration on the
+    deterministic weights (``bayes=False``) goes to the scheme's ``without_posterior`` entry in the
+    same way (:meth:`bdlens.ensemble.system.System.scheme`)."""
     system = dict(base)
     schemes = dict(system.get("schemes", {}))
-    # Factors of an earlier per-lead calibration do not belong to a new (a, T), nor does its record.
-    kept = {k: v for k, v in schemes.get(perturbation, {}).items() if k not in ("lead_factors", "lead_calibration")}
-    calibration = {k: v for k, v in record.items() if k not in ("history", "lead_factors", "amplitude_kept")}
-    where = "lead_calibration" if record.get("amplitude_kept") else "calibration"
-    schemes[perturbation] = {**kept, "amplitude": record["amplitude"], "temperature": record["temperature"], where: calibration}
-    if "lead_factors" in record:
-        schemes[perturbation]["lead_factors"] = {str(h): f for h, f in record["lead_factors"].items()}
+    entry = dict(schemes.get(perturbation, {}))
+    if bayes:
+        schemes[perturbation] = _with_record(entry, record)
+    else:
+        schemes[perturbation] = {**entry, WITHOUT_POSTERIOR: _with_record(entry.get(WITHOUT_POSTERIOR, {}), record)}
     system["schemes"] = schemes
     if make_default:
         system["default_perturbation"] = perturbation
