@@ -5,9 +5,11 @@ Every kind of checkpoint has one row in :data:`LOADERS` (the function that must 
 is bundled); a new kind adds a row, not a branch.
 
 ``--float16`` stores a posterior's Bayesian tensors (μ, the modes, ρ, the prior mean) in half
-precision, which halves its size. The rounding moves a weight by at most 2⁻¹¹ of its magnitude, a
-small fraction of its posterior σ (measured per bundle and recorded in the manifest's ``storage``),
-so it changes no distribution that the posterior stands for; the model still computes in float32.
+precision, which halves its size. The rounding moves a weight by at most 2⁻¹¹ of its magnitude; a
+location tensor (μ or a mode) is rounded only where that stays below :data:`ROUNDING_LIMIT` of the
+weight's posterior σ everywhere, else kept in float32 (measured per bundle and recorded in the
+manifest's ``storage``), so it changes no distribution that the posterior stands for; the model
+still computes in float32.
 """
 
 from __future__ import annotations
@@ -95,6 +97,10 @@ def bundle(checkpoint: str | Path, name: str, extra: dict | None = None, overwri
     return target
 
 
+#: A location tensor whose float16 rounding would move some weight by more than this many σ stays float32.
+ROUNDING_LIMIT = 0.1
+
+
 def _to_float16(directory: Path) -> None:
     """Store the Bayesian tensors of the posterior in ``directory`` in float16; record the rounding in its manifest."""
     from bdlens.bayes.posterior import MODE, MODES, POSTERIOR_WEIGHTS, PRIOR_MEAN
@@ -103,17 +109,20 @@ def _to_float16(directory: Path) -> None:
     names = manifest["posterior"]["names"]
     modes = [MODE.format(c) for c in range(1, len(manifest["posterior"].get(MODES) or []) + 1)]
     weights, extra = load_file(directory / "model.safetensors"), load_file(directory / POSTERIOR_WEIGHTS)
-    locations = [(weights, n, n) for n in names] + [(extra, m + n, n) for m in modes for n in names]
-    rounding = np.concatenate([
-        ((table[key].double() - table[key].half().double()).abs() / torch.nn.functional.softplus(extra[f"rho.{n}"].double())).flatten().numpy()
-        for table, key, n in locations
-    ])
-    for table, key, _ in locations:
+    rounded, kept = [], []
+    for table, key, n in [(weights, n, n) for n in names] + [(extra, m + n, n) for m in modes for n in names]:
+        ratio = ((table[key].double() - table[key].half().double()).abs() / torch.nn.functional.softplus(extra[f"rho.{n}"].double())).flatten()
+        # A few tensors (layer-norm gains near 1 with a small σ) would move by a sizeable part of σ: those stay exact.
+        if float(ratio.max()) > ROUNDING_LIMIT:
+            kept.append(key)
+            continue
         table[key] = table[key].half()
+        rounded.append(ratio.numpy())
     extra.update({k: v.half() for k, v in extra.items() if k.startswith(("rho.", PRIOR_MEAN))})
     save_file(extra, directory / POSTERIOR_WEIGHTS)
+    rounding = np.concatenate(rounded)
     manifest.pop("bdlens_version", None)
-    manifest["storage"] = {"dtype": "float16", "tensors": "μ, modes, ρ and the prior mean", "rounding_over_sigma": {
+    manifest["storage"] = {"dtype": "float16", "tensors": "μ, modes, ρ and the prior mean", "float32": kept, "rounding_over_sigma": {
         "median": float(np.median(rounding)), "p99.9": float(np.quantile(rounding, 0.999)), "max": float(rounding.max())}}
     save_checkpoint(directory, weights, manifest)
 
