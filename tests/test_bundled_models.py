@@ -16,6 +16,8 @@ from bdlens.errors import BdlensError
 from bdlens.grid import lat_weights
 from bdlens.models.pretrained import load_trained
 
+ROOT = Path(__file__).resolve().parents[1]
+
 
 @pytest.mark.parametrize("name", NAMES)
 def test_bundled_network_outputs_are_unchanged(name: str) -> None:
@@ -125,11 +127,11 @@ def test_bundled_deterministic_skill_recomputed_on_the_small_world(small_world_f
 def test_bundled_posterior_skill_recomputed_on_the_small_world(small_world_forecasts: dict) -> None:
     """4 posterior members of vi_6h + vi_24h against the bundled deterministic forecast, recomputed here.
 
-    Like for like with the manifest (10 members, default world): the posterior mean is as good as the
-    deterministic model (its mean-square error less the s²/K that a K-member mean adds, within 2 %, the
-    manifest's own criterion; measured +0.7 %), and the epistemic spread relative to the deterministic
-    RMSE is within 25 % of the manifest's (measured Z500 0.173 / 0.239 against 0.157 / 0.251 at 6 / 24 h,
-    T850 0.214 / 0.209 against 0.196 / 0.219: 4 weight samples instead of 10, and another world).
+    Like for like with the manifest (10 members, default world): the posterior mean is at least as good
+    as the deterministic model (its mean-square error less the s²/K that a K-member mean adds; at 6 h,
+    where the single-mode vi_6h runs, within 2 %, the manifest's own criterion; at 24 h, where vi_24h's
+    modes are other trained models, no more than 2 % worse), and the epistemic spread relative to the
+    deterministic RMSE is within 25 % of the manifest's (4 weight samples instead of 10, and another world).
     """
     from bdlens.ensemble.rollout import posterior_forecast
 
@@ -147,7 +149,7 @@ def test_bundled_posterior_skill_recomputed_on_the_small_world(small_world_forec
             ens = posterior[name].sel(level=level, prediction_timedelta=step).values
             variance = float(np.mean(ens.var(axis=0, ddof=1) * lat_weights(latitude)[:, None]))
             debiased = np.sqrt(_rmse(ens.mean(axis=0), target, latitude) ** 2 - variance / members)
-            assert debiased / det == pytest.approx(1.0, abs=0.02), (key, lead)
+            assert debiased / det == pytest.approx(1.0, abs=0.02) if lead == 6 else debiased / det < 1.02, (key, lead, debiased / det)
             j = manifest["lead_hours"].index(lead)
             stored = manifest["rmse"][key]
             assert np.sqrt(variance) / det == pytest.approx(stored["posterior_spread"][j] / stored["deterministic"][j], rel=0.25), (key, lead)
@@ -158,8 +160,21 @@ def test_bundled_posterior_has_its_provenance(name: str) -> None:
     from bdlens.bayes import load_posterior
 
     bayes, manifest = load_posterior(bundled_checkpoint(name))
-    assert manifest["training"]["command"].startswith("bdlens train vi --from runs/det_")
+    assert manifest["training"]["command"].startswith("bdlens train vi --from ")
     assert float(bayes.posterior.sigma.min()) > 0
+    # stored in float16 (bdlens train bundle --float16) where that moves no weight by more than 0.1 σ
+    storage = manifest["storage"]
+    assert storage["dtype"] == "float16" and storage["rounding_over_sigma"]["max"] <= 0.1 and storage["rounding_over_sigma"]["median"] < 1e-3
+    if name == "vi_24h":  # the modes: the committed deep-ensemble members, each with its own statistics
+        sources = manifest["posterior"]["modes"]
+        assert manifest["modes"]["command"] == f"bdlens train modes --from runs/vi_24h_seed3/checkpoint --modes {' '.join(sources)} --out runs/vi_24h_modes"
+        assert manifest["training"]["command"].startswith("bdlens train vi --from evaluation/deep_ensemble/det_24h_seed3 ")
+        assert bayes.posterior.components == 3 and len(manifest["mode_norm_stats"]) == 2
+        for source, stats, mode in zip(sources, manifest["mode_norm_stats"], bayes.posterior.modes, strict=True):
+            trained = load_trained(ROOT / source)
+            assert stats == trained.manifest["norm_stats"]
+            weights = torch.cat([trained.model.get_parameter(n).detach().reshape(-1) for n in bayes.posterior.names])
+            np.testing.assert_allclose(mode, weights, rtol=2**-11, atol=2**-25)  # that model, to float16 rounding (absolute below its normal range)
 
 
 def test_bundled_posterior_spread_grows_far_outside_the_training_distribution(small_world: Path) -> None:
