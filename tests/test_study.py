@@ -211,9 +211,12 @@ def test_a_recalibrated_scheme_gives_new_units_to_the_systems_that_use_it_only(s
         return {name: study.engine_plan(name, forecaster, 4, 2, [24], 0, analysis, inits).key for name in names}
 
     before = keys()
-    forecaster.system.settings["schemes"]["sppt"]["amplitude"] *= 2
+    forecaster.system.settings["schemes"]["sppt"]["amplitude"] *= 2  # the calibration with the posterior
     after = keys()
-    assert [name for name in names if after[name] != before[name]] == ["hybrid", "aleatoric"]
+    assert [name for name in names if after[name] != before[name]] == ["hybrid"]
+    forecaster.system.settings["schemes"]["sppt"]["without_posterior"]["amplitude"] *= 2  # SPPT's own, on the deterministic weights
+    assert [name for name in names if keys()[name] != after[name]] == ["aleatoric"]
+    after = keys()
     forecaster.system.settings.setdefault("schemes", {}).setdefault("none", {})["temperature"] = 2.0
     assert [name for name in names if keys()[name] != after[name]] == ["epistemic"]  # the posterior without a scheme
 
