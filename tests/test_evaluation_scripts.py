@@ -35,3 +35,39 @@ def test_temperature_sweep_refuses_a_negative_temperature_before_any_work(tmp_pa
     assert temperature_sweep.main(["--temperatures", "1", "-0.5", "--out", str(out)]) == 2
     err = capsys.readouterr().err
     assert "--temperatures must be >= 0" in err and err.count("\n") == 1 and not out.exists()
+
+
+def test_mode_choice_scores_a_set_of_models_as_one_ensemble() -> None:
+    """mode_choice.scores: fair CRPS and ensemble-mean RMSE of deterministic forecasts taken as members,
+    against a brute-force reference (numpy, written out) on random fields."""
+    import numpy as np
+    import xarray as xr
+
+    import mode_choice
+    from bdlens.grid import lat_weights
+
+    g = np.random.default_rng(0)
+    times = np.array(["2002-01-05T00", "2002-01-15T00"], dtype="datetime64[ns]")
+    leads = np.array([24, 72], dtype="timedelta64[h]").astype("timedelta64[ns]")
+    lat, lon, levels = np.linspace(-80, 80, 6), np.arange(8) * 45.0, [500, 850]
+    valid = np.unique((times[:, None] + leads[None]).ravel())
+
+    def state(shape_lead: tuple[int, ...], dims: tuple[str, ...], coords: dict) -> xr.Dataset:
+        upper = ("level",) + ("latitude", "longitude")
+        return xr.Dataset({name: (dims[:-2] + (upper if name in ("geopotential", "temperature", "u_component_of_wind") else ("latitude", "longitude")),
+                                  g.normal(size=shape_lead + ((2,) if name != "mean_sea_level_pressure" else ()) + (6, 8)))
+                           for name in ("geopotential", "temperature", "u_component_of_wind", "mean_sea_level_pressure")},
+                          coords={**coords, "level": levels, "latitude": lat, "longitude": lon})
+
+    truth = state((len(valid),), ("time", "latitude", "longitude"), {"time": valid})
+    members = [state((2, 2), ("time", "prediction_timedelta", "latitude", "longitude"), {"time": times, "prediction_timedelta": leads})
+               for _ in range(3)]
+    got = mode_choice.scores(members, truth)
+    w = lat_weights(lat)[:, None] / lat_weights(lat).mean()
+    for key, (name, level) in (("z500", ("geopotential", 500)), ("t850", ("temperature", 850))):
+        x = np.stack([m[name].sel(level=level).values for m in members])  # (M, time, lead, lat, lon)
+        y = np.stack([[truth[name].sel(level=level, time=t + lead).values for lead in leads] for t in times])
+        m = len(members)
+        fair = np.abs(x - y).mean(0) - np.abs(x[:, None] - x[None]).sum((0, 1)) / (2 * m * (m - 1))
+        np.testing.assert_allclose(got[key]["crps"], (fair * w).mean((0, 2, 3)), atol=1e-4)
+        np.testing.assert_allclose(got[key]["rmse"], np.sqrt(((x.mean(0) - y) ** 2 * w).mean((0, 2, 3))), atol=1e-3)
