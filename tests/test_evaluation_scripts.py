@@ -40,10 +40,10 @@ def test_temperature_sweep_refuses_a_negative_temperature_before_any_work(tmp_pa
 def test_mode_choice_scores_a_set_of_models_as_one_ensemble() -> None:
     """mode_choice.scores: fair CRPS and ensemble-mean RMSE of deterministic forecasts taken as members,
     against a brute-force reference (numpy, written out) on random fields."""
+    import mode_choice
     import numpy as np
     import xarray as xr
 
-    import mode_choice
     from bdlens.grid import lat_weights
 
     g = np.random.default_rng(0)
