@@ -116,6 +116,13 @@ def test_per_lead_factors_capped_at_one_only_damp_the_over_dispersed_leads() -> 
     np.testing.assert_allclose(result["after"]["spread_skill_by_lead"][2:], 1.0, atol=0.03)
 
 
+def test_calibrate_no_bayes_without_a_scheme_is_refused_before_any_work(tmp_path, capsys):
+    out = tmp_path / "cal"
+    assert main(["-q", "calibrate", "--perturbation", "none", "--no-bayes", "--out", str(out), "--world", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "nothing to calibrate" in err and not out.exists()
+
+
 def test_calibrate_refuses_to_replace_a_system_file(tmp_path, capsys):
     (tmp_path / "ensemble.json").write_text("{}")
     assert main(["-q", "calibrate", "--perturbation", "sppt", "--out", str(tmp_path)]) == 2

@@ -132,6 +132,8 @@ def run_calibration(args: argparse.Namespace) -> int:
     )
     from bdlens.world.build import build
 
+    if args.no_bayes and args.perturbation == "none":
+        raise BdlensError("--no-bayes with --perturbation none leaves nothing to calibrate; name a scheme")
     set_threads(args.threads)
     config_file = config_path(args.config)
     config = EnsembleCalibrationConfig.from_yaml(config_file)
@@ -143,8 +145,6 @@ def run_calibration(args: argparse.Namespace) -> int:
     world = args.world or build()
     truth, analysis = open_dataset(world / "truth.zarr").load(), open_dataset(world / "analysis.zarr").load()
     inits = validation_inits(truth, config, load_data_config(config_path("data_demo")).splits["val"].bounds)
-    if args.no_bayes and args.perturbation == "none":
-        raise BdlensError("--no-bayes with --perturbation none leaves nothing to calibrate; name a scheme")
     record = calibrate_system(forecaster, args.perturbation, analysis, truth, inits, config, bayes=not args.no_bayes)
     record["command"] = shlex.join(["bdlens", *sys.argv[1:]])
     record["config"] = config.model_dump(mode="json")
