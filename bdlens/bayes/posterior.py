@@ -122,6 +122,7 @@ class MeanFieldPosterior(nn.Module):
         prior_loc: Tensor | None,
         prior_sigma: float,
         modes: Tensor | None = None,
+        mode_sources: Sequence[str] = (),
     ) -> None:
         super().__init__()
         self.names = list(names)
@@ -137,7 +138,7 @@ class MeanFieldPosterior(nn.Module):
         if modes is not None and (modes.ndim != 2 or modes.shape[1] != mu.shape[0] or modes.shape[0] == 0):
             raise BdlensError(f"modes must have shape (C - 1, {mu.shape[0]}) with C ≥ 2, got {tuple(modes.shape)}")
         self.register_buffer("modes", torch.zeros((0, mu.shape[0]), dtype=mu.dtype) if modes is None else modes.detach().clone().to(mu.dtype))
-        self.mode_sources: list[str] = []  # where modes 1 … C − 1 came from (the manifest's posterior.modes)
+        self.mode_sources = [str(x) for x in mode_sources]  # where modes 1 … C − 1 came from (the manifest's posterior.modes)
 
     @property
     def components(self) -> int:
@@ -242,8 +243,7 @@ def with_modes(bayes: BayesianTransformer, models: Sequence[EarthSpecificTransfo
             raise BdlensError(f"mode {source} has another model configuration than the posterior; its modes must be the same 3DEST trained again")
     modes = torch.stack([torch.cat([model.get_parameter(n).detach().reshape(-1) for n in post.names]) for model in models])
     prior_loc = post.prior_loc.expand(post.size) if post.prior_centred else None
-    mixture = MeanFieldPosterior(post.names, post.shapes, post.mu, post.rho, prior_loc, post.prior_sigma, modes.to(post.mu.device))
-    mixture.mode_sources = [str(s) for s in sources]
+    mixture = MeanFieldPosterior(post.names, post.shapes, post.mu, post.rho, prior_loc, post.prior_sigma, modes.to(post.mu.device), sources)
     return BayesianTransformer(bayes.base, mixture, bayes.settings)
 
 
@@ -310,8 +310,7 @@ def load_posterior(directory: str | Path, device: torch.device | str = "cpu") ->
     if missing:
         raise BdlensError(f"{directory / POSTERIOR_WEIGHTS} lacks the weights of mode {missing[0]} named in the manifest; the posterior is incomplete")
     modes = torch.stack([torch.cat([extra[MODE.format(c) + n].reshape(-1) for n in names]) for c in range(1, len(sources) + 1)]).to(dtype) if sources else None
-    posterior = MeanFieldPosterior(names, shapes, mu, rho, None if prior_loc is None else prior_loc.to(dtype), settings.prior_sigma, modes)
-    posterior.mode_sources = [str(x) for x in sources]
+    posterior = MeanFieldPosterior(names, shapes, mu, rho, None if prior_loc is None else prior_loc.to(dtype), settings.prior_sigma, modes, sources)
     # base's Bayesian entries now hold μ; they are never used, a weight sample always replaces them.
     return BayesianTransformer(base.to(device).eval(), posterior.to(device), settings), manifest
 

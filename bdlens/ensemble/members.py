@@ -146,11 +146,16 @@ class PosteriorMembers:
 
     @staticmethod
     def _per_group(fields: Fields, stats: list[NormStats], size: int, transform: Any) -> Fields:
-        """``transform(fields, stats)`` with each group of ``size`` consecutive members under its own statistics."""
+        """``transform(fields, stats)`` with each group of ``size`` consecutive members under its own statistics:
+        one call per distinct statistics (at most C), not per group, since the groups cycle through the modes."""
         if all(s is stats[0] for s in stats):
             return transform(fields, stats[0])
-        parts = [transform(Fields(fields.upper[g * size:(g + 1) * size], fields.surface[g * size:(g + 1) * size]), s) for g, s in enumerate(stats)]
-        return Fields(torch.cat([p.upper for p in parts]), torch.cat([p.surface for p in parts]))
+        upper, surface = torch.empty_like(fields.upper), torch.empty_like(fields.surface)
+        for own in {id(s): s for s in stats}.values():
+            rows = torch.tensor([g * size + j for g, s in enumerate(stats) if s is own for j in range(size)], device=fields.upper.device)
+            part = transform(Fields(fields.upper[rows], fields.surface[rows]), own)
+            upper[rows], surface[rows] = part.upper, part.surface
+        return Fields(upper, surface)
 
     def describe(self) -> str:
         notes = [f"{m.bayes.posterior.components} modes at {s} h" for s, m in self.models.items() if m.bayes.posterior.components > 1]
