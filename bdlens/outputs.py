@@ -109,6 +109,7 @@ def prepare_output(
     required: Sequence[str] = (),
     clear: bool = True,
     dry_run: bool = False,
+    resumable: bool = False,
 ) -> bool:
     """Check (and with ``overwrite`` clear) the output directory ``path`` before any work starts.
 
@@ -121,6 +122,7 @@ def prepare_output(
     module docstring; nothing is changed on disk unless ``overwrite`` replaces bdlens's own output.
     ``dry_run`` checks only: a command that builds its output elsewhere and moves it into place at
     the end calls it first with ``dry_run`` (fail early) and again just before the move (replace).
+    ``resumable``: the command has ``--resume``, so the refusal of an existing output offers it.
     """
     path = Path(path)
     if resume and overwrite:
@@ -138,7 +140,8 @@ def prepare_output(
             raise BdlensError(f"{path} is not a bdlens {kind} output, so it cannot be resumed; choose another {flag}")
         return True
     if not overwrite:
-        raise BdlensError(f"{path} already exists; pass --resume to continue it, --overwrite to replace it, or choose another {flag}")
+        offer = "pass --resume to continue it, --overwrite" if resumable else "pass --overwrite"
+        raise BdlensError(f"{path} already exists; {offer} to replace it, or choose another {flag}")
     if found != kind:
         what = f"holds a bdlens {found} output, not a {kind}" if found else "was not written by bdlens"
         what += f" (it holds {_shown(foreign)})" if foreign else ""

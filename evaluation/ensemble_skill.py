@@ -11,7 +11,7 @@ through the same engine (``--diffusion``: a diffusion checkpoint other than the 
 alike. Results go to a CSV (one row per system, field, lead, metric) and a table on stdout.
 
     python evaluation/ensemble_skill.py [--systems hybrid epistemic aleatoric deterministic ...] [--inits 10]
-        [--every-days 10] [--members 16] [--lead 10d] [--physics PHYS.zarr] [--diffusion CKPT] [--checkpoint DIR]
+        [--every-days 10] [--split test] [--members 16] [--lead 10d] [--physics PHYS.zarr] [--diffusion CKPT] [--checkpoint DIR]
         [--out evaluation/results/ensemble_skill.csv] [--update]
 
 ``--update`` replaces in an existing ``--out`` only the rows of the systems run now and keeps the
@@ -35,7 +35,7 @@ from bdlens.errors import BdlensError
 from bdlens.metrics import crps, ensemble_mean_rmse, spread_skill_ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIELDS, field, lead_rows, load_demo_world, test_inits, verification  # noqa: E402
+from common import FIELDS, demo_world_split, field, lead_rows, load_demo_world, test_inits, verification  # noqa: E402
 
 # name → Forecaster.ensemble options (members and weights are set from --members).
 SYSTEMS = {
@@ -93,6 +93,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=16)
     parser.add_argument("--weights", type=int, default=4, help="K for the hybrid systems (epistemic-only uses K = members)")
     parser.add_argument("--inits", type=int, default=10)
+    parser.add_argument("--split", choices=["test", "val"], default="test",
+                        help="the period the inits come from (val: to decide a calibration, test: to report it)")
     parser.add_argument("--every-days", type=int, default=10)
     parser.add_argument("--lead", default="10d")
     parser.add_argument("--physics", type=Path, help="a `bdlens world ensemble` store at the same inits")
@@ -113,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     truth, analysis = load_demo_world()
     lead_hours = int(args.lead[:-1]) * (24 if args.lead.endswith("d") else 1)
-    inits = test_inits(truth, lead_hours, 24 * args.every_days)[: args.inits]
+    inits = test_inits(truth, lead_hours, 24 * args.every_days, demo_world_split(args.split))[: args.inits]
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.systems:

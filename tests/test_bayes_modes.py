@@ -140,6 +140,13 @@ def test_train_modes_refuses_bad_input_before_writing(trained_modes: dict[str, P
     assert main(["train", "modes", "--from", str(trained_modes["vi"]), "--modes", str(trained_modes["det4"]), "--out", str(trained_modes["det4"]),
                  "--overwrite"]) == 2
     assert (trained_modes["det4"] / "model.safetensors").is_file()
+    # an existing output is kept; the refusal offers --overwrite only (the command has no --resume)
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    assert main(["train", "modes", "--from", str(trained_modes["vi"]), "--modes", str(trained_modes["det4"]), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it" in err and "--resume" not in err, err
+    assert (out / "notes.txt").read_text() == "mine"
 
 
 def test_float16_bundle_halves_the_posterior_and_rounds_far_below_sigma(trained_modes: dict[str, Path], tmp_path: Path,

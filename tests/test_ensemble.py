@@ -344,7 +344,7 @@ def test_bad_data_and_checkpoints_exit_2(capsys, tmp_path, analysis, data_file):
     existing.mkdir()
     (existing / "x").write_text("user data")
     code, err = cli(capsys, "--data", str(data_file), "--init", INIT, "--out", str(existing))
-    assert code == 2 and "already exists" in err, err
+    assert code == 2 and "already exists; pass --resume to continue it" in err, err
     assert (existing / "x").read_text() == "user data"
     assert not out.exists()
 

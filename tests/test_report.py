@@ -132,7 +132,8 @@ def test_bad_inputs_exit_2_and_write_nothing(stores, tmp_path, capsys, forecasts
 def test_output_directory_rules(stores, report, tmp_path, capsys):
     base = ["-q", "report", "--truth", stores["truth"], "--fields", "2m_temperature", "--forecasts", f"hybrid={stores['hybrid']}"]
     assert main([*base, "--out", str(report)]) == 2
-    assert "already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "already exists; pass --overwrite to replace it" in err and "--resume" not in err, err  # report has no --resume
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")

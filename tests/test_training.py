@@ -100,7 +100,8 @@ def test_run_directory_is_not_overwritten_without_asking(tiny_setup: Path, tmp_p
     run.mkdir()
     (run / "notes.txt").write_text("mine")
     code = main(["train", "deterministic", "--config", str(tiny_setup / "train.yaml"), "--out", str(run)])
-    assert code == 2 and "already exists" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert code == 2 and "already exists; pass --resume to continue it, --overwrite to replace it" in err, err
     assert (run / "notes.txt").read_text() == "mine"
     code = main(["train", "deterministic", "--config", str(tiny_setup / "train.yaml"), "--out", str(tmp_path / "new"), "--resume"])
     assert code == 2 and "nothing to resume" in capsys.readouterr().err

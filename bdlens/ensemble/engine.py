@@ -290,7 +290,7 @@ class Forecaster:
         init_times = parse_inits(init, analysis.time.values)
         dist = Distributed.from_env(self.device)  # joins the process group under torchrun (nccl on GPUs)
         inputs = [self.system.root] + ([] if isinstance(data_path, xr.Dataset) else [data_path])
-        resuming = prepare_output(out, "forecast", overwrite=overwrite and dist.main, resume=resume, inputs=inputs,
+        resuming = prepare_output(out, "forecast", overwrite=overwrite and dist.main, resume=resume, resumable=True, inputs=inputs,
                                   layout=STORE_LAYOUT) if dist.main else resume
 
         source, used = self.source(design, perturbation, bayes, seed, temperature, amplitude, model, analysis, lead_hours, init_times,

@@ -52,7 +52,7 @@ def check_run_dir(
     run_dir = Path(run_dir)
     if not main:
         return run_dir
-    prepare_output(run_dir, RUN_KIND, overwrite, resume, inputs, layout=RUN_LAYOUT, required=(STATE, METRICS))
+    prepare_output(run_dir, RUN_KIND, overwrite, resume, inputs, layout=RUN_LAYOUT, required=(STATE, METRICS), resumable=True)
     if resume and not (run_dir / STATE).is_file():
         raise BdlensError(f"nothing to resume in {run_dir} (no {STATE}: it stopped before its first save); start over with --overwrite")
     return run_dir
