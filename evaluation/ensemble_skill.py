@@ -26,6 +26,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import xarray as xr
 
@@ -86,6 +87,13 @@ def updated(kept: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
     return pd.concat([kept[~kept.system.isin(new.system.unique())], new], ignore_index=True)
 
 
+def split_inits(truth: xr.Dataset, split: str, lead: str, every_days: int, count: int) -> np.ndarray:
+    """The first ``count`` inits of the demo world's ``split`` ("val" or "test") every ``every_days``,
+    each with a day of history and ``lead`` ("10d", "36h") of truth after it inside the split."""
+    lead_hours = int(lead[:-1]) * (24 if lead.endswith("d") else 1)
+    return test_inits(truth, lead_hours, 24 * every_days, demo_world_split(split))[:count]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--systems", nargs="*", default=["deterministic", "epistemic", "aleatoric", "hybrid"], choices=sorted(SYSTEMS),
@@ -114,8 +122,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ensemble_skill: error: {err}", file=sys.stderr)
         return 2
     truth, analysis = load_demo_world()
-    lead_hours = int(args.lead[:-1]) * (24 if args.lead.endswith("d") else 1)
-    inits = test_inits(truth, lead_hours, 24 * args.every_days, demo_world_split(args.split))[: args.inits]
+    inits = split_inits(truth, args.split, args.lead, args.every_days, args.inits)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         for name in args.systems:

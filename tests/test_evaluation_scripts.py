@@ -6,7 +6,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
+import xarray as xr
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "evaluation"))
 import ensemble_skill  # noqa: E402
@@ -30,6 +32,18 @@ def test_update_without_an_existing_csv_is_refused_before_any_work(tmp_path: Pat
     assert "--update needs an existing --out CSV" in err and err.count("\n") == 1
 
 
+def test_split_inits_come_from_the_chosen_split_with_the_lead_inside_it() -> None:
+    times = pd.date_range("2002-01-01", "2002-12-31T18", freq="6h").values
+    truth = xr.Dataset(coords={"time": times})
+    for split, (start, end) in (("val", ("2002-01-01", "2002-06-30")), ("test", ("2002-07-01", "2002-12-31"))):
+        inits = ensemble_skill.split_inits(truth, split, "10d", 5, 100)
+        assert inits[0] == np.datetime64(start) + np.timedelta64(1, "D")  # a day of history
+        assert (np.diff(inits) == np.timedelta64(5, "D")).all()
+        assert inits[-1] + np.timedelta64(10, "D") <= np.datetime64(end) + np.timedelta64(18, "h")
+        assert inits[-1] + np.timedelta64(15, "D") > np.datetime64(end) + np.timedelta64(18, "h")  # none left out
+    assert len(ensemble_skill.split_inits(truth, "val", "36h", 10, 3)) == 3
+
+
 def test_temperature_sweep_refuses_a_negative_temperature_before_any_work(tmp_path: Path, capsys) -> None:
     out = tmp_path / "sweep.json"
     assert temperature_sweep.main(["--temperatures", "1", "-0.5", "--out", str(out)]) == 2
@@ -41,8 +55,6 @@ def test_mode_choice_scores_a_set_of_models_as_one_ensemble() -> None:
     """mode_choice.scores: fair CRPS and ensemble-mean RMSE of deterministic forecasts taken as members,
     against a brute-force reference (numpy, written out) on random fields."""
     import mode_choice
-    import numpy as np
-    import xarray as xr
 
     from bdlens.grid import lat_weights
 
