@@ -24,6 +24,7 @@ from bdlens.training.calibration import (
     calibrate_lead_factors,
     calibrate_system,
     ensemble_scores,
+    field_scales,
     objective,
     write_system_file,
 )
@@ -151,6 +152,28 @@ def test_scores_match_a_brute_force_reference():
     np.testing.assert_allclose(out["crps"], (fair * w).mean(), rtol=1e-6)
     ssr = np.sqrt((x.var(0, ddof=1) * w).mean() / ((x.mean(0) - y[0]) ** 2 * w).mean() * (m + 1) / m)
     np.testing.assert_allclose(out["spread_skill"], ssr, rtol=1e-6)
+    np.testing.assert_allclose(out["spread_skill_by_field"]["t"], [ssr], rtol=1e-6)  # one field, one lead: the pooled one
+
+
+def test_field_scales_are_the_anomaly_std_not_the_std_of_the_mean_pattern():
+    """A field = a fixed equator-to-pole pattern (std 10 over the grid) + anomalies whose std is 1 at
+    latitude ±60° and 3 at ±20°: the scale is sqrt(area-weighted mean of the variance in time), which
+    the mean pattern does not change, against about 10 for the std over space and time together."""
+    from bdlens.grid import lat_weights
+
+    rng = np.random.default_rng(3)
+    lat, lon = np.array([-60.0, -20.0, 20.0, 60.0]), np.arange(8) * 45.0
+    pattern = 10 * np.array([-1.5, -0.5, 0.5, 1.5])[:, None] / np.sqrt(1.25) * np.ones(8)
+    local = np.array([1.0, 3.0, 3.0, 1.0])[:, None]
+    anomalies = rng.normal(size=(4000, 4, 8))
+    anomalies = (anomalies - anomalies.mean(0)) / anomalies.std(0) * local  # exactly the local (population) std in time
+    truth = xr.Dataset({"t": (("time", "latitude", "longitude"), pattern + anomalies),
+                        "u": (("time", "latitude", "longitude"), anomalies)}, coords={"latitude": lat, "longitude": lon})
+    w = lat_weights(lat)
+    expected = math.sqrt((w * np.array([1.0, 9.0, 9.0, 1.0])).sum() / w.sum())
+    scales = field_scales(truth, ["t", "u"])
+    assert scales["t"] == pytest.approx(expected, rel=1e-9) and scales["u"] == pytest.approx(expected, rel=1e-9)
+    assert float(truth.t.std()) > 3 * scales["t"]
 
 
 class _StubSystem:

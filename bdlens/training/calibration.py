@@ -9,7 +9,7 @@ calibration applies to every step model of the rollout, 24 h steps included), ve
 
 **Objective.** J(a, T) = CRPS(a, T) · (1 + λ · ln² SSR(a, T)), with CRPS the fair CRPS and SSR the
 corrected spread-skill ratio pooled over fields and leads, each field in units of its own
-climatological standard deviation (the truth's, over the validation period), latitude-weighted. The
+climatological anomaly standard deviation (:func:`field_scales`), latitude-weighted. The
 fair CRPS is proper, so for a well-specified model its minimum is the calibrated spread, where SSR ≈ 1
 as well; the penalty (λ = ``penalty``, 0 for pure CRPS) breaks ties toward SSR = 1 when bias or a
 misspecified spatial structure pulls the two apart, and treats an SSR of ½ and of 2 as equally bad.
@@ -56,6 +56,7 @@ from bdlens.ensemble import Forecaster
 from bdlens.ensemble.engine import parse_hours
 from bdlens.ensemble.system import SYSTEM_FILE, WITHOUT_POSTERIOR
 from bdlens.errors import BdlensError
+from bdlens.grid import lat_weights
 from bdlens.metrics import crps
 from bdlens.metrics.probabilistic import mean_variance_and_mse
 from bdlens.outputs import mark_output
@@ -224,25 +225,40 @@ def _field(ds: xr.Dataset, spec: str) -> xr.DataArray:
 
 
 def field_scales(truth: xr.Dataset, fields: Sequence[str]) -> dict[str, float]:
-    """Each field's climatological std over the whole truth (its units), the unit the scores are in."""
-    return {spec: float(_field(truth, spec).std()) for spec in fields}
+    """Each field's climatological anomaly std (its units), the unit the scores are in: the root of the
+    latitude-weighted mean over grid points of the truth's variance in time, the field's variability
+    about its own mean at each point.
+
+    Not the std over space and time together: that also holds the spatial pattern of the mean (the
+    equator-to-pole contrast), which no forecast is scored for. On the demo world it is 3.4× (Z500),
+    4.2× (T850), 1.06× (U850) and 1.25× (MSLP) the anomaly std, so pooled scores in those units
+    weighed T850's errors 18× less than U850's and the calibration followed U850 and MSLP alone.
+    The demo world has no seasons, so the time mean is its climatology (docs/science.md §5).
+    """
+    weights = xr.DataArray(lat_weights(truth.latitude.values), dims="latitude")
+    return {spec: float(np.sqrt(_field(truth, spec).var("time").weighted(weights).mean(("latitude", "longitude"))))
+            for spec in fields}
 
 
 def ensemble_scores(forecast: xr.Dataset, truth: xr.Dataset, scale: dict[str, float], fields: Sequence[str]) -> dict[str, Any]:
-    """Fair CRPS (mean over fields and leads) and corrected SSR (pooled) in climatological-std units,
-    and both per lead (``crps_by_lead``: mean over fields; ``spread_skill_by_lead``: pooled over fields)."""
+    """Fair CRPS (mean over fields and leads) and corrected SSR (pooled) in units of ``scale``, both
+    per lead (``crps_by_lead``: mean over fields; ``spread_skill_by_lead``: pooled over fields), and
+    each field's own corrected SSR per lead (``spread_skill_by_field``), which pooling would hide."""
     valid = truth.sel(time=forecast.time + forecast.prediction_timedelta).drop_vars("time").assign_coords(time=forecast.time.values)
     leads = forecast.sizes["prediction_timedelta"]
     crps_values, variance, mse = np.zeros(leads), np.zeros(leads), np.zeros(leads)
+    correction = (forecast.sizes["number"] + 1) / forecast.sizes["number"]
+    by_field = {}
     for spec in fields:
         fc, tr = _field(forecast, spec) / scale[spec], _field(valid, spec) / scale[spec]
         crps_values += crps(fc, tr, dims=DIMS).transpose("prediction_timedelta").values
         v, e = mean_variance_and_mse(fc, tr, "number", list(DIMS))
         variance += v.transpose("prediction_timedelta").values
         mse += e.transpose("prediction_timedelta").values
-    correction = (forecast.sizes["number"] + 1) / forecast.sizes["number"]
+        by_field[spec] = np.sqrt(v.transpose("prediction_timedelta").values / e.transpose("prediction_timedelta").values * correction).tolist()
     return {"crps": float(crps_values.mean() / len(fields)), "spread_skill": math.sqrt(variance.sum() / mse.sum() * correction),
-            "crps_by_lead": (crps_values / len(fields)).tolist(), "spread_skill_by_lead": np.sqrt(variance / mse * correction).tolist()}
+            "crps_by_lead": (crps_values / len(fields)).tolist(), "spread_skill_by_lead": np.sqrt(variance / mse * correction).tolist(),
+            "spread_skill_by_field": by_field}
 
 
 def validation_inits(truth: xr.Dataset, config: EnsembleCalibrationConfig, bounds: tuple[np.datetime64, np.datetime64]) -> np.ndarray:
@@ -293,10 +309,11 @@ def calibrate_system(
             leads = list(range(output_hours, lead_hours + 1, output_hours))
             by_lead = calibrate_lead_factors(lambda f: run(result["amplitude"], result["temperature"], config.per_lead.lead, f),
                                              leads, config.per_lead, config.penalty)
+    units = ", ".join(f"{spec} {value:.4g}" for spec, value in scale.items())
     record = {
         "amplitude": result["amplitude"], "temperature": result["temperature"], "amplitude_kept": fixed is not None,
         "objective": f"J = CRPS_fair * (1 + {config.penalty} * ln(SSR_corrected)^2); fields {list(config.fields)} in units of their "
-                     f"climatological std, latitude-weighted, leads to {config.lead} every {config.output_step}, "
+                     f"climatological anomaly std ({units}), latitude-weighted, leads to {config.lead} every {config.output_step}, "
                      f"{config.members} members ({f'K = {config.weights}' if bayes else 'deterministic weights'}), {len(inits)} validation "
                      "inits from the analysis vs the truth",
         "before": result["before"], "after": result["after"], "history": result["history"],
