@@ -32,6 +32,7 @@ import xarray as xr
 
 from bdlens import Forecaster
 from bdlens.data import open_dataset
+from bdlens.ensemble.engine import parse_hours
 from bdlens.errors import BdlensError
 from bdlens.metrics import crps, ensemble_mean_rmse, spread_skill_ratio
 
@@ -90,8 +91,7 @@ def updated(kept: pd.DataFrame, new: pd.DataFrame) -> pd.DataFrame:
 def split_inits(truth: xr.Dataset, split: str, lead: str, every_days: int, count: int) -> np.ndarray:
     """The first ``count`` inits of the demo world's ``split`` ("val" or "test") every ``every_days``,
     each with a day of history and ``lead`` ("10d", "36h") of truth after it inside the split."""
-    lead_hours = int(lead[:-1]) * (24 if lead.endswith("d") else 1)
-    return test_inits(truth, lead_hours, 24 * every_days, demo_world_split(split))[:count]
+    return test_inits(truth, parse_hours(lead, "lead"), 24 * every_days, demo_world_split(split))[:count]
 
 
 def main(argv: list[str] | None = None) -> int:

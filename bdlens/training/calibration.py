@@ -252,10 +252,10 @@ def ensemble_scores(forecast: xr.Dataset, truth: xr.Dataset, scale: dict[str, fl
     for spec in fields:
         fc, tr = _field(forecast, spec) / scale[spec], _field(valid, spec) / scale[spec]
         crps_values += crps(fc, tr, dims=DIMS).transpose("prediction_timedelta").values
-        v, e = mean_variance_and_mse(fc, tr, "number", list(DIMS))
-        variance += v.transpose("prediction_timedelta").values
-        mse += e.transpose("prediction_timedelta").values
-        by_field[spec] = np.sqrt(v.transpose("prediction_timedelta").values / e.transpose("prediction_timedelta").values * correction).tolist()
+        v, e = (a.transpose("prediction_timedelta").values for a in mean_variance_and_mse(fc, tr, "number", list(DIMS)))
+        variance += v
+        mse += e
+        by_field[spec] = np.sqrt(v / e * correction).tolist()
     return {"crps": float(crps_values.mean() / len(fields)), "spread_skill": math.sqrt(variance.sum() / mse.sum() * correction),
             "crps_by_lead": (crps_values / len(fields)).tolist(), "spread_skill_by_lead": np.sqrt(variance / mse * correction).tolist(),
             "spread_skill_by_field": by_field}
