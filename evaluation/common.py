@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Collection, Sequence
+from pathlib import Path
 
 import numpy as np
 import xarray as xr
 
 from bdlens.configs import config_path
 from bdlens.data import open_dataset
+from bdlens.data.export import BUNDLED_ANALYSIS
 from bdlens.data.splits import load_data_config, period_inits
 from bdlens.metrics import ensemble_mean_rmse, spread
 from bdlens.world.build import build
@@ -20,6 +23,28 @@ FIELDS = {
     "u850": ("u_component_of_wind", 850),
     "mslp": ("mean_sea_level_pressure", None),
 }
+
+
+def realization(world: Path) -> str | None:
+    """Which realization of its configuration a world is: None for the one the bundled demo analyses
+    come from (or a world without their times), else a fingerprint of its analyses at those times.
+
+    The dynamical core is chaotic: the same config and seed built with another CPU or jax version
+    gives another trajectory with the same climate (README, "The demo world"), so results computed
+    on two realizations must not be mixed. The bundled analyses are the reference because they ship
+    with the package.
+    """
+    bundled = open_dataset(BUNDLED_ANALYSIS, sparse_times=True)
+    analysis = open_dataset(Path(world) / "analysis.zarr")
+    if not np.isin(bundled.time.values, analysis.time.values).all():
+        return None
+    here = {name: analysis[name].sel(time=bundled.time.values).values for name in sorted(bundled.data_vars)}
+    if all(np.array_equal(values, bundled[name].values) for name, values in here.items()):
+        return None
+    digest = hashlib.sha256()
+    for values in here.values():
+        digest.update(np.ascontiguousarray(values).tobytes())
+    return digest.hexdigest()[:12]
 
 
 def field(ds: xr.Dataset, key: str) -> xr.DataArray:

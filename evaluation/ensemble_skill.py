@@ -2,8 +2,8 @@
 
 Every system runs through the ensemble engine (`bdlens.Forecaster`) from the analysis at test-period
 inits and is verified against the truth: fair CRPS, ensemble-mean RMSE and the corrected
-spread-skill ratio per lead (latitude-weighted, averaged over inits and space), for Z500, T850,
-U850 and MSLP, plus the members that left physical bounds and the cost per member-step. The
+spread-skill ratio per lead (latitude-weighted, averaged over inits and space) and the members'
+activity (rms anomaly from the climatology over the truth's), for Z500, T850, U850 and MSLP, plus the members that left physical bounds and the cost per member-step. The
 references (``persistence``, ``climatology``, ``ic``, ``bred``) and the ``diffusion`` baseline run
 through the same engine (``--diffusion``: a diffusion checkpoint other than the bundled one;
 ``--checkpoint``: a system other than the bundled one, e.g. with another calibration). With
@@ -34,7 +34,7 @@ from bdlens import Forecaster
 from bdlens.data import open_dataset
 from bdlens.ensemble.engine import parse_hours
 from bdlens.errors import BdlensError
-from bdlens.metrics import crps, ensemble_mean_rmse, spread_skill_ratio
+from bdlens.metrics import activity_ratio, crps, ensemble_mean_rmse, spread_skill_ratio
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import FIELDS, demo_world_split, field, lead_rows, load_demo_world, test_inits, verification  # noqa: E402
@@ -71,7 +71,8 @@ def scores(name: str, forecast: xr.Dataset, truth: xr.Dataset) -> list[dict]:
     members = forecast.sizes.get("number", 1)
     for key in FIELDS:
         fc, tr = field(forecast, key), field(valid, key)
-        metrics = {"rmse": ensemble_mean_rmse(fc, tr, dims=DIMS)}
+        # The demo world has no seasons: its climatology is the truth's time mean at every point.
+        metrics = {"rmse": ensemble_mean_rmse(fc, tr, dims=DIMS), "activity": activity_ratio(fc, tr, field(truth, key).mean("time"), dims=DIMS)}
         if members >= 2:
             metrics["crps"] = crps(fc, tr, dims=DIMS)
             metrics["spread_skill"] = spread_skill_ratio(fc, tr, dims=DIMS)

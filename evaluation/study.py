@@ -54,6 +54,7 @@ import xarray as xr
 from scipy.stats import t as student_t
 
 from bdlens.checkpoint import BUNDLED_DIR, bundled_checkpoint, read_manifest
+from bdlens.configs import config_path
 from bdlens.data import NormStats, open_dataset
 from bdlens.ensemble import Forecaster
 from bdlens.ensemble.design import PERTURBATION_DRAW, WEIGHT_SAMPLE, Design
@@ -70,7 +71,7 @@ from bdlens.world.build import read_manifest as read_world_manifest
 from bdlens.world.ensemble import physics_ensemble
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import FIELDS, demo_world_split, field, test_inits, verification  # noqa: E402
+from common import FIELDS, demo_world_split, field, realization, test_inits, verification  # noqa: E402
 from ensemble_skill import SYSTEMS, engine_options  # noqa: E402
 from study_report import write_html, write_readme  # noqa: E402
 
@@ -227,7 +228,8 @@ def _reached(name: str, groups: list[tuple[list[int], int]], leads: list[int]) -
 
 def calibration_used(forecaster: Forecaster, options: dict[str, Any]) -> dict[str, Any]:
     """The part of the system's calibration (``ensemble.json``) that a run with ``options`` reads, for its
-    unit key: its scheme's entry (amplitude, temperature, per-lead factors, config) and, for posterior
+    unit key: its scheme's entry (amplitude, temperature, per-lead factors, config and that config's
+    content) and, for posterior
     runs without an explicit K, the default K. So recalibrating SPPT re-keys only the systems that use it."""
     if options.get("model", "hybrid") != "hybrid":
         return {}
@@ -237,6 +239,8 @@ def calibration_used(forecaster: Forecaster, options: dict[str, Any]) -> dict[st
     used: dict[str, Any] = {"scheme": perturbation}
     if perturbation != "none" or bayes:  # the deterministic weights without a scheme read no calibration
         used["settings"] = forecaster.system.scheme(perturbation, bayes)
+        if "config" in used["settings"]:  # the scheme's YAML by content: a changed config re-keys its systems
+            used["config_sha256"] = hashlib.sha256(config_path(used["settings"]["config"]).read_bytes()).hexdigest()
     if bayes and options.get("weights") is None:
         used["default_weights"] = forecaster.system.settings.get("default_weights")
     return used
@@ -723,8 +727,11 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def _world_key(world: Path) -> str:
-    """The world's cache key (its manifest), or its resolved path for a world without one."""
-    return str(read_world_manifest(world).get("cache_key", world.resolve()))
+    """The world's cache key (its manifest), or its resolved path for a world without one, with its
+    realization (:func:`common.realization`) unless it is the bundled analyses' own."""
+    key = str(read_world_manifest(world).get("cache_key", world.resolve()))
+    other = realization(world)
+    return key if other is None else f"{key}/{other}"
 
 
 def protocol_lines(args: argparse.Namespace, chosen: list[Plan], inits: np.ndarray) -> list[str]:

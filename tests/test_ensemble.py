@@ -82,6 +82,37 @@ def test_per_lead_factors_scale_the_perturbation_of_the_call_ending_at_that_lead
     assert none_given.attrs["system"].endswith(f"+ sppt (amplitude {amplitude:.3g})")
 
 
+def _eddy_variances(ds: xr.Dataset) -> dict[str, np.ndarray]:
+    """Brute force: each non-geopotential field's area-weighted variance about its zonal mean, (..., )
+    per remaining dims (geopotential above the lowest level follows temperature hydrostatically).
+    cos φ weights: on a grid without pole rows, the engine's cell-area weights up to a constant."""
+    w = np.cos(np.deg2rad(ds.latitude.values))
+    w = w / w.mean()
+    out = {}
+    for name in sorted(ds.data_vars):
+        if name == "geopotential":
+            continue
+        x = ds[name].transpose(..., "latitude", "longitude").values.astype(np.float64)
+        eddy = x - x.mean(axis=-1, keepdims=True)
+        out[name] = (eddy**2 * w[:, None]).mean(axis=(-2, -1))
+    return out
+
+
+def test_sppt_members_are_no_more_active_than_their_analysis(forecaster, analysis):
+    """No perturbed field's eddy variance exceeds that of the analysis the members started from, or
+    the unperturbed step's where that is larger; and the limit is reached (it acts)."""
+    options = dict(bayes=False, weights=None, lead="24h")
+    sppt, none = run(forecaster, analysis, perturbation="sppt", **options), run(forecaster, analysis, perturbation="none", **options)
+    start = _eddy_variances(analysis.sel(time=INIT)[list(sppt.data_vars)])
+    perturbed, unperturbed = _eddy_variances(sppt.isel(prediction_timedelta=0, time=0)), _eddy_variances(none.isel(prediction_timedelta=0, time=0, number=0))
+    at_limit = 0
+    for name, cap in start.items():
+        bound = np.maximum(cap, unperturbed[name])
+        assert np.all(perturbed[name] <= bound * (1 + 1e-4)), name
+        at_limit += int(np.sum(perturbed[name] > bound * (1 - 1e-3)))
+    assert at_limit > 0
+
+
 def test_negative_per_lead_factor_is_refused_before_any_output(forecaster, analysis, tmp_path):
     with pytest.raises(BdlensError, match="per-lead amplitude factors"):
         run(forecaster, analysis, out=tmp_path / "out.zarr", lead_factors={24: -1.0})

@@ -83,3 +83,26 @@ def test_mode_choice_scores_a_set_of_models_as_one_ensemble() -> None:
         fair = np.abs(x - y).mean(0) - np.abs(x[:, None] - x[None]).sum((0, 1)) / (2 * m * (m - 1))
         np.testing.assert_allclose(got[key]["crps"], (fair * w).mean((0, 2, 3)), atol=1e-4)
         np.testing.assert_allclose(got[key]["rmse"], np.sqrt(((x.mean(0) - y) ** 2 * w).mean((0, 2, 3))), atol=1e-3)
+
+
+def test_realization_tells_the_bundled_analyses_world_from_another_realization(tmp_path: Path, small_world: Path) -> None:
+    """A world whose analyses at the bundled times are the bundled ones is the reference (None); one
+    that differs anywhere gets a fingerprint, the same for the same values; a world without those
+    times (the small world) cannot be told and counts as the reference."""
+    import common
+
+    from bdlens.data import open_dataset
+    from bdlens.data.export import BUNDLED_ANALYSIS
+
+    bundled = open_dataset(BUNDLED_ANALYSIS, sparse_times=True).load()
+    for variable in bundled.variables.values():
+        variable.encoding = {}  # the bundled store's codecs are not for a new store
+    same, other = tmp_path / "same", tmp_path / "other"
+    bundled.to_zarr(same / "analysis.zarr")
+    changed = bundled.copy(deep=True)
+    changed["temperature"][{"time": -1, "level": 0, "latitude": 0, "longitude": 0}] += 1e-3
+    changed.to_zarr(other / "analysis.zarr")
+    assert common.realization(same) is None
+    fingerprint = common.realization(other)
+    assert fingerprint is not None and len(fingerprint) == 12 and common.realization(other) == fingerprint
+    assert common.realization(small_world) is None

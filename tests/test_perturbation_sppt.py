@@ -256,3 +256,59 @@ def test_shipped_sppt_on_the_demo_levels_against_a_column_by_column_reference():
     np.testing.assert_allclose(upper.numpy(), expected, rtol=1e-12, atol=1e-8)
     np.testing.assert_array_equal(surface.numpy(), f_s)  # μ(1000 hPa) = 0: surface fields unperturbed
     assert not np.allclose(f_s, x_s)
+
+
+def _eddy_variance(x: np.ndarray) -> np.ndarray:
+    """Brute force: area-weighted variance about the zonal mean of (..., H, W) maps, per map."""
+    w = lat_weights(LAT)
+    eddy = x - x.mean(axis=-1, keepdims=True)
+    return (eddy**2 * w[:, None]).mean(axis=(-2, -1))
+
+
+def test_activity_limit_shrinks_each_field_to_its_cap_against_a_brute_force_search():
+    states = _states(batch=3, seed=5)
+    config = SPPTConfig(surface_taper_pressure_hpa=500.0, hydrostatic=False)  # every field perturbed, each limited alone
+    raw_upper, raw_surface = _apply(states, _pattern(batch=3), config)
+    flat = lambda u, s: np.concatenate([u.double().numpy().reshape(3, -1, *u.shape[-2:]), s.double().numpy()], axis=1)  # noqa: E731
+    f, raw = flat(states[2], states[3]), flat(raw_upper, raw_surface)
+    v_f, v_raw = _eddy_variance(f), _eddy_variance(raw)
+    # Caps between the unperturbed and the perturbed activity for about half the fields (they bind), and
+    # above the perturbed one or below the unperturbed one for the others (those keep s = 1 / must not grow).
+    g = np.random.default_rng(0)
+    cap = np.where(g.random(v_f.shape) < 0.5, v_f + g.uniform(0.1, 0.9, v_f.shape) * (v_raw - v_f), v_raw * 1.5)
+    cap[:, :3] = 0.5 * v_f[:, :3]  # the network alone is already above these caps
+    upper, surface = apply_sppt(*states, _pattern(batch=3), levels_hpa=WB2_LEVELS, upper_variables=UPPER_AIR_VARIABLES,
+                                surface_variables=SURFACE, latitude=LAT, config=config, activity=torch.as_tensor(cap))
+    out = flat(upper, surface)
+    grid = np.linspace(0.0, 1.0, 2001)
+    checked = 0
+    for b in range(3):
+        for k in range(f.shape[1]):
+            delta = raw[b, k] - f[b, k]
+            if np.abs(delta).max() == 0:  # μ = 0 at 1000 and 50 hPa: nothing to limit
+                np.testing.assert_array_equal(out[b, k], f[b, k])
+                continue
+            bound = max(cap[b, k], v_f[b, k])
+            admissible = grid[_eddy_variance(f[b, k] + grid[:, None, None] * delta) <= bound * (1 + 1e-9)]
+            s_expected = admissible.max() if admissible.size else 0.0
+            s = float(((out[b, k] - f[b, k]) * delta).sum() / (delta**2).sum())
+            np.testing.assert_allclose(out[b, k], f[b, k] + s * delta, rtol=0, atol=1e-6 * np.abs(f[b, k]).max())
+            assert abs(s - s_expected) <= 1e-3, (b, k, s, s_expected)
+            assert _eddy_variance(out[b, k]) <= bound * (1 + 1e-5)
+            checked += s < 0.999
+    assert checked > f.shape[1]  # the limit bound for many fields, not a vacuous check
+
+
+def test_activity_limit_keeps_the_perturbation_hydrostatic():
+    states = _states(seed=7)
+    raw_upper, raw_surface = _apply(states, _pattern())
+    f = np.concatenate([states[2].double().numpy().reshape(2, -1, GRID.nlat, GRID.nlon), states[3].double().numpy()], axis=1)
+    raw = np.concatenate([raw_upper.double().numpy().reshape(2, -1, GRID.nlat, GRID.nlon), raw_surface.double().numpy()], axis=1)
+    cap = torch.as_tensor(0.5 * (_eddy_variance(f) + _eddy_variance(raw)))
+    upper, _ = apply_sppt(*states, _pattern(), levels_hpa=WB2_LEVELS, upper_variables=UPPER_AIR_VARIABLES,
+                          surface_variables=SURFACE, latitude=LAT, activity=cap)
+    it = UPPER_AIR_VARIABLES.index("temperature")
+    limited = (upper[:, it] - states[2][:, it]).abs().mean() / (raw_upper[:, it] - states[2][:, it]).abs().mean()
+    assert 0.05 < float(limited) < 0.95  # the temperature perturbation was shrunk
+    expected, actual = _layer_thickness_change(upper, states[2], WB2_LEVELS, moist=True)
+    np.testing.assert_allclose(actual, expected, atol=0.05)

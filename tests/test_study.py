@@ -221,6 +221,24 @@ def test_a_recalibrated_scheme_gives_new_units_to_the_systems_that_use_it_only(s
     assert [name for name in names if keys()[name] != after[name]] == ["epistemic"]  # the posterior without a scheme
 
 
+def test_a_changed_scheme_config_gives_new_units_to_the_systems_that_read_it_only(small_world, tmp_path, monkeypatch):
+    analysis = xr.open_zarr(small_world / "analysis.zarr")
+    inits = common.test_inits(xr.open_zarr(small_world / "truth.zarr"), 48, 72, PERIOD)[:1]
+    forecaster = Forecaster.from_pretrained(device="cpu")
+    names = ("hybrid", "aleatoric", "deterministic", "epistemic")
+    config = tmp_path / "sppt.yaml"
+    config.write_text("activity_cap: 1.0\n")
+    for entry in (forecaster.system.settings["schemes"]["sppt"], forecaster.system.settings["schemes"]["sppt"]["without_posterior"]):
+        entry["config"] = str(config)
+
+    def keys() -> dict[str, str]:
+        return {name: study.engine_plan(name, forecaster, 4, 2, [24], 0, analysis, inits).key for name in names}
+
+    before = keys()
+    config.write_text("activity_cap: null\n")  # same name, other content
+    assert [name for name in names if keys()[name] != before[name]] == ["hybrid", "aleatoric"]
+
+
 def test_a_rebundled_posterior_gives_new_units_to_the_posterior_systems_only(small_world, tmp_path):
     import shutil
 

@@ -39,6 +39,15 @@ Constraints, and how each is enforced:
   area-weighted global mean of the perturbation (weights :func:`bdlens.grid.lat_weights`) is
   subtracted per member, so the perturbed step has the global-mean pressure of the unperturbed one
   (mass is not created by the perturbation).
+* **Activity** (``activity_cap``; :func:`limit_activity`): multiplicative noise on a tendency adds
+  variance at every step, and a 24 h step's tendency is the whole day's change, advection
+  included. On the demo world the members of a 10-day rollout became 20–25 % more active than the
+  world (eddy std of Z500 and T850, docs/science.md §5), and no amplitude could undo that. Given
+  the eddy variances of the analysis a member started from, each field's perturbation is shrunk by
+  the factor s ∈ [0, 1] (per member, field and step) that keeps the field's eddy variance at most
+  ``activity_cap²`` times the analysis's (or at the unperturbed step's, if that is larger). With
+  ``hydrostatic`` the geopotential above the lowest level is then recomputed from the limited
+  temperature, so it stays hydrostatic; the surface-pressure constraint is applied last.
 """
 
 from __future__ import annotations
@@ -98,7 +107,11 @@ class ScaleConfig(pydantic.BaseModel):
 
 
 class SPPTConfig(pydantic.BaseModel):
-    """SPPT settings: pattern scales, time step, clipping, vertical taper and constraints."""
+    """SPPT settings: pattern scales, time step, clipping, vertical taper and constraints.
+
+    ``activity_cap``: a perturbed field's eddy variance may reach ``activity_cap²`` × that of the
+    analysis the member started from (:func:`limit_activity`); None: no limit.
+    """
 
     model_config = pydantic.ConfigDict(extra="forbid")
 
@@ -111,6 +124,7 @@ class SPPTConfig(pydantic.BaseModel):
     taper: VerticalTaper = pydantic.Field(default_factory=VerticalTaper)
     surface_taper_pressure_hpa: float = pydantic.Field(default=1000.0, gt=0)
     hydrostatic: bool = True
+    activity_cap: float | None = pydantic.Field(default=1.0, gt=0)
 
     def pattern_scales(self) -> tuple[PatternScale, ...]:
         """The scales as :class:`PatternScale` objects."""
@@ -145,12 +159,15 @@ def apply_sppt(
     surface_variables: Sequence[str],
     latitude: np.ndarray,
     config: SPPTConfig | None = None,
+    activity: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The SPPT-perturbed next state X_t + (1 + μ(p) r)(f_θ(X) − X_t) with the module's constraints.
 
     ``x_*`` is the current state X_t and ``f_*`` the network's next state, physical units:
     upper (B, V_u, Z, H, W) on ``levels_hpa`` (ascending), surface (B, V_s, H, W). ``pattern`` r is
-    (B, H, W), ``latitude`` (H,) ascending degrees. Returns (upper, surface) shaped like the inputs.
+    (B, H, W), ``latitude`` (H,) ascending degrees. ``activity`` (B, V_u·Z + V_s): the eddy variances
+    each member's fields may reach (:func:`limit_activity`; None: no limit). Returns (upper, surface)
+    shaped like the inputs.
     """
     config = config or SPPTConfig()
     levels = np.asarray(levels_hpa, dtype=np.float64)
@@ -175,8 +192,11 @@ def apply_sppt(
     factor_upper = mu_upper[:, None, None] * pattern.to(x_upper.dtype)[:, None]  # (B, Z, H, W)
     tendency_upper = f_upper - x_upper
     tendency_surface = f_surface - x_surface
-    upper = f_upper + factor_upper[:, None] * tendency_upper
-    surface = f_surface + (mu_surface * pattern)[:, None] * tendency_surface
+    delta_upper = factor_upper[:, None] * tendency_upper
+    delta_surface = (mu_surface * pattern)[:, None] * tendency_surface
+    if activity is not None:
+        delta_upper, delta_surface = limit_activity(f_upper, f_surface, delta_upper, delta_surface, activity, latitude)
+    upper, surface = f_upper + delta_upper, f_surface + delta_surface
 
     i_q = _index(upper_variables, "specific_humidity")
     if i_q is not None:
@@ -184,7 +204,7 @@ def apply_sppt(
 
     i_z, i_t = _index(upper_variables, "geopotential"), _index(upper_variables, "temperature")
     if config.hydrostatic and i_z is not None and i_t is not None and levels.size > 1:
-        upper[:, i_z] = _hydrostatic_geopotential(upper, f_upper, factor_upper, tendency_upper, levels, i_z, i_t, i_q)
+        upper[:, i_z] = _hydrostatic_geopotential(upper, f_upper, levels, i_z, i_t, i_q)
 
     weights = torch.as_tensor(lat_weights(np.asarray(latitude)), dtype=torch.float64, device=x_surface.device)
     for name in PRESSURE_VARIABLES:
@@ -199,8 +219,6 @@ def apply_sppt(
 def _hydrostatic_geopotential(
     upper: torch.Tensor,
     f_upper: torch.Tensor,
-    factor: torch.Tensor,
-    tendency: torch.Tensor,
     levels: np.ndarray,
     i_z: int,
     i_t: int,
@@ -215,7 +233,7 @@ def _hydrostatic_geopotential(
     delta_tv = virtual(upper) - virtual(f_upper)  # (B, Z, H, W)
     log_ratio = torch.as_tensor(np.log(levels[1:] / levels[:-1]), dtype=upper.dtype, device=upper.device)
     layers = R_DRY * 0.5 * (delta_tv[:, :-1] + delta_tv[:, 1:]) * log_ratio[:, None, None]  # (B, Z−1, H, W)
-    bottom = factor[:, -1] * tendency[:, i_z, -1]  # the lowest level keeps its SPPT perturbation
+    bottom = upper[:, i_z, -1] - f_upper[:, i_z, -1]  # the lowest level keeps its SPPT perturbation
     # δΦ_k = δΦ_bottom + Σ_{j ≥ k} layer_j: a cumulative sum from the surface upwards.
     above = torch.flip(torch.cumsum(torch.flip(layers, dims=(1,)), dim=1), dims=(1,))
     delta_z = torch.cat([above, torch.zeros_like(bottom)[:, None]], dim=1) + bottom[:, None]
@@ -262,8 +280,10 @@ class SPPT:
         x_surface: torch.Tensor,
         f_upper: torch.Tensor,
         f_surface: torch.Tensor,
+        activity: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """The perturbed next state for the members of ``state`` (see :func:`apply_sppt`)."""
+        """The perturbed next state for the members of ``state`` (see :func:`apply_sppt`; ``activity``:
+        the eddy variances the fields may reach, e.g. ``activity_cap²`` × :func:`eddy_variance` of the analysis)."""
         return apply_sppt(
             x_upper,
             x_surface,
@@ -275,4 +295,61 @@ class SPPT:
             surface_variables=self.surface_variables,
             latitude=self.pattern.grid.latitudes(),
             config=self.config,
+            activity=activity,
         )
+
+
+def _eddies(upper: torch.Tensor, surface: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Every field's deviation from its zonal mean: upper (B, V_u·Z, H, W) and surface (B, V_s, H, W).
+
+    Contiguous, so that every reduction below runs along rows in the same order whatever the batch
+    size (a network's output may be a permuted view, and a reduction over strided memory is
+    vectorised across the batch, whose round-off then depends on the batch size).
+    """
+    return tuple((x - x.mean(dim=-1, keepdim=True)).contiguous() for x in (upper.flatten(1, 2).contiguous(), surface.contiguous()))
+
+
+def _eddy_covariance(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor], latitude: np.ndarray) -> torch.Tensor:
+    """Cell-area weighted mean over (H, W) of x·y for two (upper, surface) eddy pairs, (B, V_u·Z + V_s)."""
+    weights = torch.as_tensor(lat_weights(np.asarray(latitude)), dtype=x[0].dtype, device=x[0].device)
+    # Elementwise products and reductions along rows only: a matmul or einsum would be faster, but its
+    # blocking (and so its round-off) depends on the batch size, and a member must not.
+    return torch.cat([((a * b).mean(dim=-1) * weights).mean(dim=-1) for a, b in zip(x, y, strict=True)], dim=1)
+
+
+def eddy_variance(upper: torch.Tensor, surface: torch.Tensor, latitude: np.ndarray) -> torch.Tensor:
+    """Area-weighted variance about the zonal mean of every field, (B, V_u·Z + V_s).
+
+    ``upper`` (B, V_u, Z, H, W), ``surface`` (B, V_s, H, W), ``latitude`` (H,) degrees; units: the
+    fields' squared. The eddy variance is the field's "activity": its zonal mean (the meridional
+    structure a perturbation should not be judged by) is removed first.
+    """
+    eddies = _eddies(upper, surface)
+    return _eddy_covariance(eddies, eddies, latitude)
+
+
+def limit_activity(
+    f_upper: torch.Tensor,
+    f_surface: torch.Tensor,
+    d_upper: torch.Tensor,
+    d_surface: torch.Tensor,
+    cap: torch.Tensor,
+    latitude: np.ndarray,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The perturbation δ = (``d_upper``, ``d_surface``) of the state f = (``f_upper``, ``f_surface``)
+    shrunk to s·δ with, per member and field, the largest s ∈ [0, 1] that keeps the eddy variance
+    (:func:`eddy_variance`) of f + s·δ at most max(``cap``, that of f).
+
+    Shapes as in :func:`apply_sppt`; ``cap`` (B, V_u·Z + V_s) eddy variances in the fields' squared
+    units. The eddy variance of f + s·δ is the quadratic v + 2 s c + s² a (c the eddy covariance of f
+    and δ, a the eddy variance of δ), so s is the positive root of 2 s c + s² a = max(cap − v, 0).
+    """
+    e_f, e_d = _eddies(f_upper, f_surface), _eddies(d_upper, d_surface)
+    v, c, a = (_eddy_covariance(x, y, latitude).double() for x, y in ((e_f, e_f), (e_f, e_d), (e_d, e_d)))
+    room = (cap.double() - v).clamp_min(0.0)
+    root = (-c + torch.sqrt(c.square() + a * room)) / a.clamp_min(torch.finfo(torch.float64).tiny)
+    s = torch.where(a > 0, root.clamp(0.0, 1.0), torch.ones_like(a))  # (B, fields)
+    n_upper = d_upper.shape[1] * d_upper.shape[2]
+    s_upper = s[:, :n_upper].reshape(d_upper.shape[:3]).to(d_upper.dtype)[..., None, None]
+    s_surface = s[:, n_upper:].to(d_surface.dtype)[..., None, None]
+    return s_upper * d_upper, s_surface * d_surface

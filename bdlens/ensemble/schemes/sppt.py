@@ -7,7 +7,9 @@ step Δ (φ = exp(−Δ/τ) per scale), with fresh noise keyed by (seed, ``"sppt
 of the initial state is drawn from the stationary distribution (key L = 0). ``amplitude`` multiplies
 every scale's σ (the clip to [−1, 1] stays); a per-lead calibration multiplies the pattern of the
 call ending at lead L by its factor f(L), clipped again, so the AR(1) memory is kept while the
-strength of the perturbation follows the lead.
+strength of the perturbation follows the lead. With the config's ``activity_cap`` the perturbation
+is shrunk where it would make a member more active than the analysis it started from
+(:func:`bdlens.perturbation.sppt.limit_activity`).
 """
 
 from __future__ import annotations
@@ -15,12 +17,14 @@ from __future__ import annotations
 import warnings
 from dataclasses import replace
 
+import torch
+
 from bdlens.data import Fields
-from bdlens.ensemble.base import Forecast, MemberSource, Wrapped
+from bdlens.ensemble.base import Forecast, History, MemberSource, Wrapped
 from bdlens.ensemble.schemes import SchemeContext
 from bdlens.models.lead_time import Call
 from bdlens.perturbation.patterns import PatternState, UnresolvedScaleWarning
-from bdlens.perturbation.sppt import SPPT, apply_sppt, load_sppt_config
+from bdlens.perturbation.sppt import SPPT, apply_sppt, eddy_variance, load_sppt_config
 
 STREAM = "sppt"
 
@@ -40,11 +44,20 @@ class SPPTMembers(Wrapped):
                            config.model_copy(update={"scales": scales, "dt_hours": float(step)}))
                 for step in self.steps
             }
+        self.latitude = next(iter(self.sppt.values())).pattern.grid.latitudes()
         self.seed, self.amplitude, self.lead_factor = int(context.seed), float(context.amplitude), context.lead_factor
         self.amplitude_text = context.describe_amplitude()
         self.patterns: dict[int, PatternState] = {}
         self.last_use: dict[int, int] = {}
         self.forecast: Forecast | None = None
+        self.cap: torch.Tensor | None = None  # (members, fields) eddy variances, set by initial()
+
+    def initial(self, history: History) -> History:
+        cap = next(iter(self.sppt.values())).config.activity_cap
+        if cap is not None:
+            analysis = history[0]
+            self.cap = cap**2 * eddy_variance(analysis.upper, analysis.surface, self.latitude)
+        return super().initial(history)
 
     def start(self, forecast: Forecast) -> None:
         super().start(forecast)
@@ -74,7 +87,7 @@ class SPPTMembers(Wrapped):
         upper, surface = apply_sppt(
             current.upper, current.surface, forecast.upper, forecast.surface, r,
             levels_hpa=sppt.levels_hpa, upper_variables=sppt.upper_variables, surface_variables=sppt.surface_variables,
-            latitude=sppt.pattern.grid.latitudes(), config=sppt.config,
+            latitude=self.latitude, config=sppt.config, activity=self.cap,
         )
         return Fields(upper, surface)
 
