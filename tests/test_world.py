@@ -224,6 +224,15 @@ def test_cli_world_ensemble_rejects_bad_input(small_world: Path, tmp_path: Path,
     assert code == 2 and "not a built demo world" in capsys.readouterr().err
 
 
+def test_manifest_records_what_the_realization_depends_on(small_world: Path) -> None:
+    """Config and seed fix a world on one machine only: the manifest names the core's software and CPU."""
+    import importlib.metadata
+
+    software = read_manifest(small_world)["software"]
+    assert {k: software[k] for k in ("dinosaur", "jax", "jaxlib")} == {k: importlib.metadata.version(k) for k in ("dinosaur", "jax", "jaxlib")}
+    assert software["machine"] and software["cpu"]
+
+
 def test_cli_world_build_small_prints_summary(small_world: Path, capsys: pytest.CaptureFixture) -> None:
     assert main(["-q", "world", "build", "--small", "--cache-dir", str(small_world.parent)]) == 0
     out = capsys.readouterr().out

@@ -12,8 +12,10 @@ It is written to a partial sibling and renamed at the end, so an interrupted bui
 
 from __future__ import annotations
 
+import importlib.metadata
 import json
 import logging
+import platform
 import time
 from pathlib import Path
 from typing import Any
@@ -162,11 +164,21 @@ def _build_into(cfg: WorldConfig, out: Path) -> None:
         "cache_key": cfg.cache_key(),
         "config": json.loads(cfg.model_dump_json()),
         "built_at": np.datetime_as_string(np.datetime64("now"), unit="s"),
+        "software": _software(),
         "build_seconds": round(time.perf_counter() - started, 1),
         "spinup_seconds": round(spinup_seconds, 1),
         "summary": summarize(out),
     }
     (out / MANIFEST).write_text(json.dumps(manifest, indent=2))
+
+
+def _software() -> dict[str, str]:
+    """What the trajectory depends on besides the config: the chaotic core turns another jax or CPU's
+    round-off into another realization of the same climate (README, "The demo world")."""
+    versions = {name: importlib.metadata.version(name) for name in ("dinosaur", "jax", "jaxlib", "numpy")}
+    cpuinfo = Path("/proc/cpuinfo")  # Linux names the CPU model there; platform.processor() is often empty
+    models = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if line.startswith("model name")] if cpuinfo.exists() else []
+    return versions | {"machine": platform.machine(), "cpu": models[0] if models else platform.processor() or "unknown"}
 
 
 def _dataset_attrs(cfg: WorldConfig, name: str) -> dict[str, str]:
