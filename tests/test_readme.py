@@ -301,7 +301,7 @@ def test_diffusion_comparison_is_what_the_committed_results_say() -> None:
         rows = table[(table.system == system) & (table.metric == metric) & (table.lead_hours == hours)]
         return float(rows[rows.field == key].value.iloc[0] if key != "all" else rows.value.iloc[0])
 
-    for system, label in (("hybrid", "| hybrid (earlier calibration"), ("diffusion", "| diffusion (`diffusion_24h`")):
+    for system, label in (("hybrid", "| hybrid (bundled: posterior"), ("diffusion", "| diffusion (`diffusion_24h`")):
         row = next(line for line in readme.splitlines() if line.startswith(label))
         cells = [f"{value(system, 'z500', 'crps', h):.0f} / {value(system, 'z500', 'spread_skill', h):.2f}" for h in (24, 72, 120)]
         cells += [f"{value(system, 't850', 'crps', h):.2f} / {value(system, 't850', 'spread_skill', h):.2f}" for h in (24, 72, 120)]
@@ -310,7 +310,13 @@ def test_diffusion_comparison_is_what_the_committed_results_say() -> None:
         assert row.split(" | ", 1)[1].rstrip(" |").split(" | ") == cells, row
         assert value(system, "all", "out_of_bounds_count") == 0
     ratio = value("diffusion", "all", "wall_seconds_per_member_step") / value("hybrid", "all", "wall_seconds_per_member_step")
-    assert f"at 1/{ratio:.0f} of the diffusion" in " ".join(readme.split())
+    text = " ".join(readme.split())
+    assert f"at 1/{ratio:.0f} of the diffusion" in text
+    ssr = [value("diffusion", "z500", "spread_skill", h) for h in (24, 48, 72, 96, 120)]
+    assert f"The diffusion ensemble's spread-skill is {min(ssr):.2f}–{max(ssr):.2f} for Z500" in text
+    assert (f"ensemble-mean Z500 RMSE is {value('diffusion', 'z500', 'rmse', 24):.0f} m²/s² at 1 d, against "
+            f"{value('hybrid', 'z500', 'rmse', 24):.0f} for the hybrid") in text
+    assert all(value("hybrid", key, "crps", h) < value("diffusion", key, "crps", h) for key in ("z500", "t850") for h in (24, 48, 72, 96, 120))
 
 
 
