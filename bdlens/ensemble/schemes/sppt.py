@@ -53,6 +53,8 @@ class SPPTMembers(Wrapped):
         self.cap: torch.Tensor | None = None  # (members, fields) eddy variances, set by initial()
 
     def initial(self, history: History) -> History:
+        """The inner source's history; with ``activity_cap``, the members' analysis (offset 0) also sets
+        the eddy variances their perturbed fields may reach."""
         cap = next(iter(self.sppt.values())).config.activity_cap
         if cap is not None:
             analysis = history[0]
