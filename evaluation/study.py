@@ -679,8 +679,9 @@ def _run(args: argparse.Namespace) -> int:
         raise BdlensError(f"the period {period[0]}..{period[1]} holds only {len(inits)} inits {args.every_days} days apart with a day of "
                           f"history and {max(leads)} h ahead; ask for fewer --inits or a smaller --every-days")
     chosen = plans(args, Path(world), leads, analysis, inits)
+    world_key = _world_key(Path(world))  # read once: it compares the world's analyses with the bundled ones
     for plan in chosen:  # the units of another world are other units
-        plan.identity["world"] = _world_key(Path(world))
+        plan.identity["world"] = world_key
     units = [(plan, init) for plan in chosen for init in inits]
     print(f"inits: {', '.join(np.datetime_as_string(t, unit='h') for t in inits)}", file=sys.stderr)
     if args.dry_run:

@@ -306,12 +306,16 @@ def _eddies(upper: torch.Tensor, surface: torch.Tensor) -> tuple[torch.Tensor, t
     size (a network's output may be a permuted view, and a reduction over strided memory is
     vectorised across the batch, whose round-off then depends on the batch size).
     """
-    return tuple((x - x.mean(dim=-1, keepdim=True)).contiguous() for x in (upper.flatten(1, 2).contiguous(), surface.contiguous()))
+    return tuple(x - x.mean(dim=-1, keepdim=True) for x in (upper.flatten(1, 2).contiguous(), surface.contiguous()))
 
 
-def _eddy_covariance(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor], latitude: np.ndarray) -> torch.Tensor:
-    """Cell-area weighted mean over (H, W) of x·y for two (upper, surface) eddy pairs, (B, V_u·Z + V_s)."""
-    weights = torch.as_tensor(lat_weights(np.asarray(latitude)), dtype=x[0].dtype, device=x[0].device)
+def _area_weights(latitude: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    """Cell-area latitude weights (H,) (:func:`bdlens.grid.lat_weights`) in the dtype and device of ``like``."""
+    return torch.as_tensor(lat_weights(np.asarray(latitude)), dtype=like.dtype, device=like.device)
+
+
+def _eddy_covariance(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
+    """Area-weighted mean over (H, W) of x·y for two (upper, surface) eddy pairs, (B, V_u·Z + V_s)."""
     # Elementwise products and reductions along rows only: a matmul or einsum would be faster, but its
     # blocking (and so its round-off) depends on the batch size, and a member must not.
     return torch.cat([((a * b).mean(dim=-1) * weights).mean(dim=-1) for a, b in zip(x, y, strict=True)], dim=1)
@@ -325,7 +329,7 @@ def eddy_variance(upper: torch.Tensor, surface: torch.Tensor, latitude: np.ndarr
     structure a perturbation should not be judged by) is removed first.
     """
     eddies = _eddies(upper, surface)
-    return _eddy_covariance(eddies, eddies, latitude)
+    return _eddy_covariance(eddies, eddies, _area_weights(latitude, eddies[0]))
 
 
 def limit_activity(
@@ -345,7 +349,8 @@ def limit_activity(
     and δ, a the eddy variance of δ), so s is the positive root of 2 s c + s² a = max(cap − v, 0).
     """
     e_f, e_d = _eddies(f_upper, f_surface), _eddies(d_upper, d_surface)
-    v, c, a = (_eddy_covariance(x, y, latitude).double() for x, y in ((e_f, e_f), (e_f, e_d), (e_d, e_d)))
+    weights = _area_weights(latitude, e_f[0])
+    v, c, a = (_eddy_covariance(x, y, weights).double() for x, y in ((e_f, e_f), (e_f, e_d), (e_d, e_d)))
     room = (cap.double() - v).clamp_min(0.0)
     root = (-c + torch.sqrt(c.square() + a * room)) / a.clamp_min(torch.finfo(torch.float64).tiny)
     s = torch.where(a > 0, root.clamp(0.0, 1.0), torch.ones_like(a))  # (B, fields)
