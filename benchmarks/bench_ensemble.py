@@ -4,10 +4,13 @@
    2, 5 and 10 days: each in its own process (`bdlens ensemble`), peak RSS from getrusage of the
    child. Flat RSS across leads shows that memory does not grow with the rollout.
 2. Cost per member-step of each system's 10-day rollout relative to the deterministic 3DEST's on the
-   same batch of members and the same inputs (goal for the hybrid: ≤ 1.2×), timed in alternation,
-   best of ``--repeats``.
+   same batch of members and the same inputs (goal for the hybrid: ≤ 1.3×), timed in alternation,
+   best of ``--repeats``, for each number J of perturbation draws per weight sample in ``--draws``
+   (default: the J of `bdlens ensemble --members MEMBERS`, from the system's ``default_weights``, and
+   J = 10). A batch of B members then holds B / J distinct weight samples, and the posterior's cost
+   grows with that number: each sample's weights are read for its own members.
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_ensemble.py [--members 100] [--batch 20] [--repeats 5] [--skip-runs]
+    OMP_NUM_THREADS=2 python benchmarks/bench_ensemble.py [--members 100] [--batch 20] [--repeats 5] [--draws J ...] [--skip-runs]
 """
 
 from __future__ import annotations
@@ -43,11 +46,10 @@ def timed_run(args: list[str]) -> tuple[float, float]:
     return wall, max(peak, before) / 1024
 
 
-def step_costs(batch: int, repeats: int, draws: int = 10) -> dict[str, float]:
+def step_costs(forecaster: Forecaster, batch: int, repeats: int, draws: int) -> dict[str, float]:
     """Seconds per member-step of a 10-day rollout (10 × 24 h steps) of each system for one batch of
-    ``batch`` members, the default design (J = ``draws`` perturbation draws per weight sample): weight
-    sampling, perturbation draws and every network call included."""
-    forecaster = Forecaster.from_pretrained(device="cpu")
+    ``batch`` members, J = ``draws`` perturbation draws per weight sample (``batch / draws`` weight samples
+    in the batch): weight sampling, perturbation draws and every network call included."""
     analysis = open_dataset(BUNDLED_ANALYSIS, sparse_times=True).load()
     init = analysis.time.values[-1:]
     leads = list(range(24, 241, 24))
@@ -76,8 +78,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--members", type=int, default=100)
     parser.add_argument("--batch", type=int, default=20, help="members per batch for the step costs")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--draws", type=int, nargs="+", help="J per weight sample (default: `bdlens ensemble`'s for --members, and 10)")
     parser.add_argument("--skip-runs", action="store_true", help="only the step costs")
     args = parser.parse_args(argv)
+    forecaster = Forecaster.from_pretrained(device="cpu")
+    draws = args.draws or sorted({args.members // forecaster.default_weights(args.members, bayes=True), 10})
+    if any(j < 1 or args.batch % j for j in draws):
+        parser.error(f"every --draws must divide --batch {args.batch}, got {draws}")
     torch.set_num_threads(max(1, torch.get_num_threads()))
     if not args.skip_runs:
         print("| run | wall s | peak RSS MiB |\n|---|---|---|")
@@ -85,11 +92,12 @@ def main(argv: list[str] | None = None) -> int:
             for lead in ("2d", "5d", "10d"):
                 wall, rss = timed_run(["--members", str(args.members), "--lead", lead, "--out", f"{tmp}/{lead}.zarr"])
                 print(f"| {args.members} members, {lead} | {wall:.1f} | {rss:.0f} |")
-    costs = step_costs(args.batch, args.repeats)
-    base = costs["deterministic"]
-    print(f"\n| system (10 d of 24 h steps, batch {args.batch}) | ms per member-step | × deterministic |\n|---|---|---|")
-    for name, cost in costs.items():
-        print(f"| {name} | {1e3 * cost:.2f} | {cost / base:.2f} |")
+    print(f"\n| system (10 d of 24 h steps, batch {args.batch}) | J | ms per member-step | × deterministic |\n|---|---|---|---|")
+    for j in draws:
+        costs = step_costs(forecaster, args.batch, args.repeats, j)
+        base = costs["deterministic"]
+        for name, cost in costs.items():
+            print(f"| {name} | {j} | {1e3 * cost:.2f} | {cost / base:.2f} |", flush=True)
     return 0
 
 
