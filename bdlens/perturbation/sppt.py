@@ -206,7 +206,7 @@ def apply_sppt(
     if config.hydrostatic and i_z is not None and i_t is not None and levels.size > 1:
         upper[:, i_z] = _hydrostatic_geopotential(upper, f_upper, levels, i_z, i_t, i_q)
 
-    weights = torch.as_tensor(lat_weights(np.asarray(latitude)), dtype=torch.float64, device=x_surface.device)
+    weights = _area_weights(latitude, torch.float64, x_surface.device)
     for name in PRESSURE_VARIABLES:
         i_p = _index(surface_variables, name)
         if i_p is not None:
@@ -309,9 +309,9 @@ def _eddies(upper: torch.Tensor, surface: torch.Tensor) -> tuple[torch.Tensor, t
     return tuple(x - x.mean(dim=-1, keepdim=True) for x in (upper.flatten(1, 2).contiguous(), surface.contiguous()))
 
 
-def _area_weights(latitude: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    """Cell-area latitude weights (H,) (:func:`bdlens.grid.lat_weights`) in the dtype and device of ``like``."""
-    return torch.as_tensor(lat_weights(np.asarray(latitude)), dtype=like.dtype, device=like.device)
+def _area_weights(latitude: np.ndarray, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """Cell-area latitude weights (H,) (:func:`bdlens.grid.lat_weights`) as a tensor."""
+    return torch.as_tensor(lat_weights(np.asarray(latitude)), dtype=dtype, device=device)
 
 
 def _eddy_covariance(x: tuple[torch.Tensor, torch.Tensor], y: tuple[torch.Tensor, torch.Tensor], weights: torch.Tensor) -> torch.Tensor:
@@ -329,7 +329,7 @@ def eddy_variance(upper: torch.Tensor, surface: torch.Tensor, latitude: np.ndarr
     structure a perturbation should not be judged by) is removed first.
     """
     eddies = _eddies(upper, surface)
-    return _eddy_covariance(eddies, eddies, _area_weights(latitude, eddies[0]))
+    return _eddy_covariance(eddies, eddies, _area_weights(latitude, eddies[0].dtype, eddies[0].device))
 
 
 def limit_activity(
@@ -349,7 +349,7 @@ def limit_activity(
     and δ, a the eddy variance of δ), so s is the positive root of 2 s c + s² a = max(cap − v, 0).
     """
     e_f, e_d = _eddies(f_upper, f_surface), _eddies(d_upper, d_surface)
-    weights = _area_weights(latitude, e_f[0])
+    weights = _area_weights(latitude, e_f[0].dtype, e_f[0].device)
     v, c, a = (_eddy_covariance(x, y, weights).double() for x, y in ((e_f, e_f), (e_f, e_d), (e_d, e_d)))
     room = (cap.double() - v).clamp_min(0.0)
     root = (-c + torch.sqrt(c.square() + a * room)) / a.clamp_min(torch.finfo(torch.float64).tiny)
