@@ -238,6 +238,14 @@ def test_per_lead_factors_on_the_system_amplitude_keep_it_and_only_damp(tmp_path
     searched = {**{k: record[k] for k in ("before", "after", "objective")}, "amplitude": 2.0, "temperature": 1.0, "amplitude_kept": False}
     scheme = json.loads(write_system_file(tmp_path / "new", "sppt", searched, {"schemes": {"sppt": scheme}}, False).read_text())["schemes"]["sppt"]
     assert "lead_factors" not in scheme and "lead_calibration" not in scheme and scheme["calibration"]["after"] == record["after"]
+    assert "search" not in scheme["calibration"]  # a record without its history has no trail to keep
+    # the (a, T) trail is kept in evaluation order, its pooled scores only; its best entry is `after`
+    history = [{"amplitude": a, "temperature": t, "crps": 0.5 + abs(a - 2.0), "spread_skill": 1.0, "objective": 0.5 + abs(a - 2.0),
+                "crps_by_lead": [0.1, 0.2]} for a, t in ((1.0, 1.0), (3.0, 1.0), (2.0, 0.5))]
+    scheme = json.loads(write_system_file(tmp_path / "trail", "sppt", {**searched, "history": history}, {}, False).read_text())["schemes"]["sppt"]
+    assert [(e["amplitude"], e["temperature"]) for e in scheme["calibration"]["search"]] == [(1.0, 1.0), (3.0, 1.0), (2.0, 0.5)]
+    assert all(set(e) == {"amplitude", "temperature", "crps", "spread_skill", "objective"} for e in scheme["calibration"]["search"])
+    assert "search" not in scheme.get("lead_calibration", {})
 
 
 def test_a_calibration_on_the_deterministic_weights_is_kept_apart_and_read_by_them_only(tmp_path) -> None:

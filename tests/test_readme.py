@@ -227,6 +227,38 @@ def test_ensemble_claims_are_what_the_committed_results_say() -> None:
             f"{at10['mslp']:.2f}") in " ".join(readme.split())
 
 
+def test_default_design_claims_are_what_the_committed_results_say() -> None:
+    """The README's 100-member (default K = 20) test-period numbers come from
+    evaluation/results/ensemble_skill_default_design.csv, rounded as printed."""
+    import pandas as pd
+
+    table = pd.read_csv(ROOT / "evaluation" / "results" / "ensemble_skill_default_design.csv")
+    text = " ".join((ROOT / "README.md").read_text().split())
+
+    def series(system: str, field: str, metric: str) -> pd.Series:
+        return table[(table.system == system) & (table.field == field) & (table.metric == metric)].set_index("lead_hours").value.sort_index()
+
+    fields = ("z500", "t850", "u850", "mslp")
+    below = {f: 100 * (1 - series("hybrid", f, "crps") / series("aleatoric", f, "crps")) for f in fields}
+    assert all((below[f] > 0).all() for f in fields)  # "below the aleatoric-only system's at every lead for all four fields"
+    z = below["z500"]
+    assert f"(Z500 by {z[24]:.1f} % at 1 d, {z[120]:.1f} % at 5 d and {z[168]:.1f} % at 7 and 8 d)" in text and f"{z[192]:.1f}" == f"{z[168]:.1f}"
+    over = {f: 100 * (1 - series("hybrid", f, "crps") / series("epistemic", f, "crps")) for f in ("z500", "t850")}
+    assert all((over[f] > 0).all() for f in over)
+    assert (f"(Z500 by {over['z500'].min():.1f}–{over['z500'].max():.1f} %, T850 by {over['t850'].min():.1f}–{over['t850'].max():.1f} %)") in text
+    ssr = {f: series("hybrid", f, "spread_skill") for f in ("z500", "t850")}
+    assert f"spread-skill {ssr['z500'].min():.2f}–{ssr['z500'].max():.2f} for Z500 and {ssr['t850'].min():.2f}–{ssr['t850'].max():.2f} for T850" in text
+    raw = {f: series("hybrid", f, "rmse") / series("deterministic", f, "rmse") for f in ("z500", "t850")}
+    assert (raw["t850"] < 1).all() and list(raw["z500"][raw["z500"] >= 1].index) == [48]  # "for Z500 at every lead but 2 d"
+    assert f"for T850 ({raw['t850'][24]:.2f} × at 1 d, {raw['t850'][240]:.2f} × at 10 d)" in text
+    members = 100  # debiased = RMSE · sqrt(1 − SSR²/(M+1)), as in the 16-member claims above
+    debiased = raw["z500"][48] * (1 - ssr["z500"][48] ** 2 / (members + 1)) ** 0.5
+    assert f"where it is {raw['z500'][48]:.4f} × (debiased {debiased:.4f} ×" in text
+    alone = {s: (series(s, "z500", "rmse") / series("deterministic", "z500", "rmse"))[48] for s in ("aleatoric", "epistemic")}
+    assert f"the SPPT members' mean alone is {alone['aleatoric']:.4f} × the deterministic RMSE at 2 d, the modes' mean (epistemic only) {alone['epistemic']:.3f} ×" in text
+    assert (table[table.metric == "out_of_bounds_count"].value == 0).all()
+
+
 def test_activity_limit_claims_are_what_the_committed_results_say() -> None:
     """The README's calibration steps and its activity-limit comparison come from the bundled ensemble.json,
     evaluation/results/ensemble_skill.csv and the same inits without the limit, rounded as printed."""

@@ -65,6 +65,8 @@ from bdlens.progress import bar
 DIMS = ("time", "latitude", "longitude")
 #: the kind of ``bdlens calibrate --out`` (a directory holding ``ensemble.json``)
 CALIBRATION_KIND = "ensemble calibration"
+#: what the system file keeps of each (a, T) evaluation of the search (its ``search`` list)
+SEARCH_KEYS = ("amplitude", "temperature", "crps", "spread_skill", "objective")
 Evaluate = Callable[[float, float], dict[str, Any]]
 
 
@@ -333,6 +335,11 @@ def _with_record(entry: dict[str, Any], record: dict[str, Any]) -> dict[str, Any
     kept = {k: v for k, v in entry.items() if k not in ("lead_factors", "lead_calibration")}
     calibration = {k: v for k, v in record.items() if k not in ("history", "lead_factors", "amplitude_kept")}
     where = "lead_calibration" if record.get("amplitude_kept") else "calibration"
+    if where == "calibration" and "history" in record:
+        # The (a, T) trail in evaluation order, pooled scores only (the per-lead, per-field arrays of
+        # every evaluation would make the system file ten times larger): which temperatures and
+        # amplitudes were tried and how close the runners-up came.
+        calibration["search"] = [{k: h[k] for k in SEARCH_KEYS} for h in record["history"]]
     updated = {**kept, "amplitude": record["amplitude"], "temperature": record["temperature"], where: calibration}
     if "lead_factors" in record:
         updated["lead_factors"] = {str(h): f for h, f in record["lead_factors"].items()}
