@@ -26,6 +26,17 @@ def test_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one() -> None
     assert test_job in (ROOT / ".ci" / "run").read_text().splitlines()
 
 
+def test_quick_start_describes_the_bundled_default_design() -> None:
+    """The Quick start's K × J is what `bdlens ensemble --members 100` runs: the bundled default K."""
+    import json
+
+    system = json.loads((ROOT / "bdlens" / "assets" / "models" / "ensemble.json").read_text())
+    k = system["default_weights"]
+    quick_start = " ".join((ROOT / "README.md").read_text().split("## Command line")[0].split())
+    assert f"100-member hybrid ensemble ({k} posterior weight samples × {100 // k} SPPT draws" in quick_start
+    assert system["default_perturbation"] == "sppt"
+
+
 def test_every_command_has_help(capsys: pytest.CaptureFixture) -> None:
     parser = build_parser()
     paths = [[]]
