@@ -106,3 +106,34 @@ def test_realization_tells_the_bundled_analyses_world_from_another_realization(t
     fingerprint = common.realization(other)
     assert fingerprint is not None and len(fingerprint) == 12 and common.realization(other) == fingerprint
     assert common.realization(small_world) is None
+
+
+def test_vi_variants_each_change_one_setting_of_the_bundled_vi_config() -> None:
+    """evaluation/vi_variants.py's posteriors differ from the bundled vi_24h's config in what their names say, and only there."""
+    import vi_variants
+
+    from bdlens.configs import config_path
+    from bdlens.training.vi import VIConfig
+
+    def loaded(name: str) -> dict:
+        path = vi_variants.ROOT / name if name.endswith(".yaml") else config_path(name)
+        return VIConfig.from_yaml(path).model_dump()
+
+    reference = loaded(vi_variants.VARIANTS["reference"])
+    assert reference["posterior"]["prior_sigma"] == 1e-2 and reference["posterior"]["parameters"] == "all"
+    expected = {"prior_narrow": {("posterior", "prior_sigma"): 1e-3}, "prior_wide": {("posterior", "prior_sigma"): 1e-1},
+                "last_stages": {("posterior", "parameters"): "last_stages"}}
+    for name, change in expected.items():
+        variant = loaded(vi_variants.VARIANTS[name])
+        differ = {(section, key): variant[section][key] for section in reference for key in reference[section]
+                  if variant[section][key] != reference[section][key]}
+        assert differ == change, name
+
+
+def test_vi_variants_tabulates_z500_and_t850_by_lead() -> None:
+    import vi_variants
+
+    rows = [{"system": "s", "field": f, "lead_hours": h, "metric": m, "value": v}
+            for f, v0 in (("z500", 100.0), ("t850", 1.0), ("u850", 5.0)) for h in (48, 24) for m, v in (("crps", v0 * h), ("activity", 1.0))]
+    rows.append({"system": "s", "field": "all", "lead_hours": -1, "metric": "out_of_bounds_count", "value": 0.0})
+    assert vi_variants.by_lead(rows) == {"t850": {"crps": [24.0, 48.0]}, "z500": {"crps": [2400.0, 4800.0]}}

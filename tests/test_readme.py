@@ -562,3 +562,38 @@ def test_temperature_sweep_claims_are_what_the_committed_results_say() -> None:
     old = {t: r["crps_by_lead"] for t, r in former.items()}
     assert old["1"][0] < old["0"][0] and old["1"][-1] > old["0"][-1]
     assert all(any(c > a for c, a in zip(old[t], old["0"], strict=True)) for t in old if t != "0")
+
+
+def test_prior_width_and_layer_claims_are_what_the_committed_results_say() -> None:
+    """docs/science.md §4's prior-width and Bayesian-layer numbers come from evaluation/results/vi_variants.json."""
+    import json
+
+    import numpy as np
+
+    text = " ".join((ROOT / "docs" / "science.md").read_text().split())
+    results = json.loads((ROOT / "evaluation" / "results" / "vi_variants.json").read_text())
+    variants = results["variants"]
+    assert len(results["inits"]) == 17 and results["members"] == 16 and f"{len(results['inits'])} validation inits, {results['members']} members" in text
+    widths = ("prior_narrow", "reference", "prior_wide")
+    sigma = [variants[v]["sigma"] for v in widths]
+    assert f"median σ over the 1.2 M weights is {sigma[0]['q50'] * 1e3:.2f}e-3 / {sigma[1]['q50'] * 1e3:.1f}e-3 / {sigma[2]['q50'] * 1e3:.1f}e-3" in text
+    assert f"90th percentile {sigma[0]['q90'] * 1e3:.2f}e-3 / {sigma[1]['q90'] * 1e2:.2f}e-2 / {sigma[2]['q90'] * 1e2:.1f}e-2" in text
+    # "every weight sits at σ_p", "the widest weights reach it", "even the widest tenth stays below half of σ_p"
+    assert sigma[0]["q10"] > 0.8e-3 and sigma[0]["q90"] < 1.1e-3 and sigma[1]["q90"] > 1e-2 and sigma[2]["q90"] < 0.5 * 1e-1
+
+    def z500(variant: str, system: str) -> dict:
+        return variants[variant]["systems"][system]["z500"]
+
+    ssr = " / ".join(f"{min(z500(v, 'epistemic T=1')['spread_skill']):.2f}–{max(z500(v, 'epistemic T=1')['spread_skill']):.2f}" for v in widths)
+    crps = " / ".join(f"{np.mean(z500(v, 'epistemic T=1')['crps']):.1f}" for v in widths)
+    assert f"spread-skill {ssr} from 1 to 10 d and lead-mean Z500 CRPS {crps} m²/s²" in text
+    reference = np.asarray(z500("reference", "epistemic T=1")["rmse"])
+    assert all(np.abs(np.asarray(z500(v, "epistemic T=1")["rmse"]) / reference - 1).max() < 0.04 for v in variants)  # "under 4 %"
+    last = z500("last_stages", "epistemic T=1")
+    assert variants["last_stages"]["sigma"]["weights"] == 147592 and "148 k of the 1.2 M weights" in text
+    assert f"leaves {min(last['spread_skill']):.2f}–{max(last['spread_skill']):.2f} and {np.mean(last['crps']):.1f}" in text
+    hybrid = {(v, t): np.mean(z500(v, f"hybrid T={t}")["crps"]) for v in ("reference", "prior_wide") for t in ("0.25", "0.125")}
+    change = 100 * (hybrid[("prior_wide", "0.25")] / hybrid[("reference", "0.25")] - 1)
+    assert (f"changes the lead-mean Z500 CRPS from {hybrid[('reference', '0.25')]:.1f} to {hybrid[('prior_wide', '0.25')]:.1f} "
+            f"({change:+.1f} %), and at T = 0.125 to {hybrid[('prior_wide', '0.125')]:.1f}") in text
+    assert abs(change) < 0.5  # "the prior width is not a lever"
