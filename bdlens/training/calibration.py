@@ -336,9 +336,9 @@ def _with_record(entry: dict[str, Any], record: dict[str, Any]) -> dict[str, Any
     calibration = {k: v for k, v in record.items() if k not in ("history", "lead_factors", "amplitude_kept")}
     where = "lead_calibration" if record.get("amplitude_kept") else "calibration"
     if where == "calibration" and "history" in record:
-        # The (a, T) trail in evaluation order, pooled scores only (the per-lead, per-field arrays of
-        # every evaluation would make the system file ten times larger): which temperatures and
-        # amplitudes were tried and how close the runners-up came.
+        # The (a, T) trail in evaluation order, pooled scores only: which temperatures and amplitudes
+        # were tried and how close the runners-up came. Every evaluation's per-lead, per-field arrays
+        # (some 60 numbers each, about 30 evaluations per search) would double the system file.
         calibration["search"] = [{k: h[k] for k in SEARCH_KEYS} for h in record["history"]]
     updated = {**kept, "amplitude": record["amplitude"], "temperature": record["temperature"], where: calibration}
     if "lead_factors" in record:
