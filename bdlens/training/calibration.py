@@ -338,7 +338,7 @@ def _with_record(entry: dict[str, Any], record: dict[str, Any]) -> dict[str, Any
     if where == "calibration" and "history" in record:
         # The (a, T) trail in evaluation order, pooled scores only: which temperatures and amplitudes
         # were tried and how close the runners-up came. Every evaluation's per-lead, per-field arrays
-        # (some 60 numbers each, about 30 evaluations per search) would double the system file.
+        # (some 60 numbers each, about 25 evaluations per search) would double the system file.
         calibration["search"] = [{k: h[k] for k in SEARCH_KEYS} for h in record["history"]]
     updated = {**kept, "amplitude": record["amplitude"], "temperature": record["temperature"], where: calibration}
     if "lead_factors" in record:
