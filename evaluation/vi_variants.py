@@ -104,6 +104,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch threads of each `bdlens train vi`")
     parser.add_argument("--out", type=Path, default=Path("evaluation/results/vi_variants.json"))
     args = parser.parse_args(argv)
+    if args.runs.exists() and not args.runs.is_dir():
+        print(f"vi_variants: error: --runs {args.runs} is a file; give the folder the posteriors are (or will be) trained in", file=sys.stderr)
+        return 2
     runs = args.runs.resolve()
     checkpoints = {name: trained(name, runs, args.threads) for name in VARIANTS}
     truth, analysis = load_demo_world()
@@ -117,8 +120,8 @@ def main(argv: list[str] | None = None) -> int:
             forecast = forecaster.ensemble(init=inits, seed=0, data=analysis, out=Path(tmp) / f"{name}.zarr",
                                            **engine_options("epistemic", MEMBERS, None, "10d"))
             entry["systems"]["epistemic T=1"] = by_lead(scores("epistemic", forecast, truth))
+            hybrid = system(Path(tmp) / f"{name}_modes", with_modes(name, runs)) if name in HYBRID else None
             for t in HYBRID.get(name, ()):
-                hybrid = system(Path(tmp) / f"{name}_modes_{t:g}", with_modes(name, runs))
                 forecast = hybrid.ensemble(init=inits, seed=0, data=analysis, out=Path(tmp) / f"{name}_hybrid_{t:g}.zarr", temperature=t,
                                            **engine_options("hybrid", MEMBERS, MEMBERS, "10d"))
                 entry["systems"][f"hybrid T={t:g}"] = by_lead(scores("hybrid", forecast, truth))

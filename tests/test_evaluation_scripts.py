@@ -137,3 +137,12 @@ def test_vi_variants_tabulates_z500_and_t850_by_lead() -> None:
             for f, v0 in (("z500", 100.0), ("t850", 1.0), ("u850", 5.0)) for h in (48, 24) for m, v in (("crps", v0 * h), ("activity", 1.0))]
     rows.append({"system": "s", "field": "all", "lead_hours": -1, "metric": "out_of_bounds_count", "value": 0.0})
     assert vi_variants.by_lead(rows) == {"t850": {"crps": [24.0, 48.0]}, "z500": {"crps": [2400.0, 4800.0]}}
+
+
+def test_vi_variants_refuses_a_file_as_runs_folder_before_any_work(tmp_path: Path, capsys) -> None:
+    import vi_variants
+
+    runs, out = tmp_path / "runs.txt", tmp_path / "out.json"
+    runs.write_text("mine")
+    assert vi_variants.main(["--runs", str(runs), "--out", str(out)]) == 2
+    assert "is a file" in capsys.readouterr().err and runs.read_text() == "mine" and not out.exists()
